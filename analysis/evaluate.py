@@ -1,0 +1,107 @@
+"""Greedy evaluation of a LLaVA model on a benchmark split, per question family.
+
+This module owns turning samples into model inputs (``batch_inputs``), greedy answering
+(``answer``), answer normalisation and the per-family accuracy table. It is the evaluation the
+bundled model's card reports; ``python -m analysis.evaluate`` runs it, optionally with every image
+replaced by a blank one (the check that the model actually uses the picture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analysis import bundled, shapes
+from analysis.datasets import Sample, load_split
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lower case, punctuation removed, surrounding space stripped (SPEC section 2)."""
+    return "" if text is None else " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def batch_inputs(processor, samples: Sequence[Sample], blank: bool = False) -> dict:
+    images = [shapes.blank_image() if blank else s.load_image() for s in samples]
+    prompts = [bundled.prompt(s.question) for s in samples]
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def answer(model, processor, samples: Sequence[Sample], batch_size: int = 32, blank: bool = False,
+           max_new_tokens: int = 4, progress: bool = True) -> list[str]:
+    """Greedy-decoded answers, decoded text of the new tokens only."""
+    answers: list[str] = []
+    device = next(model.parameters()).device
+    for start in tqdm(range(0, len(samples), batch_size), desc="answering", disable=not progress):
+        inputs = batch_inputs(processor, samples[start:start + batch_size], blank).to(device)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]
+        answers += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    return answers
+
+
+def accuracy_table(samples: Sequence[Sample], answers: Sequence[str]) -> pd.DataFrame:
+    """Rows per family and ``overall``; columns ``n`` and ``accuracy`` (percent)."""
+    frame = pd.DataFrame({"family": [s.family for s in samples],
+                          "correct": [normalize_answer(a) == normalize_answer(s.answer)
+                                      for s, a in zip(samples, answers)]})
+    table = frame.groupby("family")["correct"].agg(n="size", accuracy="mean")
+    table.loc["overall"] = [len(frame), frame["correct"].mean()]
+    table["n"] = table["n"].astype(int)
+    table["accuracy"] = 100 * table["accuracy"]
+    return table
+
+
+def load_model(path: str | Path = bundled.BUNDLED_MODEL, device: str = "cpu"):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    path = Path(path) if Path(path).exists() else path
+    if isinstance(path, Path) and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {path}: expected a Hugging Face LLaVA folder with config.json"
+                                " (the bundled one is data/shapes-llava, restored by git)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=str(bundled.BUNDLED_MODEL))
+    parser.add_argument("--dataset", default="test")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write both tables here")
+    args = parser.parse_args(argv)
+    model, processor = load_model(args.model)
+    samples = load_split(args.dataset, limit=args.limit)
+    tables = {}
+    for blank in (False, True):
+        tables["blank" if blank else "image"] = accuracy_table(
+            samples, answer(model, processor, samples, args.batch_size, blank=blank))
+    both = pd.concat({"with image": tables["image"]["accuracy"], "blank image": tables["blank"]["accuracy"],
+                      "n": tables["image"]["n"]}, axis=1)
+    both["drop"] = both["with image"] - both["blank image"]
+    print(both.round(1).to_markdown() if _has_tabulate() else both.round(1).to_string())
+    if args.json:
+        args.json.write_text(json.dumps({k: v.round(2).reset_index().to_dict("records")
+                                         for k, v in tables.items()}, indent=1))
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

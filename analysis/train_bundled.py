@@ -1,0 +1,181 @@
+"""Train the bundled shapes LLaVA from scratch: ``python -m analysis.train_bundled``.
+
+This module owns the seeded training run that produces ``data/shapes-llava``. Each training sequence
+is one image of the training stream (``analysis.shapes.stream``, disjoint from the test and val
+splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
+
+    <s>USER: <image>*144 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ...
+
+The first turn is token for token the evaluation prompt; the loss is on the answers and their
+``</s>`` only. The run writes the checkpoint (safetensors), the processor, ``training_log.jsonl``
+(loss, learning rate, throughput, periodic val accuracy) and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from analysis import bundled, shapes
+from analysis.evaluate import accuracy_table, normalize_answer
+
+IGNORE = -100
+
+
+def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
+                        turns: list[shapes.Question]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation about one image."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = [tokenizer.bos_token_id] + enc("USER:") + [image_token_id] * n_image_tokens
+    labels = [IGNORE] * len(ids)
+    for k, q in enumerate(turns):
+        question = enc((f"{q.question} ASSISTANT:") if k == 0 else f"USER: {q.question} ASSISTANT:")
+        target = enc(q.answer) + [tokenizer.eos_token_id]
+        ids += question + target
+        labels += [IGNORE] * len(question) + target
+    return ids, labels
+
+
+class ConversationBatches:
+    """Endless batches of the training stream, as model inputs with labels (right padded)."""
+
+    def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0):
+        self.processor, self.batch_size, self.turns = processor, batch_size, turns
+        self.n_image_tokens = n_image_tokens
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.index = start
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        images, sequences = [], []
+        for _ in range(self.batch_size):
+            objects, rng = shapes.scene("train", self.index)
+            questions = shapes.scene_questions(objects, rng, self.turns,
+                                               first_family=self.index % len(shapes.FAMILIES))
+            images.append(shapes.render(objects))
+            sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
+                                                 self.image_token_id, questions))
+            self.index += 1
+        width = max(len(ids) for ids, _ in sequences)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), width), pad)
+        labels = torch.full((len(sequences), width), IGNORE)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids)] = torch.tensor(lab)
+            mask[row, :len(ids)] = 1
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+@torch.no_grad()
+def first_token_accuracy(model, processor, split: str = "val", limit: int | None = None) -> float:
+    """Val accuracy from the argmax of the first answer token (all answers are one token)."""
+    from analysis.datasets import load_split
+    from analysis.evaluate import batch_inputs
+    samples = load_split(split, limit=limit)
+    answers = []
+    model.eval()
+    for start in range(0, len(samples), 64):
+        inputs = batch_inputs(processor, samples[start:start + 64])
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        answers += processor.tokenizer.batch_decode(logits.argmax(-1, keepdim=True))
+    model.train()
+    return float(accuracy_table(samples, answers).loc["overall", "accuracy"])
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
+          config_overrides: dict | None = None, progress: bool = True) -> dict:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    processor = bundled.build_processor()
+    config = bundled.build_config(processor.tokenizer, **(config_overrides or {}))
+    model = LlavaForConditionalGeneration(config).train()
+    vision = config.vision_config
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    processor.patch_size = vision.patch_size
+    processor.image_processor.size = {"shortest_edge": vision.image_size}
+    processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    log = []
+    started = time.time()
+    bar = tqdm(range(steps), desc="training", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        batch = next(batches)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.time() - started, 1)}
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            record["val_accuracy"] = round(first_token_accuracy(model, processor), 2)
+        log.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": record["val_accuracy"]}
+                                                          if "val_accuracy" in record else {}))
+        if "val_accuracy" in record and not progress:
+            print(json.dumps(record), flush=True)
+    model.eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    with (tmp / "training_log.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    from analysis.plots import loss_curve
+    loss_curve(log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
+    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "lr": lr, "seed": seed,
+               "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
+               "final_loss": log[-1]["loss"], "parameters": sum(p.numel() for p in model.parameters()),
+               "config_overrides": config_overrides or {}}
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.train_bundled", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=bundled.BUNDLED_MODEL)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--turns", type=int, default=4, help="questions per image in a training sequence")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=250, help="val accuracy every N steps (0: never)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    args = parser.parse_args(argv)
+    summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
+                    args.eval_every, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Loading splits, and the errors a user sees when data is missing or broken."""
+
+import json
+import shutil
+
+import pytest
+
+from analysis import datasets
+from analysis.datasets import DatasetError, load_split
+
+
+def _copy_split(tmp_path, n=6):
+    src = datasets.BUNDLED_BENCHMARK
+    rows = [json.loads(line) for line in (src / "test.jsonl").open()][:n]
+    (tmp_path / "images").mkdir()
+    for r in rows:
+        shutil.copy(src / r["image"], tmp_path / r["image"])
+    path = tmp_path / "split.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
+def test_bundled_split_loads_with_families():
+    samples = load_split("test", limit=10)
+    assert len(samples) == 10
+    assert samples[0].question_id == "test-00000-0"
+    assert samples[0].load_image().size == (72, 72)
+
+
+def test_a_path_to_a_jsonl_split_loads(tmp_path):
+    path, rows = _copy_split(tmp_path)
+    samples = load_split(path)
+    assert [s.question_id for s in samples] == [r["question_id"] for r in rows]
+
+
+def test_missing_dataset_names_the_fix(tmp_path):
+    with pytest.raises(DatasetError, match="bundled split"):
+        load_split(tmp_path / "nope.jsonl")
+
+
+def test_missing_data_folder_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "BUNDLED_BENCHMARK", tmp_path / "gone")
+    with pytest.raises(DatasetError, match="data/ from git"):
+        load_split("test")
+
+
+def test_missing_image_is_reported_before_anything_runs(tmp_path):
+    path, rows = _copy_split(tmp_path)
+    (tmp_path / rows[2]["image"]).unlink()
+    with pytest.raises(DatasetError, match="missing"):
+        load_split(path)
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    path, rows = _copy_split(tmp_path)
+    (tmp_path / rows[0]["image"]).write_bytes(b"not a png")
+    sample = load_split(path)[0]
+    with pytest.raises(DatasetError, match="cannot be read"):
+        sample.load_image()
+
+
+def test_line_without_required_fields(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question_id": 1, "image": "x.png"}) + "\n")
+    with pytest.raises(DatasetError, match=r"lacks the field\(s\) \['question', 'answer'\]"):
+        load_split(path)
