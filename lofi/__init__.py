@@ -1,0 +1,20 @@
+"""lofi: visual-token pruning that truly drops tokens inside any Hugging Face LLaVA model.
+
+    import lofi
+    lofi.available()                      # ['fastv', 'lofi', 'random', ...]
+    with lofi.pruned(model, "lofi", keep=0.25, layer=2) as handle:
+        ids = model.generate(**inputs, max_new_tokens=8)
+        handle.kept                       # per stage: [batch, n_kept] kept visual-token indices
+
+Methods only choose which visual tokens to keep (``lofi.registry``); one runtime applies the choice
+(``lofi.runtime``); ``lofi.count_flops`` gives the FLOPs of a pruning schedule. This package never
+imports ``analysis``.
+"""
+
+from lofi import methods as _methods  # noqa: F401  (registers the built-in methods)
+from lofi.flops import Flops, count_flops
+from lofi.registry import PruningMethod, StageInput, available, build, describe, register
+from lofi.runtime import PruningHandle, pruned
+
+__all__ = ["pruned", "available", "describe", "register", "build", "PruningMethod", "StageInput",
+           "PruningHandle", "count_flops", "Flops"]

@@ -1,0 +1,87 @@
+"""FLOPs of a LLaVA forward pass over a prompt, with and without pruning (SPEC section 5).
+
+A multiply-add counts 2. Per decoder layer with n tokens, width d and MLP width m (SwiGLU, three
+matrices) the count is ``2 * (4*n*d^2 + 2*n^2*d + 3*n*d*m)``; with grouped-query attention the K and V
+projections are narrower, and the ``4*n*d^2`` term becomes ``2*n*d^2 + 2*n*d*d_kv`` (identical when
+there is no GQA, as in LLaVA-1.5). The whole-model figure adds the vision tower (every layer that
+runs, CLS token included), the projector, the LM head for the last position only, and a method's own
+decision modules. Norms, RoPE, softmax and the embedding lookup are not counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Flops:
+    """Floating-point operations of one prompt's forward pass.
+
+    Attributes:
+        llm: the decoder layers only.
+        vision: the vision tower.  projector: the multimodal projector.  lm_head: last position only.
+        decision: a method's own decision modules (0 for training-free methods).
+        total: everything above.
+    """
+
+    llm: float
+    vision: float
+    projector: float
+    lm_head: float
+    decision: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.llm + self.vision + self.projector + self.lm_head + self.decision
+
+
+def decoder_layer_flops(n: int, d: int, m: int, d_kv: int | None = None) -> float:
+    d_kv = d if d_kv is None else d_kv
+    return 2.0 * (2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m)
+
+
+def vision_flops(vision_config) -> float:
+    """CLIP-style ViT: patch embedding plus every encoder layer over patches + CLS."""
+    d, m = vision_config.hidden_size, vision_config.intermediate_size
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    n = patches + 1
+    embed = 2.0 * patches * (vision_config.num_channels * vision_config.patch_size ** 2) * d
+    layer = 2.0 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    return embed + vision_config.num_hidden_layers * layer
+
+
+def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = (),
+                decision: float = 0.0) -> Flops:
+    """FLOPs of a prompt of ``n_text`` text and ``n_visual`` visual tokens.
+
+    Args:
+        config: a transformers ``LlavaConfig``.
+        stages: ``(layer, n_visual_kept)`` pairs: from ``layer`` on, ``n_visual_kept`` visual tokens remain.
+        decision: FLOPs of the method's decision modules, added to the total.
+    """
+    text = config.text_config
+    d, m, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    d_kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    schedule = sorted(stages)
+    for (a, _), (b, _) in zip(schedule, schedule[1:]):
+        if a == b:
+            raise ValueError(f"two stages at layer {a}")
+    llm = 0.0
+    for layer in range(layers):
+        visual = n_visual
+        for start, kept in schedule:
+            if layer >= start:
+                visual = kept
+        llm += decoder_layer_flops(n_text + visual, d, m, d_kv)
+    vision_config = config.vision_config
+    projector_in = vision_config.hidden_size
+    layer_index = config.vision_feature_layer
+    if isinstance(layer_index, (list, tuple)):
+        projector_in *= len(layer_index)
+    projector = 2.0 * n_visual * (projector_in * d + d * d)
+    lm_head = 2.0 * d * text.vocab_size
+    return Flops(llm=llm, vision=vision_flops(vision_config), projector=projector, lm_head=lm_head,
+                 decision=decision)

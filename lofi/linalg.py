@@ -1,0 +1,62 @@
+"""Singular values, energy ranks and leverage scores of token matrices (rows = tokens).
+
+Owned here because the ``lofi`` method needs them and ``lofi`` never imports ``analysis``;
+``analysis.spectral`` re-exports them with the rest of the spectral quantities. Every function
+works on float32/float64 tensors batched over leading dimensions. When rows < cols the Gram matrix
+H H^T (rows x rows) gives the same singular values and left singular vectors more cheaply.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _left_factors(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, U) of H = U S V^T: s [..., r] descending, U [..., rows, r], r = min(rows, cols)."""
+    rows, cols = H.shape[-2:]
+    if rows <= cols:
+        # eigh of the Gram matrix: eigenvalues are s^2 (ascending), eigenvectors are U.
+        evals, evecs = torch.linalg.eigh(H @ H.transpose(-1, -2))
+        s = evals.flip(-1).clamp_min(0).sqrt()
+        return s, evecs.flip(-1)
+    U, s, _ = torch.linalg.svd(H, full_matrices=False)
+    return s, U
+
+
+def singular_values(H: torch.Tensor) -> torch.Tensor:
+    """s_1 >= ... >= s_r of H [..., rows, cols], r = min(rows, cols) (Gram route when rows < cols)."""
+    rows, cols = H.shape[-2:]
+    if rows < cols:
+        evals = torch.linalg.eigvalsh(H @ H.transpose(-1, -2))
+        return evals.flip(-1).clamp_min(0).sqrt()
+    return torch.linalg.svdvals(H)
+
+
+def energy_rank(s: torch.Tensor, tau: float) -> torch.Tensor:
+    """Smallest k with sum_{i<=k} p_i >= tau, p_i = s_i^2 / sum_j s_j^2 (0 for an all-zero s).
+
+    A tiny relative tolerance keeps tau = 1 from asking for directions that hold only rounding error.
+    """
+    if not 0 < tau <= 1:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    energy = s.pow(2)
+    total = energy.sum(-1, keepdim=True)
+    cumulative = energy.cumsum(-1) / total.clamp_min(torch.finfo(s.dtype).tiny)
+    reached = cumulative >= tau - 1e-6 * max(tau, 1e-3)
+    k = (~reached).sum(-1) + 1
+    return torch.where(total.squeeze(-1) > 0, k.clamp_max(s.shape[-1]), torch.zeros_like(k))
+
+
+def leverage_scores(H: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """l_i = sum_{j<=k} U_ij^2 for each row i of H = U S V^T; sum_i l_i = k, 0 <= l_i <= 1.
+
+    ``k`` is an int or a tensor of per-matrix ranks broadcast over the leading dimensions.
+    Directions with zero singular value carry no information, so k is capped at the numerical rank
+    is *not* applied here: callers choose k (e.g. ``energy_rank``), which never exceeds it.
+    """
+    _, U = _left_factors(H)
+    r = U.shape[-1]
+    k = torch.as_tensor(k, device=H.device)
+    columns = torch.arange(r, device=H.device)
+    take = (columns < k[..., None]).to(U.dtype)  # [..., r]
+    return (U.pow(2) * take[..., None, :]).sum(-1)

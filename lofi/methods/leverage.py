@@ -1,0 +1,57 @@
+"""LoFi as specified by this project: keep the visual tokens of highest rank-k leverage at layer K.
+
+Provenance: the LoFi paper's body (its layer, rank rule and budgets) was not available to us; only its
+abstract and a summary were. The rule below -- leverage scores of the visual-token hidden states
+entering layer K, with k the rank that holds a fraction tau of the spectral energy -- is this project's
+specification (``SPEC.md`` section 4), not a reproduction of the paper's exact procedure.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lofi.linalg import energy_rank, leverage_scores, singular_values
+from lofi.registry import PruningMethod, StageInput, register
+
+
+@register
+class LoFi(PruningMethod):
+    """LoFi (training-free): keep the visual tokens with the largest SVD leverage scores at layer K.
+
+    For each sample, H_v [n_visual, d] holds the hidden states of the visual tokens entering layer K
+    (float32, uncentred unless ``center``). With H_v = U S V^T and k the energy rank at ``tau``
+    (smallest k with sum_{i<=k} s_i^2 >= tau * sum s^2) or the fixed ``k``, the score of token i is
+    l_i = sum_{j<=k} U_ij^2. Tokens with high leverage span directions the rest cannot represent.
+
+    Options:
+        keep: fraction of visual tokens kept.  layer: K (default 2; 0 = projector outputs).
+        tau: energy threshold for k (default 0.9).  k: a fixed rank instead of tau.
+        center: subtract the mean visual row before the SVD (default False).
+    """
+
+    name = "lofi"
+    default_layer = 2
+
+    def __init__(self, keep: float = 0.5, layer: int | None = None, tau: float = 0.9,
+                 k: int | None = None, center: bool = False):
+        super().__init__(keep, layer)
+        if not 0 < tau <= 1:
+            raise ValueError(f"lofi tau must be in (0, 1], got {tau}")
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"lofi k must be a positive int, got {k!r}")
+        self.tau, self.k, self.center = tau, k, center
+
+    def scores(self, visual_hidden: torch.Tensor) -> torch.Tensor:
+        """[batch, n_visual] leverage scores of the visual hidden states [batch, n_visual, d]."""
+        H = visual_hidden.float()
+        if self.center:
+            H = H - H.mean(-2, keepdim=True)
+        if self.k is not None:
+            rank = torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device)
+        else:
+            rank = energy_rank(singular_values(H), self.tau)
+        return leverage_scores(H, rank)
+
+    def select(self, state: StageInput) -> torch.Tensor:
+        visual_hidden = state.hidden.gather(1, state.visual[..., None].expand(-1, -1, state.hidden.shape[-1]))
+        return self.scores(visual_hidden).topk(state.n_keep, dim=1, sorted=False).indices

@@ -1,0 +1,136 @@
+"""The method registry and the base class every pruning method derives from.
+
+A method only *chooses* which visual tokens to keep (``select``) and at which layers (``stages``);
+``lofi.runtime`` applies the choice. ``@register`` adds a class under its ``name``; ``build`` makes
+an instance and turns every bad argument into one error that says what is valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import torch
+
+_METHODS: dict[str, type["PruningMethod"]] = {}
+
+
+@dataclass
+class StageInput:
+    """What a method sees when it chooses, at the input of decoder layer ``layer``.
+
+    Attributes:
+        layer: index of the first decoder layer that will see only the kept tokens.
+        stage: 0-based index of this pruning stage.
+        hidden: [batch, n, d] hidden states entering ``layer`` (the sequence as it is now).
+        visual: [batch, n_present] positions, within ``hidden``'s sequence, of the visual tokens present.
+        text: [batch, n] bool, true at real (non-padding) text tokens.
+        valid: [batch, n] bool, true at real (non-padding) tokens.
+        n_keep: how many of the present visual tokens to keep, per sample.
+        attention: callable returning [batch, n] attention each token receives at layer ``layer - 1``
+            (averaged over heads and the method's query tokens); only for methods that ask for it.
+        generator: per-sample ``torch.Generator``s seeded from the sample, for stochastic methods.
+    """
+
+    layer: int
+    stage: int
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    text: torch.Tensor
+    valid: torch.Tensor
+    n_keep: int
+    attention: Callable[[], torch.Tensor] | None
+    generator: Callable[[int], torch.Generator]
+    model: torch.nn.Module | None = None
+
+
+class PruningMethod:
+    """Base class: validated ``keep`` and ``layer``; subclasses implement ``select``.
+
+    Class attributes:
+        name: the registry name.
+        attention_queries: ``None``, or which queries' attention at layer K-1 the method ranks by
+            (``"last"``: the last prompt token; ``"text"``: every text token).
+        default_layer: K when the caller gives none.
+        min_layer: the smallest valid K.
+    """
+
+    name: ClassVar[str] = ""
+    attention_queries: ClassVar[str | None] = None
+    default_layer: ClassVar[int] = 2
+    min_layer: ClassVar[int] = 0
+
+    def __init__(self, keep: float = 0.5, layer: int | None = None):
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise ValueError(f"keep must be a fraction in (0, 1] of the visual tokens to keep, got {keep!r}")
+        self.keep = float(keep)
+        self.layer = self.default_layer if layer is None else layer
+
+    def stages(self, num_layers: int) -> list[int]:
+        """The decoder layers at which tokens are dropped, increasing."""
+        layer = self.layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or not self.min_layer <= layer < num_layers:
+            raise ValueError(f"layer must be an int in [{self.min_layer}, {num_layers - 1}] for {self.name} "
+                             f"on this {num_layers}-layer model, got {layer!r}")
+        return [layer]
+
+    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+        """Visual tokens kept after ``stage``: ceil(keep x n_visual), at least 1."""
+        return max(1, min(n_present, math.ceil(self.keep * n_visual - 1e-9)))
+
+    def schedule(self, num_layers: int, n_visual: int) -> list[tuple[int, int]]:
+        """``(layer, n_visual_kept)`` per stage, the form ``lofi.count_flops`` takes."""
+        present, out = n_visual, []
+        for stage, layer in enumerate(self.stages(num_layers)):
+            present = self.n_keep(stage, n_visual, present)
+            out.append((layer, present))
+        return out
+
+    def select(self, state: StageInput) -> torch.Tensor:
+        """[batch, n_keep] indices into ``state.visual`` of the tokens to keep (any order)."""
+        raise NotImplementedError
+
+    def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
+        """FLOPs of the method's own decision modules (0 for training-free methods)."""
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(keep={self.keep}, layer={self.layer})"
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator adding a method under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name`")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named {cls.name!r} is already registered ({_METHODS[cls.name].__name__})")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    """Registered method names, sorted."""
+    return sorted(_METHODS)
+
+
+def describe() -> dict[str, str]:
+    """Each method's one-line description (the first line of its docstring)."""
+    return {name: (inspect.getdoc(_METHODS[name]) or "").split("\n")[0] for name in available()}
+
+
+def build(method: str | PruningMethod, **arguments) -> PruningMethod:
+    """An instance of the method called ``method`` (or ``method`` itself, when no arguments are given)."""
+    if isinstance(method, PruningMethod):
+        if arguments:
+            raise TypeError("pass options to the method's constructor, or pass its name with options")
+        return method
+    if method not in _METHODS:
+        raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(available())}")
+    cls = _METHODS[method]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        raise TypeError(f"{method} takes no option(s) {unknown}; its options: {sorted(accepted)}")
+    return cls(**arguments)

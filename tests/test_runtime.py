@@ -1,0 +1,235 @@
+"""Exactness of the pruning runtime: keep=1 is the identity, dropping equals masking, the KV cache,
+batching, GQA and other image-token ids, and a model left exactly as it was."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+import lofi
+from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
+
+METHODS = ["fastv", "lofi", "random"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+class Fixed(lofi.PruningMethod):
+    """Keeps a given set of visual tokens (for references that need the same kept set)."""
+
+    name = "fixed"
+
+    def __init__(self, kept: torch.Tensor, layer: int):
+        super().__init__(kept.shape[1] / N_VISUAL, layer)
+        self.kept = kept
+
+    def n_keep(self, stage, n_visual, n_present):
+        return self.kept.shape[1]
+
+    def select(self, state):
+        return self.kept
+
+
+@contextmanager
+def masked_reference(model, layer, dropped, valid):
+    """Unpruned sequence; from ``layer`` on no query may attend to a ``dropped`` token."""
+    length = dropped.shape[1]
+    idx = torch.arange(length)
+    allowed = ((idx[None, :] <= idx[:, None])[None] & valid[:, None, :].bool() & ~dropped[:, None, :])[:, None]
+    if model.config.text_config._attn_implementation == "eager":  # eager adds its mask to the scores
+        allowed = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+    def hook(module, args, kwargs):
+        kwargs["attention_mask"] = allowed
+        return args, kwargs
+
+    layers = model.model.language_model.layers
+    handles = [layers[i].register_forward_pre_hook(hook, with_kwargs=True) for i in range(layer, len(layers))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def kept_positions(inputs, kept, image_token=3):
+    """Original sequence positions kept after pruning, [batch, n_kept_sequence]."""
+    ids = inputs["input_ids"]
+    is_visual = ids == image_token
+    keep = ~is_visual
+    visual_pos = is_visual.nonzero()[:, 1].view(len(ids), -1)
+    keep.scatter_(1, visual_pos.gather(1, kept), True)
+    return keep.nonzero()[:, 1].view(len(ids), -1), is_visual & ~keep
+
+
+def with_positions(inputs):
+    return {**inputs, "position_ids": positions(inputs["attention_mask"])}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_keep_all_reproduces_the_unpruned_model(model, method):
+    inputs = make_inputs()
+    base = model(**inputs).logits
+    base_ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with lofi.pruned(model, method, keep=1.0, layer=2) as handle:
+        out = model(**inputs).logits
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert out.shape == base.shape
+    torch.testing.assert_close(out, base, atol=ATOL, rtol=0)
+    assert torch.equal(ids, base_ids)
+    assert torch.equal(handle.kept[0], torch.arange(N_VISUAL)[None])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,layer", [(m, k) for m in METHODS for k in (0, 1, 2, 3) if (m, k) != ("fastv", 0)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_dropping_equals_the_masked_reference(method, layer, attn):
+    model = tiny_llava(attn=attn)
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8, 9, 11, 12))])
+    inputs = with_positions(inputs)
+    with lofi.pruned(model, method, keep=0.3, layer=layer) as handle:
+        out = model(**inputs, use_cache=False).logits
+    n_keep = handle.kept[0].shape[1]
+    assert n_keep == 5  # ceil(0.3 * 16)
+    keep_pos, dropped = kept_positions(inputs, handle.kept[0])
+    assert out.shape[1] == inputs["input_ids"].shape[1] - N_VISUAL + n_keep
+    with masked_reference(model, layer, dropped, inputs["attention_mask"]):
+        ref = model(**inputs, use_cache=False).logits
+    ref = ref.gather(1, keep_pos[..., None].expand(-1, -1, ref.shape[-1]))
+    valid = inputs["attention_mask"].bool().gather(1, keep_pos)
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+def test_generate_equals_repeated_forward_passes_with_the_same_kept_set(model, layer):
+    inputs = make_inputs(seed=3)
+    with lofi.pruned(model, "lofi", keep=0.25, layer=layer) as handle:
+        gen = model.generate(**inputs, max_new_tokens=12, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    kept = handle.kept[0]
+    ids = inputs["input_ids"]
+    for step, step_logits in enumerate(gen.logits):
+        with lofi.pruned(model, Fixed(kept, layer)):
+            full = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step_logits, full, atol=ATOL, rtol=0)
+        ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen.sequences, ids)
+
+
+@torch.no_grad()
+def test_kv_cache_holds_exactly_the_tokens_each_layer_saw(model):
+    inputs = make_inputs()
+    length = inputs["input_ids"].shape[1]
+    with lofi.pruned(model, "fastv", keep=0.25, layer=2):
+        out = model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    seen = [cache.layers[i].keys.shape[-2] for i in range(len(cache.layers))]
+    assert seen == [length, length, length - 12, length - 12]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_a_padded_batch_equals_its_samples_one_by_one(model, method):
+    prompts = [prompt_ids(3), prompt_ids(3, (5, 6, 12, 13), (7,)), prompt_ids(3, (), (7, 8, 9, 10, 11, 14))]
+    batch = make_inputs(prompts=prompts, seed=1)
+    with lofi.pruned(model, method, keep=0.5, layer=2) as handle:
+        logits = model(**with_positions(batch)).logits
+        generated = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        kept = handle.kept[0]
+    for row in range(len(prompts)):
+        single = {"input_ids": torch.tensor([prompts[row]]), "pixel_values": batch["pixel_values"][row:row + 1],
+                  "attention_mask": torch.ones(1, len(prompts[row]), dtype=torch.long)}
+        with lofi.pruned(model, method, keep=0.5, layer=2) as handle:
+            alone = model(**single).logits
+            alone_ids = model.generate(**single, max_new_tokens=5, do_sample=False)
+        assert torch.equal(handle.kept[0][0], kept[row])
+        torch.testing.assert_close(logits[row, -alone.shape[1]:], alone[0], atol=ATOL, rtol=0)
+        assert torch.equal(generated[row, -5:], alone_ids[0, -5:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_gqa_and_another_image_token_id(method):
+    model = tiny_llava(kv_heads=2, image_token=57)
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
+    inputs = with_positions(make_inputs(image_token=57, prompts=[prompt_ids(57), prompt_ids(57, (5,), (7,))]))
+    base = model(**inputs).logits
+    with lofi.pruned(model, method, keep=1.0, layer=1):
+        torch.testing.assert_close(model(**inputs).logits, base, atol=ATOL, rtol=0)
+    layer = 1
+    with lofi.pruned(model, method, keep=0.25, layer=layer) as handle:
+        out = model(**inputs, use_cache=False).logits
+    keep_pos, dropped = kept_positions(inputs, handle.kept[0], image_token=57)
+    with masked_reference(model, layer, dropped, inputs["attention_mask"]):
+        ref = model(**inputs, use_cache=False).logits.gather(1, keep_pos[..., None].expand(-1, -1, base.shape[-1]))
+    valid = inputs["attention_mask"].bool().gather(1, keep_pos)
+    torch.testing.assert_close(out[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+def _hook_counts(model):
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+
+
+@torch.no_grad()
+def test_the_model_is_unchanged_after_an_exception(model):
+    inputs = make_inputs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = _hook_counts(model)
+    base = model(**inputs).logits
+
+    class Broken(lofi.PruningMethod):
+        name = "broken"
+
+        def select(self, state):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with lofi.pruned(model, Broken(keep=0.5, layer=2)):
+            model(**inputs)
+    with pytest.raises(KeyError):
+        with lofi.pruned(model, "fastv", keep=0.5):
+            model(**inputs)
+            raise KeyError("raised by the caller")
+    assert _hook_counts(model) == hooks
+    assert all("forward" not in vars(m) for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    torch.testing.assert_close(model(**inputs).logits, base, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_kept_indices_are_sorted_and_in_range(model):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7,))])
+    for method in METHODS:
+        with lofi.pruned(model, method, keep=0.4, layer=2) as handle:
+            model(**inputs)
+        kept = handle.kept[0]
+        assert kept.shape == (2, 7) and kept.dtype == torch.long
+        assert bool((kept.diff(dim=1) > 0).all()) and kept.min() >= 0 and kept.max() < N_VISUAL
+
+
+@torch.no_grad()
+def test_random_is_seeded_and_fastv_ranks_by_attention(model):
+    inputs = make_inputs()
+    runs = []
+    for seed in (0, 0, 1):
+        with lofi.pruned(model, "random", keep=0.5, seed=seed) as handle:
+            model(**inputs)
+        runs.append(handle.kept[0])
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    # FastV's ranking equals the attention weights the eager kernel returns at layer K-1
+    eager = tiny_llava(attn="eager")
+    out = eager(**inputs, output_attentions=True)
+    received = out.attentions[1][0, :, -1].mean(0)  # layer 1, last query, mean over heads
+    visual = (inputs["input_ids"][0] == 3).nonzero()[:, 0]
+    expected = received[visual].topk(8).indices.sort().values
+    with lofi.pruned(eager, "fastv", keep=0.5, layer=2) as handle:
+        eager(**inputs)
+    assert torch.equal(handle.kept[0][0], expected)
+    assert model.config.text_config._attn_implementation == "sdpa"
