@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import string
+
 from pathlib import Path
 from typing import Sequence
 
@@ -19,14 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import bundled, shapes
+from analysis.consistency import normalize_answer
 from analysis.datasets import Sample, load_split
 
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
 
-
-def normalize_answer(text: str | None) -> str:
-    """Lower case, punctuation removed, surrounding space stripped (SPEC section 2)."""
-    return "" if text is None else " ".join(text.lower().translate(_PUNCTUATION).split())
 
 
 def batch_inputs(processor, samples: Sequence[Sample], blank: bool = False) -> dict:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from analysis import bundled, shapes
-from analysis.evaluate import accuracy_table, normalize_answer
+from analysis.evaluate import accuracy_table
 
 IGNORE = -100
 

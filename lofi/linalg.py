@@ -24,7 +24,13 @@ def _left_factors(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def singular_values(H: torch.Tensor) -> torch.Tensor:
-    """s_1 >= ... >= s_r of H [..., rows, cols], r = min(rows, cols) (Gram route when rows < cols)."""
+    """s_1 >= ... >= s_r of H [..., rows, cols], r = min(rows, cols).
+
+    When rows < cols they come from the eigenvalues of H H^T, which squares the condition number:
+    singular values below about sqrt(eps) * s_1 (1e-8 s_1 in float64, 3e-4 s_1 in float32) read as
+    that noise level instead of their true value. Energy-based quantities (IPR, PR, energy rank) are
+    unaffected, since such directions carry a fraction eps of the energy.
+    """
     rows, cols = H.shape[-2:]
     if rows < cols:
         evals = torch.linalg.eigvalsh(H @ H.transpose(-1, -2))
@@ -50,9 +56,9 @@ def energy_rank(s: torch.Tensor, tau: float) -> torch.Tensor:
 def leverage_scores(H: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """l_i = sum_{j<=k} U_ij^2 for each row i of H = U S V^T; sum_i l_i = k, 0 <= l_i <= 1.
 
-    ``k`` is an int or a tensor of per-matrix ranks broadcast over the leading dimensions.
-    Directions with zero singular value carry no information, so k is capped at the numerical rank
-    is *not* applied here: callers choose k (e.g. ``energy_rank``), which never exceeds it.
+    ``k`` is an int or a tensor of per-matrix ranks broadcast over the leading dimensions, at most
+    r = min(rows, cols). Beyond the numerical rank the singular vectors are an arbitrary basis of the
+    null space, so callers should choose k within it (``energy_rank`` always does); k = 0 gives zeros.
     """
     _, U = _left_factors(H)
     r = U.shape[-1]

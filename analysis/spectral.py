@@ -1,0 +1,48 @@
+"""Spectral quantities of hidden-state matrices (SPEC section 1), as pure torch functions.
+
+H has rows = tokens of one group and columns = hidden dimensions; every function also works batched
+over leading dimensions. With singular values s_1 >= ... >= s_r (r = min(rows, cols)) the energy
+fractions are p_i = s_i^2 / sum_j s_j^2.
+
+The all-zero matrix has no energy to distribute: by this module's convention its IPR, participation
+ratio, effective rank and energy rank are all 0, and its leverage scores are 0 (never NaN).
+``singular_values``, ``energy_rank`` and ``leverage_scores`` are the implementations ``lofi`` uses to
+prune, re-exported so the study measures exactly what the method computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lofi.linalg import energy_rank, leverage_scores, singular_values
+
+__all__ = ["singular_values", "energy_fractions", "ipr", "participation_ratio", "effective_rank",
+           "energy_rank", "leverage_scores"]
+
+
+def energy_fractions(s: torch.Tensor) -> torch.Tensor:
+    """p_i = s_i^2 / sum_j s_j^2 over the last dimension (all zeros for an all-zero s)."""
+    energy = s.pow(2)
+    return energy / energy.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
+
+
+def ipr(s: torch.Tensor) -> torch.Tensor:
+    """Inverse participation ratio IPR = sum_i p_i^2, in [1/r, 1]; 1 = all energy in one direction.
+
+    0 for an all-zero s (no energy), by convention.
+    """
+    return energy_fractions(s).pow(2).sum(-1)
+
+
+def participation_ratio(s: torch.Tensor) -> torch.Tensor:
+    """PR = 1 / IPR = (sum_i s_i^2)^2 / sum_i s_i^4: the effective number of directions (0 for zero s)."""
+    value = ipr(s)
+    return torch.where(value > 0, 1 / value.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(value))
+
+
+def effective_rank(s: torch.Tensor) -> torch.Tensor:
+    """Roy & Vetterli (2007): exp(-sum_i q_i log q_i), q_i = s_i / sum_j s_j (0 log 0 = 0; 0 for zero s)."""
+    total = s.sum(-1, keepdim=True)
+    q = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    entropy = -torch.where(q > 0, q * q.clamp_min(torch.finfo(s.dtype).tiny).log(), torch.zeros_like(q)).sum(-1)
+    return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))

@@ -1,0 +1,84 @@
+"""The bundled model: offline loading like a llava-hf checkpoint, its recipe, quality, and training."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from analysis import bundled, shapes
+from analysis.datasets import load_split
+from analysis.evaluate import accuracy_table, answer, load_model
+from analysis.train_bundled import ConversationBatches, encode_conversation, train
+
+
+def test_loads_offline_through_from_pretrained_and_autoprocessor(bundled_model):
+    model, processor = bundled_model
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert type(processor).__name__ == "LlavaProcessor"
+    again = AutoProcessor.from_pretrained(bundled.BUNDLED_MODEL, local_files_only=True)
+    assert again.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+    assert (bundled.BUNDLED_MODEL / "model.safetensors").stat().st_size <= 50 * 2**20
+
+
+def test_architecture_meets_the_card(bundled_model):
+    model, processor = bundled_model
+    config = model.config
+    vision = config.vision_config
+    assert (vision.image_size // vision.patch_size) ** 2 >= 144
+    assert config.text_config.num_hidden_layers >= 8
+    assert config.text_config.model_type == "llama" and vision.model_type == "clip_vision_model"
+    assert config.projector_hidden_act == "gelu"
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a red circle?"}]}]
+    assert processor.apply_chat_template(chat, add_generation_prompt=True) == bundled.prompt("Is there a red circle?")
+
+
+def test_every_benchmark_word_is_in_the_vocabulary(bundled_model):
+    _, processor = bundled_model
+    unk = processor.tokenizer.unk_token_id
+    for sample in load_split("test") + load_split("val"):
+        ids = processor.tokenizer(bundled.prompt(sample.question) + " " + sample.answer)["input_ids"]
+        assert unk not in ids, sample.question
+    assert all(len(processor.tokenizer(a, add_special_tokens=False)["input_ids"]) == 1
+               for a in ("yes", "no", "red", "circle", "3"))
+
+
+def test_training_conversation_starts_with_the_evaluation_prompt(bundled_model):
+    _, processor = bundled_model
+    sample = load_split("val", limit=1)[0]
+    inputs = processor(images=[sample.load_image()], text=[bundled.prompt(sample.question)], return_tensors="pt")
+    q = shapes.Question(sample.question, sample.answer, sample.family, "")
+    ids, labels = encode_conversation(processor.tokenizer, 144, processor.image_token_id, [q, q])
+    prompt = inputs["input_ids"][0].tolist()
+    assert ids[:len(prompt)] == prompt
+    answer_id = processor.tokenizer.convert_tokens_to_ids(sample.answer)
+    assert [t for t in labels if t != -100] == [answer_id, processor.tokenizer.eos_token_id] * 2
+    pixels = ConversationBatches(processor, 144, 1, 1).processor.image_processor(
+        [sample.load_image()], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, inputs["pixel_values"])
+
+
+@pytest.mark.slow
+def test_greedy_accuracy_on_a_slice_of_the_test_split(bundled_model):
+    model, processor = bundled_model
+    samples = load_split("test", limit=150)
+    table = accuracy_table(samples, answer(model, processor, samples, progress=False))
+    assert table.loc["overall", "accuracy"] >= 80
+    blank = accuracy_table(samples, answer(model, processor, samples, blank=True, progress=False))
+    assert table.loc["overall", "accuracy"] - blank.loc["overall", "accuracy"] >= 30
+
+
+def test_training_smoke_on_a_tiny_config(tmp_path):
+    tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
+            "vision_width": 32, "image_size": 24, "patch_size": 6}
+    out = tmp_path / "tiny-llava"
+    summary = train(out, steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,
+                    config_overrides=tiny, progress=False)
+    log = [json.loads(line) for line in (out / "training_log.jsonl").open()]
+    assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert summary["steps"] == 3 and (out / "loss_curve.png").is_file()
+    assert not (tmp_path / "tiny-llava.partial").exists()
+    model, processor = load_model(out)
+    assert model.config.text_config.num_hidden_layers == 2
+    sample = load_split("val", limit=2)
+    assert len(answer(model, processor, sample, progress=False)) == 2

@@ -1,0 +1,93 @@
+"""Spectral quantities against numpy float64 SVD, on the matrices that break naive code."""
+
+import numpy as np
+import pytest
+import torch
+
+from analysis import spectral
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    randn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    low_rank = randn(40, 3) @ randn(3, 25)
+    deficient = torch.cat([randn(10, 30), randn(10, 30)[:5].repeat(2, 1)])  # rank 15 of 20 rows
+    return {"random": randn(30, 20), "rows<cols": randn(12, 50), "rows>cols": randn(60, 16),
+            "low_rank": low_rank, "rank_deficient": deficient, "one_row": randn(1, 8)}
+
+
+def _reference(H: np.ndarray, k: int | None = None, tau: float = 0.9):
+    U, s, _ = np.linalg.svd(H, full_matrices=False)
+    p = s**2 / (s**2).sum()
+    q = s / s.sum()
+    q = q[q > 0]
+    ref = {"s": s, "ipr": (p**2).sum(), "pr": 1 / (p**2).sum(), "erank": np.exp(-(q * np.log(q)).sum()),
+           "energy_rank": int(np.searchsorted(np.cumsum(p), tau - 1e-12) + 1)}
+    k = ref["energy_rank"] if k is None else k
+    ref["leverage"] = (U[:, :k] ** 2).sum(1)
+    return ref
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_against_numpy_svd(name):
+    H = _cases()[name]
+    ref = _reference(H.numpy())
+    s = spectral.singular_values(H)
+    # the Gram route (rows < cols) resolves singular values down to about sqrt(eps) * s_1
+    np.testing.assert_allclose(s.numpy(), ref["s"], atol=1e-7 * ref["s"][0], rtol=1e-7)
+    np.testing.assert_allclose(spectral.ipr(s).item(), ref["ipr"], rtol=1e-9)
+    np.testing.assert_allclose(spectral.participation_ratio(s).item(), ref["pr"], rtol=1e-9)
+    np.testing.assert_allclose(spectral.effective_rank(s).item(), ref["erank"], rtol=1e-9)
+    assert spectral.energy_rank(s, 0.9).item() == ref["energy_rank"]
+    k = ref["energy_rank"]
+    lev = spectral.leverage_scores(H, k)
+    np.testing.assert_allclose(lev.numpy(), ref["leverage"], atol=1e-8)
+    assert lev.sum().item() == pytest.approx(k) and lev.min() >= -1e-12 and lev.max() <= 1 + 1e-9
+
+
+def test_float32_matches_float64_closely():
+    H = _cases()["rows<cols"]
+    s32 = spectral.singular_values(H.float())
+    np.testing.assert_allclose(s32.numpy(), _reference(H.numpy())["s"], rtol=2e-4, atol=1e-4)
+
+
+def test_batched_over_leading_dimensions():
+    g = torch.Generator().manual_seed(1)
+    H = torch.randn(3, 2, 10, 24, generator=g, dtype=torch.float64)
+    s = spectral.singular_values(H)
+    assert s.shape == (3, 2, 10)
+    for i in range(3):
+        for j in range(2):
+            ref = _reference(H[i, j].numpy())
+            np.testing.assert_allclose(s[i, j].numpy(), ref["s"], atol=1e-9)
+            assert spectral.ipr(s)[i, j].item() == pytest.approx(ref["ipr"])
+    ranks = spectral.energy_rank(s, 0.8)
+    lev = spectral.leverage_scores(H, ranks)
+    assert lev.shape == (3, 2, 10)
+    torch.testing.assert_close(lev.sum(-1), ranks.double())
+
+
+def test_all_zero_matrix_is_defined_and_never_nan():
+    H = torch.zeros(7, 5, dtype=torch.float64)
+    s = spectral.singular_values(H)
+    for value in (spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)):
+        assert value.item() == 0
+    assert spectral.energy_rank(s, 0.9).item() == 0
+    assert torch.equal(spectral.leverage_scores(H, 0), torch.zeros(7, dtype=torch.float64))
+
+
+def test_analytic_cases():
+    assert spectral.ipr(torch.tensor([3.0, 0, 0])).item() == 1
+    s = torch.ones(8, dtype=torch.float64)
+    assert spectral.ipr(s).item() == pytest.approx(1 / 8)
+    assert spectral.participation_ratio(s).item() == pytest.approx(8)
+    assert spectral.effective_rank(s).item() == pytest.approx(8)
+    H = torch.eye(6, dtype=torch.float64)[:, :4] * 2  # 4 equal directions
+    assert spectral.participation_ratio(spectral.singular_values(H)).item() == pytest.approx(4)
+
+
+def test_invariant_under_row_permutation():
+    H = _cases()["random"]
+    perm = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(spectral.singular_values(H[perm]), spectral.singular_values(H))
+    torch.testing.assert_close(spectral.leverage_scores(H[perm], 5), spectral.leverage_scores(H, 5)[perm])
