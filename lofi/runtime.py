@@ -48,6 +48,15 @@ class PruningHandle:
     stages: list[int]
     kept: list[torch.Tensor] = field(default_factory=list)
     n_visual: int = 0
+    _index: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def sequence_index(self, layer: int) -> torch.Tensor | None:
+        """[batch, n] original sequence positions of the prompt tokens decoder layer ``layer`` computes
+        on, in the latest prompt (``layer`` = number of layers: the output of the last one); None
+        before any prompt."""
+        if not self._index:
+            return None
+        return self._index[min(len(self._index) - 1, sum(layer >= k for k in self.stages))]
 
 
 @dataclass
@@ -98,12 +107,14 @@ class _Runtime:
     def attach(self) -> None:
         try:
             mm, lm = arch.multimodal_model(self.model), arch.language_model(self.model)
-            self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
-            self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            # prepend: whatever else observes these modules (analysis.capture) sees the pruned inputs
+            self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True, prepend=True))
+            self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True,
+                                                            prepend=True))
             first = self.stage_layers[0] - (1 if self.method.attention_queries else 0)
             for i in range(first, len(self.layers)):
                 self._hooks.append(self.layers[i].register_forward_pre_hook(
-                    self._layer_hook(i), with_kwargs=True))
+                    self._layer_hook(i), with_kwargs=True, prepend=True))
             if self.method.attention_queries:
                 for layer in self.stage_layers:
                     attn = self.layers[layer - 1].self_attn
@@ -180,6 +191,7 @@ class _Runtime:
         index = torch.arange(length, device=device).expand(batch, length)
         self._seq = _Sequence(valid, is_visual, rank, [index], last, input_ids, pixel_values)
         self.handle.kept = []
+        self.handle._index = self._seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual = int(counts[0])
 
     def _continue(self, new_tokens: int, mask2d) -> None:
@@ -344,9 +356,22 @@ def pruned(model: torch.nn.Module, method: str | PruningMethod, keep: float = 0.
         instance = build(method, **options)
     else:
         instance = build(method, keep=keep, **({} if layer is None else {"layer": layer}), **options)
+    if id(model) in _ACTIVE:
+        raise RuntimeError("this model is already inside lofi.pruned(...); nest methods as one "
+                           "multi-stage method instead")
     runtime = _Runtime(model, instance)
     runtime.attach()
+    _ACTIVE[id(model)] = runtime.handle
     try:
         yield runtime.handle
     finally:
+        _ACTIVE.pop(id(model), None)
         runtime.detach()
+
+
+_ACTIVE: dict[int, PruningHandle] = {}
+
+
+def active(model: torch.nn.Module) -> PruningHandle | None:
+    """The handle of the ``pruned`` block ``model`` is in, or None."""
+    return _ACTIVE.get(id(model))

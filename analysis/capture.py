@@ -1,0 +1,180 @@
+"""Streaming capture of per-layer spectral statistics of a LLaVA language model's hidden states.
+
+``Capture`` registers forward hooks on the decoder layers while its ``with`` block is active and turns
+each layer's hidden states into the statistics of SPEC section 1 *as the forward pass runs*: the
+hidden states are detached, cast to float32 on the model's device, reduced to a few numbers per
+(sample, layer, group) and dropped, so memory does not grow with the number of samples.
+
+Layer numbering: statistic ``layer = l`` describes the tokens decoder layer ``l`` computes on (its
+input, after any pruning at ``l``); ``layer = 0`` is the language model's input embeddings (the visual
+rows are the projector's output) and ``layer = L`` the last layer's output (before the final norm).
+Groups: ``visual`` (the visual tokens present at that layer) and ``all`` (every real token).
+
+Inside ``lofi.pruned(...)`` it works unchanged: it asks ``lofi.active(model)`` which original tokens
+each layer holds. Only calls whose prompt contains image tokens are captured (not decoding steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import lofi
+from analysis import spectral
+from lofi import architecture as arch
+
+
+@dataclass
+class LayerStatistics:
+    """One (call row, layer, group) record.
+
+    Attributes:
+        row: index of the sample within its forward call's batch.
+        call: running index of the captured forward call.
+        layer, group, n_tokens: which matrix (see the module docstring).
+        ipr, pr, effective_rank: spectral statistics of the matrix (SPEC section 1).
+        singular_values: the top ``top_k`` singular values (float32, descending).
+        leverage: for ``visual`` at ``leverage_layers``: per visual token present, its leverage score
+            (rank at ``tau``), and ``visual_index`` the original visual-token index of each entry.
+    """
+
+    row: int
+    call: int
+    layer: int
+    group: str
+    n_tokens: int
+    ipr: float
+    pr: float
+    effective_rank: float
+    singular_values: list[float]
+    leverage: list[float] | None = None
+    visual_index: list[int] | None = None
+
+
+class Capture:
+    """Collect ``LayerStatistics`` for every prompt forward pass inside the block.
+
+    Args:
+        model: a ``LlavaForConditionalGeneration``.
+        groups: token groups to measure.
+        center: subtract each matrix's mean row first (recorded by the caller in the run config).
+        top_k: how many singular values to keep per matrix.
+        leverage_layers: layers at which to keep per-token leverage scores of the visual group.
+        tau: energy threshold of the rank used for leverage scores.
+
+    Example:
+        >>> with Capture(model) as capture:  # doctest: +SKIP
+        ...     model(**inputs)
+        ...     rows = capture.take()  # list[LayerStatistics], and the buffer is emptied
+    """
+
+    def __init__(self, model, *, groups=("visual", "all"), center: bool = False, top_k: int = 32,
+                 leverage_layers=(), tau: float = 0.9):
+        unknown = set(groups) - {"visual", "all"}
+        if unknown:
+            raise ValueError(f"unknown token group(s) {sorted(unknown)}; valid groups: ['all', 'visual']")
+        self.model, self.groups, self.center, self.top_k = model, tuple(groups), center, top_k
+        self.leverage_layers, self.tau = set(leverage_layers), tau
+        self.layers = arch.decoder_layers(model)
+        self.image_token_id = arch.image_token_id(model)
+        self._hooks: list = []
+        self._rows: list[LayerStatistics] = []
+        self._calls = 0
+        self._is_visual: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self._active = False
+
+    # ------------------------------------------------------------------------------- hooks
+    def __enter__(self) -> "Capture":
+        try:
+            mm, lm = arch.multimodal_model(self.model), arch.language_model(self.model)
+            self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+            self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            for i, layer in enumerate(self.layers):
+                self._hooks.append(layer.register_forward_pre_hook(self._pre_layer(i), with_kwargs=True))
+            self._hooks.append(self.layers[-1].register_forward_hook(self._post_last))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._hooks:
+            self._hooks.pop().remove()
+        self._active = False
+
+    def _on_multimodal(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        self._is_visual = None if input_ids is None else input_ids == self.image_token_id
+        self._valid = kwargs.get("attention_mask")
+
+    def _on_language_model(self, module, args, kwargs):
+        is_visual = self._is_visual
+        self._active = is_visual is not None and bool(is_visual.any())
+        if not self._active:
+            return
+        mask = self._valid
+        self._valid = torch.ones_like(is_visual) if mask is None else mask.bool()
+        self._calls += 1
+
+    def _pre_layer(self, layer: int):
+        # layer 0's input is the input embeddings; taken here, after any pruning at layer 0
+        def hook(module, args, kwargs):
+            if self._active:
+                self._record(layer, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def _post_last(self, module, args, output):
+        if self._active:
+            hidden = output[0] if isinstance(output, tuple) else output
+            self._record(len(self.layers), hidden)
+
+    # ------------------------------------------------------------------------------- statistics
+    @torch.no_grad()
+    def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        is_visual, valid = self._is_visual, self._valid
+        handle = lofi.active(self.model)
+        index = handle.sequence_index(min(layer, len(self.layers))) if handle is not None else None
+        if index is not None and index.shape[1] != is_visual.shape[1]:
+            is_visual, valid = is_visual.gather(1, index), valid.gather(1, index)
+        H = hidden.detach().float()
+        for group in self.groups:
+            if group == "visual":
+                n = int(is_visual[0].sum())
+                positions = is_visual.nonzero()[:, 1].view(len(H), n)
+                matrix = H.gather(1, positions[..., None].expand(-1, -1, H.shape[-1]))
+                counts = torch.full((len(H),), n, device=H.device)
+            else:
+                # zero rows (padding) add only zero singular values: every statistic is unchanged
+                matrix = H * valid[..., None]
+                counts = valid.sum(1)
+                if self.center:
+                    mean = matrix.sum(1, keepdim=True) / counts[:, None, None].clamp_min(1)
+                    matrix = (matrix - mean) * valid[..., None]
+            if self.center and group == "visual":
+                matrix = matrix - matrix.mean(1, keepdim=True)
+            s = spectral.singular_values(matrix)
+            ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
+            leverage = None
+            if group == "visual" and layer in self.leverage_layers:
+                leverage = spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)).cpu()
+                visual_index = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
+                # original visual index of each present visual token
+                if index is not None and index.shape[1] != self._is_visual.shape[1]:
+                    rank = torch.where(self._is_visual, self._is_visual.long().cumsum(1) - 1, -1)
+                    visual_index = rank.gather(1, index)
+                visual_index = visual_index[visual_index >= 0].view(len(H), -1).cpu()
+            s, ipr, pr, erank, counts = (t.cpu() for t in (s[..., :self.top_k], ipr, pr, erank, counts))
+            for row in range(len(H)):
+                self._rows.append(LayerStatistics(
+                    row=row, call=self._calls, layer=layer, group=group, n_tokens=int(counts[row]),
+                    ipr=float(ipr[row]), pr=float(pr[row]), effective_rank=float(erank[row]),
+                    singular_values=s[row].tolist(),
+                    leverage=None if leverage is None else leverage[row].tolist(),
+                    visual_index=None if leverage is None else visual_index[row].tolist()))
+
+    def take(self) -> list[LayerStatistics]:
+        """The records collected since the last ``take``; the buffer is emptied."""
+        rows, self._rows = self._rows, []
+        return rows

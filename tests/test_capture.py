@@ -1,0 +1,135 @@
+"""Capture: statistics equal those of the model's own hidden states, pruned or not; hooks never leak;
+memory does not grow with samples."""
+
+import gc
+
+import pytest
+import torch
+
+import lofi
+from _tiny import make_inputs, positions, prompt_ids, tiny_llava
+from analysis import spectral
+from analysis.capture import Capture
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+def _stats(H):
+    s = spectral.singular_values(H.float())
+    return spectral.ipr(s).item(), spectral.effective_rank(s).item()
+
+
+def _hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@torch.no_grad()
+def test_baseline_statistics_equal_the_models_hidden_states(model):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    inputs["position_ids"] = positions(inputs["attention_mask"])
+    with Capture(model) as capture:
+        out = model(**inputs, output_hidden_states=True)
+    rows = capture.take()
+    layers = len(model.model.language_model.layers)
+    assert {r.layer for r in rows} == set(range(layers + 1))
+    visual = inputs["input_ids"] == 3
+    valid = inputs["attention_mask"].bool()
+    for r in rows:
+        if r.layer == layers:
+            continue  # HF applies the final norm to its last hidden state
+        H = out.hidden_states[r.layer][r.row]
+        H = H[visual[r.row]] if r.group == "visual" else H[valid[r.row]]
+        ipr, erank = _stats(H)
+        assert r.n_tokens == len(H)
+        assert r.ipr == pytest.approx(ipr, rel=1e-4) and r.effective_rank == pytest.approx(erank, rel=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+def test_inside_pruned_it_measures_the_tokens_each_layer_holds(model, layer):
+    inputs = make_inputs(seed=5)
+    with Capture(model) as capture:
+        model(**inputs)
+        base = {(r.layer, r.group): r for r in capture.take()}
+        with lofi.pruned(model, "lofi", keep=0.25, layer=layer) as handle:
+            out = model(**inputs, output_hidden_states=True)
+        pruned = {(r.layer, r.group): r for r in capture.take()}
+    for (l, group), r in pruned.items():
+        if l < layer:
+            assert r.ipr == base[l, group].ipr  # Delta IPR is exactly 0 before the pruning layer
+        elif l < len(model.model.language_model.layers):
+            expected = 4 if group == "visual" else base[l, group].n_tokens - 12
+            assert r.n_tokens == expected
+            H = out.hidden_states[l][0]
+            index = handle.sequence_index(l)[0]
+            if len(H) != len(index):  # HF records layer K's input before the pruning hook drops tokens
+                H = H[index]
+            if group == "visual":
+                H = H[(inputs["input_ids"][0] == 3)[index]]
+            assert r.ipr == pytest.approx(_stats(H)[0], rel=1e-4)
+
+
+@torch.no_grad()
+def test_a_padded_batch_gives_the_rows_of_its_samples(model):
+    prompts = [prompt_ids(3), prompt_ids(3, (5, 6, 12), (7,))]
+    batch = make_inputs(prompts=prompts, seed=2)
+    batch["position_ids"] = positions(batch["attention_mask"])
+    with Capture(model, leverage_layers=[2]) as capture:
+        with lofi.pruned(model, "fastv", keep=0.5, layer=2):
+            model(**batch)
+            together = capture.take()
+            for row, p in enumerate(prompts):
+                model(input_ids=torch.tensor([p]), pixel_values=batch["pixel_values"][row:row + 1])
+                alone = capture.take()
+                mine = [r for r in together if r.row == row]
+                assert [(r.layer, r.group, r.n_tokens) for r in mine] == [(r.layer, r.group, r.n_tokens) for r in alone]
+                for a, b in zip(mine, alone):
+                    assert a.ipr == pytest.approx(b.ipr, rel=1e-4, abs=1e-6)
+                    if a.leverage is not None:
+                        assert a.visual_index == b.visual_index
+                        assert a.leverage == pytest.approx(b.leverage, abs=1e-4)
+    lev = [r for r in together if r.leverage is not None]
+    assert len(lev) == 2 and len(lev[0].leverage) == 8 and sum(lev[0].leverage) == pytest.approx(
+        round(sum(lev[0].leverage)), abs=1e-3)
+
+
+@torch.no_grad()
+def test_generate_captures_the_prompt_once(model):
+    with Capture(model) as capture:
+        model.generate(**make_inputs(), max_new_tokens=4, do_sample=False)
+    rows = capture.take()
+    assert {r.call for r in rows} == {1} and len(rows) == 2 * 5
+
+
+def test_hooks_are_removed_also_after_an_exception(model):
+    before = _hooks(model)
+    with pytest.raises(ZeroDivisionError):
+        with Capture(model):
+            assert _hooks(model) > before
+            1 / 0
+    assert _hooks(model) == before
+
+
+@torch.no_grad()
+def test_memory_does_not_grow_with_samples(model):
+    inputs = make_inputs()
+    def tensors():
+        gc.collect()
+        return sum(isinstance(o, torch.Tensor) for o in gc.get_objects())
+    with Capture(model) as capture:
+        model(**inputs)
+        capture.take()
+        start = tensors()
+        for _ in range(10):
+            model(**inputs)
+            rows = capture.take()
+        assert tensors() <= start
+    assert all(isinstance(r.ipr, float) and isinstance(r.singular_values, list) for r in rows)
+
+
+def test_unknown_group_names_the_valid_ones(model):
+    with pytest.raises(ValueError, match="valid groups"):
+        Capture(model, groups=("text",))
