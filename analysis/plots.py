@@ -43,3 +43,27 @@ def loss_curve(log: Sequence[dict], ax=None):
     ax.legend(loc="upper right")
     ax.set_title("Bundled shapes-LLaVA training")
     return fig
+
+
+def lvpruning_curve(log: Sequence[dict], targets: Sequence[float], ax=None):
+    """LVPruning training: causal and ratio losses, and the realised keep ratio per stage."""
+    if ax is None:
+        fig, (ax, right) = plt.subplots(1, 2, figsize=(11, 4))
+    else:
+        fig, right = ax.figure, ax.twinx()
+    steps = [r["step"] for r in log]
+    ax.plot(steps, [r["causal"] for r in log], label="causal loss", lw=0.8)
+    ax.plot(steps, [r["ratio"] for r in log], label="ratio loss", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.set_title("LVPruning decision modules: losses")
+    for stage, target in enumerate(targets):
+        line, = right.plot(steps, [r["kept"][stage] for r in log], lw=0.8, label=f"stage {stage + 1}")
+        right.axhline(target, color=line.get_color(), ls="--", lw=0.8)
+    right.set_ylim(0, 1)
+    right.set_xlabel("step")
+    right.set_ylabel("realised keep ratio (dashed: target)")
+    right.legend()
+    right.set_title("Realised keep ratio per stage")
+    return fig

@@ -68,6 +68,9 @@ class PruningMethod:
         self.keep = float(keep)
         self.layer = self.default_layer if layer is None else layer
 
+    def bind(self, model) -> None:
+        """Called once when ``pruned`` starts: load whatever the method needs for ``model``."""
+
     def stages(self, num_layers: int) -> list[int]:
         """The decoder layers at which tokens are dropped, increasing."""
         layer = self.layer

@@ -88,6 +88,7 @@ class _Runtime:
         self.model, self.method = model, method
         self.attention_kind = impl
         self.layers = arch.decoder_layers(model)
+        method.bind(model)
         self.stage_layers = method.stages(len(self.layers))
         if any(b <= a for a, b in zip(self.stage_layers, self.stage_layers[1:])):
             raise ValueError(f"{method.name}: stage layers must increase, got {self.stage_layers}")

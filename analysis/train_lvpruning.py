@@ -1,0 +1,97 @@
+"""Train LVPruning's decision modules for a frozen LLaVA: ``python -m analysis.train_lvpruning``.
+
+Paper section 3.2 on the shapes stream (``analysis.shapes``, disjoint from test/val): the base model is
+frozen; Gumbel-Softmax decisions mask visual tokens inside attention (``lofi.methods.lvpruning.
+soft_pruning``), and the loss is ``lambda_causal * L_causal + lambda_ratio * L_ratio`` (eq. 12) with
+targets [rho, rho-0.2, rho-0.4]. Writes the modules (safetensors) to ``<model>/lvpruning/`` with
+``training_log.jsonl`` (causal and ratio losses, realised keep ratio per stage) and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from analysis import bundled
+from analysis.evaluate import load_model
+from analysis.train_bundled import ConversationBatches, cosine_lr
+from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, ratio_loss, soft_pruning
+
+
+def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: float, rho: float,
+          lambda_ratio: float, seed: int, progress: bool = True, start: int = 5_000_000) -> dict:
+    torch.manual_seed(seed)
+    model, processor = load_model(model_path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = DecisionModules.for_model(model).train()
+    targets = [rho, rho - 0.2, rho - 0.4]
+    vision = model.config.vision_config
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    # a stream offset far from the base model's training scenes, still inside the train seed range
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns=1, start=start)
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
+    out = out or Path(model_path) / DEFAULT_FOLDER
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    log, started = [], time.time()
+    bar = tqdm(range(steps), desc="lvpruning", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, warmup=max(1, int(0.03 * steps)))
+        batch = next(batches)
+        with soft_pruning(model, modules) as state:
+            causal = model(**batch).loss
+        ratio = ratio_loss(state.decisions, targets)
+        loss = causal + lambda_ratio * ratio
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": round(loss.item(), 5), "causal": round(causal.item(), 5),
+                  "ratio": round(ratio.item(), 6), "seconds": round(time.time() - started, 1),
+                  "kept": [round(d.mean().item(), 4) for d in state.decisions]}
+        log.append(record)
+        bar.set_postfix(causal=f"{record['causal']:.3f}", ratio=f"{record['ratio']:.4f}",
+                        kept="/".join(f"{k:.2f}" for k in record["kept"]))
+        if not progress and (step + 1) % 25 == 0:
+            print(json.dumps(record), flush=True)
+    summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "rho": rho, "targets": targets,
+               "lambda_ratio": lambda_ratio, "seed": seed, "wall_seconds": round(time.time() - started, 1),
+               "layers": modules.settings["layers"], "heads": modules.settings["heads"],
+               "parameters": sum(p.numel() for p in modules.parameters()), "final": log[-1]}
+    modules.save(tmp, training=summary)
+    with (tmp / "training_log.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    from analysis.plots import lvpruning_curve
+    lvpruning_curve(log, targets).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.train_lvpruning", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=bundled.BUNDLED_MODEL)
+    parser.add_argument("--out", type=Path, help="default: <model>/lvpruning")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--lambda-ratio", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    summary = train(args.model, args.out, args.steps, args.batch_size, args.lr, args.rho, args.lambda_ratio,
+                    args.seed, progress=not args.no_progress)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

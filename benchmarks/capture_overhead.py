@@ -1,0 +1,79 @@
+"""Time of ``analysis.capture.Capture`` (hooks + spectra) as a fraction of the forward pass it observes.
+
+    python benchmarks/capture_overhead.py                      # the bundled model on CPU
+    python benchmarks/capture_overhead.py --shape llava-7b --device cuda --dtype bfloat16
+
+Baseline and captured forward passes alternate, on the same batch, and the medians are compared:
+overhead = captured / plain - 1. Both groups (visual, all) at every layer are measured, as
+``analysis.compare`` does; the rows < cols case takes the Gram-matrix route.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.capture import Capture  # noqa: E402
+
+
+def bundled_inputs(batch: int):
+    from analysis.datasets import load_split
+    from analysis.evaluate import batch_inputs, load_model
+    model, processor = load_model()
+    return model, batch_inputs(processor, load_split("test", limit=batch))
+
+
+def llava7b_inputs(batch: int, device: str, dtype):
+    from prefill import build_model, make_inputs  # noqa: E402  (same directory)
+    return build_model("llava-7b", device, dtype), make_inputs(batch, device)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=["bundled", "llava-7b"], default="bundled")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if args.shape == "bundled":
+        model, inputs = bundled_inputs(args.batch)
+        model, inputs = model.to(args.device), inputs.to(args.device)
+    else:
+        sys.path.insert(0, str(Path(__file__).parent))
+        model, inputs = llava7b_inputs(args.batch, args.device, getattr(torch, args.dtype))
+
+    def timed(capture: Capture | None):
+        sync()
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        if capture is not None:
+            capture.take()
+        sync()
+        return time.perf_counter() - start
+
+    plain, captured = [], []
+    with torch.inference_mode():
+        timed(None)
+        with Capture(model) as capture:
+            timed(capture)
+        for _ in range(args.repeats):
+            plain.append(timed(None))
+            with Capture(model) as capture:
+                captured.append(timed(capture))
+    p, c = statistics.median(plain), statistics.median(captured)
+    layers = model.config.text_config.num_hidden_layers + 1
+    print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups")
+    print(f"forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: overhead {100 * (c / p - 1):.1f}%")
+
+
+if __name__ == "__main__":
+    main()

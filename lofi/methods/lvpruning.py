@@ -1,0 +1,316 @@
+"""LVPruning (Sun et al., NAACL 2025 Findings): trained, language-guided decision modules.
+
+Paper section 3, scaled to any LLaVA. Per stage, a decision module reads the hidden states entering
+its layer: two sequential cross-attention blocks (visual tokens are the queries, text tokens the keys
+and values; ``O = softmax(Q K^T / sqrt(d)) V + Q``, eq. 3), each followed by the FFN
+[LayerNorm, Linear(C, 2C), SiLU, Linear(2C, C), LayerNorm], then ``W_O`` gives two logits
+(keep, drop) per visual token (eq. 4). Three stages sit at the paper's relative depths (after layers
+1, 8 and 16 of 32, i.e. K = 1, 8, 16; ``stage_layers``), keeping [rho, rho-0.2, rho-0.4] of the
+image's visual tokens (cumulative, as eq. 10-11 train them).
+
+* Inference (3.3): at each stage keep the top ceil(ratio x n_visual) present tokens by keep
+  probability (at least one), dropped for real by the ``lofi`` runtime with original positions (eq. 14).
+* Training (3.2): ``soft_pruning`` runs the frozen model on every token; Gumbel-Softmax decisions
+  (eq. 5-6), made cumulative (eq. 10), enter each layer's attention as the multiplicative mask of
+  eq. 7-9, so the causal loss reaches the modules; ``ratio_loss`` is eq. 11.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lofi import architecture as arch
+from lofi.registry import PruningMethod, StageInput, register
+
+PAPER_LAYERS, PAPER_DEPTH = (1, 8, 16), 32
+WEIGHTS, CONFIG = "decision_modules.safetensors", "decision_modules.json"
+DEFAULT_FOLDER = "lvpruning"  # beside the model's weights
+
+
+def stage_layers(num_layers: int) -> list[int]:
+    """The paper's K = 1, 8, 16 of 32 at the same relative depth, at least 1 and increasing."""
+    layers: list[int] = []
+    for paper in PAPER_LAYERS:
+        layer = max(1, round(paper * num_layers / PAPER_DEPTH), layers[-1] + 1 if layers else 1)
+        layers.append(min(layer, num_layers - 1))
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"a {num_layers}-layer model is too shallow for three LVPruning stages")
+    return layers
+
+
+class CrossAttentionBlock(nn.Module):
+    """Visual queries attend to text keys/values; residual on the queries (eq. 3); then the FFN."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.ffn = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.SiLU(),
+                                 nn.Linear(2 * width, width), nn.LayerNorm(width))
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        q = self.q(visual)
+        split = lambda t: t.view(*t.shape[:2], self.heads, -1).transpose(1, 2)  # noqa: E731
+        attended = F.scaled_dot_product_attention(split(q), split(self.k(text)), split(self.v(text)),
+                                                  attn_mask=text_mask[:, None, None, :])
+        return self.ffn(attended.transpose(1, 2).reshape(q.shape) + q)
+
+
+class DecisionModule(nn.Module):
+    """Two cross-attention blocks and W_O: [batch, n_visual, 2] (keep, drop) logits."""
+
+    def __init__(self, width: int, heads: int, blocks: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(CrossAttentionBlock(width, heads) for _ in range(blocks))
+        self.out = nn.Linear(width, 2)
+
+    def forward(self, visual, text, text_mask):
+        for block in self.blocks:
+            visual = block(visual, text, text_mask)
+        return self.out(visual)
+
+
+class DecisionModules(nn.Module):
+    """One ``DecisionModule`` per stage, with the settings that rebuild them."""
+
+    def __init__(self, width: int, layers: list[int], heads: int, blocks: int = 2):
+        super().__init__()
+        self.settings = {"width": width, "layers": list(layers), "heads": heads, "blocks": blocks}
+        self.stages = nn.ModuleList(DecisionModule(width, heads, blocks) for _ in layers)
+
+    @classmethod
+    def for_model(cls, model) -> "DecisionModules":
+        text = model.config.text_config
+        # the paper's 8 heads at width 4096 (32 model heads): a quarter of the model's heads
+        heads = max(1, text.num_attention_heads // 4)
+        while text.hidden_size % heads:
+            heads -= 1
+        return cls(text.hidden_size, stage_layers(text.num_hidden_layers), heads)
+
+    def save(self, folder: str | Path, **metadata) -> Path:
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, folder / WEIGHTS)
+        (folder / CONFIG).write_text(json.dumps({**self.settings, **metadata}, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "DecisionModules":
+        from safetensors.torch import load_file
+        folder = Path(folder)
+        if not (folder / WEIGHTS).is_file():
+            raise FileNotFoundError(
+                f"no trained LVPruning decision modules in {folder}; train them with "
+                "`python -m analysis.train_lvpruning --model MODEL` or pass path=FOLDER")
+        settings = json.loads((folder / CONFIG).read_text())
+        modules = cls(settings["width"], settings["layers"], settings["heads"], settings.get("blocks", 2))
+        modules.load_state_dict(load_file(folder / WEIGHTS))
+        return modules.eval()
+
+
+def text_tokens(hidden: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each row's text tokens to the front: [batch, n_text_max, d] and its validity mask."""
+    counts = text.sum(1)
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :int(counts.max())]
+    mask = torch.arange(order.shape[1], device=text.device)[None] < counts[:, None]
+    return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), mask
+
+
+def decision_flops(width: int, n_text: int, n_visual: int, blocks: int = 2) -> float:
+    """Multiply-adds x 2 of one decision module over n_visual queries and n_text keys."""
+    c = width
+    block = 2 * n_visual * c * c + 4 * n_text * c * c + 4 * n_visual * n_text * c + 8 * n_visual * c * c
+    return float(blocks * block + 4 * n_visual * c)
+
+
+@register
+class LVPruning(PruningMethod):
+    """LVPruning: trained cross-attention decision modules keep language-relevant visual tokens (3 stages).
+
+    Options:
+        keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative).
+        offsets: the per-stage reductions (default (0, 0.2, 0.4)); (0, 0, 0) with keep=1 keeps all.
+        path: folder of trained modules (default: ``lvpruning/`` beside the model's weights).
+    """
+
+    name = "lvpruning"
+
+    def __init__(self, keep: float = 0.5, layer: int | None = None, offsets=(0.0, 0.2, 0.4),
+                 path: str | Path | None = None):
+        super().__init__(keep, layer if layer is not None else 1)
+        if layer is not None:
+            raise ValueError("lvpruning's layers are fixed by its trained modules; pass no layer")
+        if len(offsets) != 3 or any(o < 0 for o in offsets):
+            raise ValueError(f"lvpruning offsets must be three non-negative numbers, got {offsets!r}")
+        self.offsets, self.path = tuple(offsets), path
+        self.modules: DecisionModules | None = None
+
+    def ratios(self) -> list[float]:
+        return [self.keep - o for o in self.offsets]
+
+    def bind(self, model) -> None:
+        """Load the decision modules for ``model`` (on its device and dtype)."""
+        if self.modules is not None:
+            return
+        folder = self.path
+        if folder is None:
+            base = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+            folder = Path(base) / DEFAULT_FOLDER
+        modules = DecisionModules.load(folder)
+        width = model.config.text_config.hidden_size
+        if modules.settings["width"] != width:
+            raise ValueError(f"the decision modules in {folder} are for width {modules.settings['width']}, "
+                             f"the model has {width}")
+        parameter = next(model.parameters())
+        self.modules = modules.to(device=parameter.device, dtype=parameter.dtype)
+
+    def stages(self, num_layers: int) -> list[int]:
+        layers = self.modules.settings["layers"] if self.modules is not None else stage_layers(num_layers)
+        if max(layers) >= num_layers:
+            raise ValueError(f"decision modules at layers {layers} do not fit a {num_layers}-layer model")
+        return list(layers)
+
+    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+        return max(1, min(n_present, math.ceil(self.ratios()[stage] * n_visual - 1e-9)))
+
+    @torch.no_grad()
+    def keep_scores(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
+        """[batch, n_present] keep probabilities of the present visual tokens."""
+        width = hidden.shape[-1]
+        visual_hidden = hidden.gather(1, visual[..., None].expand(-1, -1, width))
+        text_hidden, text_mask = text_tokens(hidden, text)
+        logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask)
+        return logits.float().softmax(-1)[..., 0]
+
+    def select(self, state: StageInput) -> torch.Tensor:
+        if self.modules is None:
+            self.bind(state.model)
+        scores = self.keep_scores(state.stage, state.hidden, state.visual, state.text)
+        return scores.topk(state.n_keep, dim=1, sorted=False).indices
+
+    def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
+        width = config.text_config.hidden_size
+        return sum(decision_flops(width, n_text, n) for n in n_visual_per_stage)
+
+
+# --------------------------------------------------------------------------------------- training
+
+class _SoftMaskState:
+    """The per-layer keep weights of the training forward pass (eq. 7-10)."""
+
+    def __init__(self):
+        self.layer_weights: dict[int, torch.Tensor] = {}  # layer -> [B, n] key weights (1 for text)
+        self.decisions: list[torch.Tensor] = []           # per stage: [B, n_visual] cumulative D
+
+
+_ACTIVE_SOFT: _SoftMaskState | None = None
+
+
+def _soft_mask_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention whose probabilities are reweighted by M (eq. 9): exp(A) M / sum exp(A) M."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    q_len, k_len = scores.shape[-2:]
+    if attention_mask is None:
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    elif attention_mask.dtype == torch.bool:
+        allowed = attention_mask
+    else:
+        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    # a padding query may see no key at all: its row is 0, not NaN (NaN would leak through 0 * NaN)
+    probs = torch.softmax(scores.float(), -1).nan_to_num(0.0)
+    weights = _ACTIVE_SOFT.layer_weights.get(module.layer_idx) if _ACTIVE_SOFT is not None else None
+    if weights is not None:
+        m = weights[:, None, None, :].expand(-1, 1, q_len, -1)
+        eye = torch.eye(q_len, k_len, device=query.device, dtype=torch.bool)  # M_ii = 1 (eq. 7)
+        m = torch.where(eye, torch.ones_like(m), m)
+        probs = probs * m
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-12)
+    out = probs.to(value.dtype) @ value
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@contextmanager
+def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = None, tau: float = 1.0,
+                 fixed: list[torch.Tensor] | None = None):
+    """Train-time forward: decisions at each stage layer mask visual keys from that layer on.
+
+    Yields the ``_SoftMaskState``; after a forward pass ``state.decisions`` holds each stage's
+    cumulative decisions (for ``ratio_loss``). Nothing is removed, the model is restored on exit.
+    ``fixed`` replaces the Gumbel draws by given per-stage 0/1 decisions [batch, n_visual] (tests).
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    global _ACTIVE_SOFT
+    name = "lofi_lvpruning_soft"
+    AttentionInterface.register(name, _soft_mask_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    text_config = model.config.text_config
+    previous = text_config._attn_implementation
+    image_token_id = arch.image_token_id(model) if image_token_id is None else image_token_id
+    layers = arch.decoder_layers(model)
+    state = _SoftMaskState()
+    inputs: dict = {}
+    stage_of_layer = {layer: s for s, layer in enumerate(modules.settings["layers"])}
+    hooks = []
+
+    def on_multimodal(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        inputs["visual"] = ids == image_token_id
+        inputs["valid"] = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+        state.layer_weights.clear()
+        state.decisions.clear()
+
+    def on_layer(index):
+        def hook(module, args, kwargs):
+            if index in stage_of_layer:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                visual, valid = inputs["visual"], inputs["valid"]
+                n = int(visual[0].sum())
+                positions = visual.nonzero()[:, 1].view(len(hidden), n)
+                visual_hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+                text_hidden, text_mask = text_tokens(hidden, valid & ~visual)
+                logits = modules.stages[stage_of_layer[index]](visual_hidden, text_hidden, text_mask)
+                decision = F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 0]  # eq. 5-6
+                if fixed is not None:
+                    decision = fixed[stage_of_layer[index]].to(decision) + 0 * decision
+                if state.decisions:
+                    decision = decision * state.decisions[-1]                          # eq. 10
+                state.decisions.append(decision)
+                weights = torch.ones(visual.shape, dtype=decision.dtype, device=hidden.device)
+                state.current = weights.scatter(1, positions, decision)
+            if state.decisions:
+                state.layer_weights[index] = state.current
+        return hook
+
+    try:
+        text_config._attn_implementation = name
+        hooks.append(arch.multimodal_model(model).register_forward_pre_hook(on_multimodal, with_kwargs=True))
+        first = min(stage_of_layer)
+        for i in range(first, len(layers)):
+            hooks.append(layers[i].register_forward_pre_hook(on_layer(i), with_kwargs=True))
+        _ACTIVE_SOFT = state
+        yield state
+    finally:
+        _ACTIVE_SOFT = None
+        text_config._attn_implementation = previous
+        for h in hooks:
+            h.remove()
+
+
+def ratio_loss(decisions: list[torch.Tensor], targets: list[float]) -> torch.Tensor:
+    """Eq. 11: (1/S) sum_s (rho_s - mean_i D_{s,i})^2, averaged over the batch."""
+    terms = [(rho - d.mean(-1)).pow(2).mean() for d, rho in zip(decisions, targets)]
+    return torch.stack(terms).mean()

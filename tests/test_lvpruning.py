@@ -1,0 +1,131 @@
+"""LVPruning: decision modules, training touches only them, kept counts, keep-all, save/load, and the
+training-time masks equal true dropping of the same tokens."""
+
+import math
+
+import pytest
+import torch
+
+import lofi
+from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
+from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops, ratio_loss, soft_pruning,
+                                    stage_layers)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def modules_dir(model, tmp_path_factory):
+    torch.manual_seed(0)
+    modules = DecisionModules.for_model(model)
+    return modules.save(tmp_path_factory.mktemp("lvp") / "lvpruning")
+
+
+def test_stage_layers_follow_the_papers_relative_depths():
+    assert stage_layers(32) == [1, 8, 16]
+    assert stage_layers(8) == [1, 2, 4]
+    assert stage_layers(4) == [1, 2, 3]
+    with pytest.raises(ValueError, match="too shallow"):
+        stage_layers(3)
+
+
+def test_a_training_step_changes_only_the_decision_modules(model):
+    torch.manual_seed(0)
+    modules = DecisionModules.for_model(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in modules.state_dict().items()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    labels = inputs["input_ids"].clone()
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=1e-2)
+    with soft_pruning(model, modules) as state:
+        causal = model(**inputs, labels=labels).loss
+    assert len(state.decisions) == 3 and state.decisions[0].shape == (2, N_VISUAL)
+    loss = causal + 2 * ratio_loss(state.decisions, [0.5, 0.3, 0.1])
+    loss.backward()
+    optimizer.step()
+    assert all(torch.equal(base[k], v) for k, v in model.state_dict().items())
+    changed = [k for k, v in modules.state_dict().items() if not torch.equal(before[k], v)]
+    assert any(k.startswith("stages.0.") for k in changed) and any(k.startswith("stages.2.") for k in changed)
+    assert model.config.text_config._attn_implementation == "sdpa"  # restored
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def test_decisions_are_cumulative_and_ratio_loss_is_eq_11():
+    d1 = torch.tensor([[1.0, 1, 0, 0]])
+    d2 = torch.tensor([[1.0, 0, 0, 0]])
+    assert ratio_loss([d1, d2], [0.5, 0.5]).item() == pytest.approx(((0.5 - 0.5) ** 2 + (0.5 - 0.25) ** 2) / 2)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rho", [0.6, 0.5, 0.45])
+def test_realised_kept_counts_per_stage(model, modules_dir, rho):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    with lofi.pruned(model, "lvpruning", keep=rho, path=modules_dir) as handle:
+        model(**inputs)
+    expected = [max(1, math.ceil(r * N_VISUAL - 1e-9)) for r in (rho, rho - 0.2, rho - 0.4)]
+    assert [k.shape for k in handle.kept] == [(2, n) for n in expected]
+    assert handle.stages == [1, 2, 3]
+    for earlier, later in zip(handle.kept, handle.kept[1:]):  # a dropped token never comes back
+        assert all(set(later[b].tolist()) <= set(earlier[b].tolist()) for b in range(2))
+
+
+@torch.no_grad()
+def test_keep_all_reproduces_the_baseline(model, modules_dir):
+    inputs = make_inputs()
+    base = model(**inputs).logits
+    with lofi.pruned(model, "lvpruning", keep=1.0, offsets=(0, 0, 0), path=modules_dir):
+        torch.testing.assert_close(model(**inputs).logits, base, atol=1e-5, rtol=0)
+
+
+def test_save_and_load_round_trip(model, modules_dir):
+    loaded = DecisionModules.load(modules_dir)
+    torch.manual_seed(0)
+    original = DecisionModules.for_model(model)
+    assert loaded.settings == original.settings
+    for (k, a), (_, b) in zip(original.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_missing_modules_name_the_training_command(model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m analysis.train_lvpruning"):
+        with lofi.pruned(model, "lvpruning", keep=0.5, path=tmp_path):
+            pass
+
+
+@torch.no_grad()
+def test_training_masks_equal_true_dropping_of_the_same_tokens(model, modules_dir):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))], seed=4)
+    inputs["position_ids"] = positions(inputs["attention_mask"])
+    with lofi.pruned(model, "lvpruning", keep=0.5, path=modules_dir) as handle:
+        dropped = model(**inputs, use_cache=False).logits
+    fixed = []
+    for kept in handle.kept:  # cumulative 0/1 decisions over the image's visual tokens
+        fixed.append(torch.zeros(2, N_VISUAL).scatter(1, kept, 1.0))
+    with soft_pruning(model, DecisionModules.load(modules_dir), fixed=fixed):
+        soft = model(**inputs, use_cache=False).logits
+    is_visual = inputs["input_ids"] == 3
+    keep = ~is_visual
+    visual_pos = is_visual.nonzero()[:, 1].view(2, -1)
+    keep.scatter_(1, visual_pos.gather(1, handle.kept[-1]), True)
+    index = keep.nonzero()[:, 1].view(2, -1)
+    soft = soft.gather(1, index[..., None].expand(-1, -1, soft.shape[-1]))
+    valid = inputs["attention_mask"].bool().gather(1, index)
+    torch.testing.assert_close(dropped[valid], soft[valid], atol=1e-5, rtol=0)
+
+
+def test_decision_flops_are_counted():
+    model = tiny_llava()
+    method = LVPruning(keep=0.5, path=None)
+    schedule = method.schedule(4, 16)
+    assert schedule == [(1, 8), (2, 5), (3, 2)]
+    present = [16, 8, 5]
+    flops = method.decision_flops(model.config, 6, present)
+    assert flops == sum(decision_flops(64, 6, n) for n in present) > 0
+    with pytest.raises(ValueError, match="pass no layer"):
+        LVPruning(keep=0.5, layer=2)
