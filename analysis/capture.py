@@ -16,6 +16,7 @@ each layer holds. Only calls whose prompt contains image tokens are captured (no
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ class LayerStatistics:
     singular_values: list[float]
     leverage: list[float] | None = None
     visual_index: list[int] | None = None
+    sample_id: str | None = None  # filled in by the caller, who knows which sample each row was
 
 
 class Capture:
@@ -84,6 +86,7 @@ class Capture:
         self._is_visual: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
         self._active = False
+        self._paused = False
 
     # ------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "Capture":
@@ -111,7 +114,7 @@ class Capture:
 
     def _on_language_model(self, module, args, kwargs):
         is_visual = self._is_visual
-        self._active = is_visual is not None and bool(is_visual.any())
+        self._active = not self._paused and is_visual is not None and bool(is_visual.any())
         if not self._active:
             return
         mask = self._valid
@@ -173,6 +176,15 @@ class Capture:
                     singular_values=s[row].tolist(),
                     leverage=None if leverage is None else leverage[row].tolist(),
                     visual_index=None if leverage is None else visual_index[row].tolist()))
+
+    @contextmanager
+    def paused(self):
+        """Forward passes inside this block are not captured (e.g. teacher-forced scoring passes)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def take(self) -> list[LayerStatistics]:
         """The records collected since the last ``take``; the buffer is emptied."""

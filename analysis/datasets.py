@@ -60,32 +60,96 @@ def resolve_split(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_split(name_or_path: str | Path, limit: int | None = None, check_images: bool = True
-               ) -> list[Sample]:
-    """Read a split; with ``check_images`` every referenced image must exist before anything runs."""
-    path = resolve_split(name_or_path)
-    samples: list[Sample] = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _rows(path: Path):
+    """(line number, record) of a JSONL file, or of a JSON list."""
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        try:
+            yield from enumerate(json.loads(text), 1)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path} is not valid JSON ({e})") from None
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
             try:
-                row = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{path}:{lineno} is not valid JSON ({e})") from None
-            missing = [k for k in REQUIRED_FIELDS if k not in row]
-            if missing:
-                raise DatasetError(f"{path}:{lineno} lacks the field(s) {missing}; a split line needs "
-                                   f"{list(REQUIRED_FIELDS)} (SPEC section 7)")
-            rest = {k: v for k, v in row.items() if k not in (*REQUIRED_FIELDS, "family")}
-            samples.append(Sample(str(row["question_id"]), path.parent / row["image"], row["question"],
-                                  None if row["answer"] is None else str(row["answer"]),
-                                  row.get("family", "unknown"), rest))
-            if limit is not None and len(samples) >= limit:
-                break
+
+
+def _answers_file(path: Path, answers: Path | None) -> dict[str, str]:
+    """Ground truth of the LLaVA evaluation format, kept in a separate file keyed by question_id."""
+    candidates = [answers] if answers else [path.with_name(path.stem + "_answers.jsonl"),
+                                            path.with_name("answers.jsonl")]
+    for candidate in candidates:
+        if candidate is not None and candidate.is_file():
+            out = {}
+            for _, row in _rows(candidate):
+                value = row.get("answer", row.get("text", row.get("label")))
+                out[str(row["question_id"])] = None if value is None else str(value)
+            return out
+    if answers:
+        raise DatasetError(f"answers file {answers} not found")
+    return {}
+
+
+def _parse(row: dict, path: Path, lineno: int, image_root: Path, gold: dict) -> Sample:
+    """One record in any of the three formats (SPEC section 7; LLaVA evaluation; POPE)."""
+    if "question" in row and "answer" in row:            # SPEC section 7
+        question, answer = row["question"], row["answer"]
+        family = row.get("family", "unknown")
+    elif "text" in row and "label" in row:               # POPE: {question_id, image, text, label}
+        question, answer = row["text"], row["label"]
+        family = row.get("category", "pope")
+    elif "text" in row:                                   # LLaVA eval: answers in a separate file
+        question, answer = row["text"], gold.get(str(row.get("question_id")))
+        family = row.get("category", "unknown")
+    else:
+        raise DatasetError(f"{path}:{lineno} lacks the field(s) ['question', 'answer']; a split line needs "
+                           f"{list(REQUIRED_FIELDS)} (SPEC section 7), or question_id/image/text (LLaVA "
+                           "evaluation format) or question_id/image/text/label (POPE)")
+    missing = [k for k in ("question_id", "image") if k not in row]
+    if missing:
+        raise DatasetError(f"{path}:{lineno} lacks the field(s) {missing}")
+    known = {"question_id", "image", "question", "answer", "family", "text", "label", "category"}
+    extra = {k: v for k, v in row.items() if k not in known}
+    return Sample(str(row["question_id"]), image_root / row["image"], question,
+                  None if answer is None else str(answer), family, extra)
+
+
+def load_split(name_or_path: str | Path, limit: int | None = None, check_images: bool = True,
+               image_folder: str | Path | None = None, answers: str | Path | None = None) -> list[Sample]:
+    """Read a split; with ``check_images`` every referenced image must exist before anything runs.
+
+    Accepts the JSONL of SPEC section 7, the LLaVA evaluation format (``question_id, image, text``;
+    answers from ``answers`` or ``<name>_answers.jsonl`` / ``answers.jsonl`` beside it) and POPE's
+    (``question_id, image, text, label``). Images are relative to ``image_folder`` (default: the
+    file's folder).
+    """
+    path = resolve_split(name_or_path)
+    image_root = Path(image_folder) if image_folder else path.parent
+    samples: list[Sample] = []
+    gold: dict | None = None
+    for lineno, row in _rows(path):
+        if gold is None:
+            gold = _answers_file(path, Path(answers) if answers else None) if (
+                "text" in row and "label" not in row) else {}
+        samples.append(_parse(row, path, lineno, image_root, gold))
+        if limit is not None and len(samples) >= limit:
+            break
     if check_images:
         absent = [s for s in samples if not s.image.is_file()]
         if absent:
             raise DatasetError(f"{len(absent)} image(s) of {path} are missing, first {absent[0].image}; "
                                "regenerate the bundled split with `python -m analysis.shapes`")
     return samples
+
+
+def verify_images(samples: list[Sample]) -> None:
+    """Open every distinct image once, so a corrupt file fails before any model work starts."""
+    for image in dict.fromkeys(s.image for s in samples):
+        try:
+            with Image.open(image) as im:
+                im.verify()
+        except (OSError, SyntaxError) as e:
+            raise DatasetError(f"image {image} cannot be read ({e}); replace or remove it") from None

@@ -64,3 +64,31 @@ def test_line_without_required_fields(tmp_path):
     path.write_text(json.dumps({"question_id": 1, "image": "x.png"}) + "\n")
     with pytest.raises(DatasetError, match=r"lacks the field\(s\) \['question', 'answer'\]"):
         load_split(path)
+
+
+def test_llava_evaluation_format_with_answers_beside_it(tmp_path):
+    path, rows = _copy_split(tmp_path, n=3)
+    llava = tmp_path / "questions.jsonl"
+    llava.write_text("".join(json.dumps({"question_id": r["question_id"], "image": r["image"],
+                                         "text": r["question"], "category": r["family"]}) + "\n" for r in rows))
+    (tmp_path / "questions_answers.jsonl").write_text(
+        "".join(json.dumps({"question_id": r["question_id"], "answer": r["answer"]}) + "\n" for r in rows))
+    samples = load_split(llava)
+    assert [(s.question, s.answer, s.family) for s in samples] == [(r["question"], r["answer"], r["family"])
+                                                                    for r in rows]
+
+
+def test_pope_format(tmp_path):
+    path, rows = _copy_split(tmp_path, n=3)
+    pope = tmp_path / "pope.json"
+    pope.write_text(json.dumps([{"question_id": i, "image": r["image"], "text": r["question"], "label": "no"}
+                                for i, r in enumerate(rows)]))
+    samples = load_split(pope)
+    assert [s.answer for s in samples] == ["no"] * 3 and samples[1].question_id == "1"
+
+
+def test_verify_images_catches_corruption_up_front(tmp_path):
+    path, rows = _copy_split(tmp_path)
+    (tmp_path / rows[3]["image"]).write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="cannot be read"):
+        datasets.verify_images(load_split(path))

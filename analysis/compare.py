@@ -1,0 +1,207 @@
+"""``python -m analysis.compare``: compare pruning methods against the unpruned model, into a run folder.
+
+    python -m analysis.compare --methods lofi lvpruning fastv [--keep 0.5 0.25 0.1] [--model PATH]
+           [--dataset NAME_OR_PATH] [--limit N] [--out DIR] [--device auto|cpu|cuda] [--seed S]
+    python -m analysis.compare --methods list
+
+This module owns the command line and the run folder (SPEC section 6): checking every input before any
+work, running the baseline once and each (method, keep) condition (``analysis.runner``), keeping each
+finished condition as a shard so an interrupted run resumes without recomputing, and assembling the
+tables. Work happens in ``<out>.partial/``; the folder appears under its name only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import lofi
+from analysis import bundled, tables
+from analysis.datasets import DatasetError, load_split, verify_images
+from analysis.runner import BaselineOutputs, run_condition
+
+DEFAULT_LIMIT = 150
+DEFAULT_KEEP = (0.5, 0.25, 0.1)
+HEADLINE = {"layer": "last", "group": "all"}
+
+
+class UsageError(Exception):
+    """Bad input: one line naming the fix, exit status 2."""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", required=True, help="method names, or 'list'")
+    parser.add_argument("--keep", nargs="+", type=float, default=list(DEFAULT_KEEP))
+    parser.add_argument("--model", default=str(bundled.BUNDLED_MODEL))
+    parser.add_argument("--dataset", default="test", help="test, val, or a JSONL/JSON split (SPEC 7, LLaVA, POPE)")
+    parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="first N questions (0: all)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=4)
+    parser.add_argument("--center", action="store_true", help="centre hidden states before spectra")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _validate(args) -> list:
+    valid = lofi.available()
+    unknown = [m for m in args.methods if m not in valid]
+    if unknown:
+        raise UsageError(f"unknown method(s) {unknown}; valid methods: {', '.join(valid)} "
+                         "(see --methods list)")
+    bad = [k for k in args.keep if not 0 < k <= 1]
+    if bad:
+        raise UsageError(f"--keep values must be in (0, 1], got {bad}")
+    if args.limit < 0:
+        raise UsageError("--limit must be >= 0 (0 means the whole split)")
+    model_path = Path(args.model)
+    if not (model_path / "config.json").is_file():
+        raise UsageError(f"no model at {args.model}: give a local Hugging Face LLaVA folder "
+                         "(default: data/shapes-llava)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available; use --device cpu or auto")
+    try:
+        samples = load_split(args.dataset, limit=args.limit or None)
+        verify_images(samples)
+    except DatasetError as e:
+        raise UsageError(str(e)) from None
+    if not samples:
+        raise UsageError(f"dataset {args.dataset} has no questions")
+    return samples
+
+
+def _config(args, samples, device) -> dict:
+    packages = {p: _version(p) for p in ("torch", "transformers", "numpy", "pandas", "lofi-vtp")}
+    return {"methods": args.methods, "keep": args.keep, "model": str(args.model), "dataset": str(args.dataset),
+            "limit": args.limit, "n_samples": len(samples), "seed": args.seed, "device": device,
+            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "center": args.center,
+            "method_defaults": {m: repr(lofi.build(m, keep=args.keep[0], **({"path": None} if m == "lvpruning"
+                                                                                else {}))) for m in args.methods},
+            "headline": HEADLINE, "packages": packages, "python": platform.python_version(),
+            "git_commit": _git_commit()}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=bundled.REPO_ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _same_run(a: dict, b: dict) -> bool:
+    keys = ("methods", "keep", "model", "dataset", "limit", "seed", "center", "max_new_tokens")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    frame.to_parquet(tmp, index=False)
+    tmp.replace(path)
+
+
+def run(args) -> Path:
+    samples = _validate(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    out = args.out or bundled.REPO_ROOT / "reports" / (
+        f"{Path(args.model).name}_{'-'.join(args.methods)}_{args.dataset if len(str(args.dataset)) < 20 else 'data'}"
+        f"_n{len(samples)}_seed{args.seed}")
+    config = _config(args, samples, device)
+    if (out / "report.html").is_file():
+        done = json.loads((out / "config.json").read_text())
+        if not _same_run(done, config):
+            raise UsageError(f"{out} holds a finished run with another configuration; choose another --out")
+        print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
+        return out
+    work = out.with_name(out.name + ".partial")
+    if (work / "config.json").is_file() and not _same_run(json.loads((work / "config.json").read_text()), config):
+        raise UsageError(f"{work} holds an unfinished run with another configuration; delete it or use another --out")
+    (work / "shards").mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(config, indent=1))
+    print(f"compare: {len(samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
+          f"methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}", flush=True)
+
+    from analysis.evaluate import load_model
+    model, processor = load_model(args.model, device)
+    torch.manual_seed(args.seed)
+    capture = {"center": args.center, "leverage_layers": [0, 2]}
+    common = dict(seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                  capture_options=capture, progress=not args.no_progress)
+    started = time.time()
+    baseline_file = work / "shards" / "baseline.pt"
+    if baseline_file.is_file():
+        baseline = BaselineOutputs(**torch.load(baseline_file))
+    else:
+        rows, spectra, _, baseline = run_condition(model, processor, samples, method=None, keep=1.0,
+                                                   baseline=None, desc="baseline", **common)
+        _save_condition(work, "baseline", 1.0, rows, spectra, [])
+        tmp = baseline_file.with_suffix(".tmp")
+        torch.save(vars(baseline), tmp)
+        tmp.replace(baseline_file)
+    for method in args.methods:
+        for keep in args.keep:
+            if _shard(work, method, keep, "samples").is_file():
+                continue
+            rows, spectra, kept, _ = run_condition(model, processor, samples, method=method, keep=keep,
+                                                   baseline=baseline, desc=f"{method} keep={keep}", **common)
+            _save_condition(work, method, keep, rows, spectra, kept)
+    print(f"measured in {time.time() - started:.0f} s; writing tables and report", flush=True)
+    tables.assemble(work, model.config, baseline, samples)
+    from analysis import report
+    report.render(work)
+    shutil.rmtree(work / "shards")  # the resume state; the tables now hold everything
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+    return out
+
+
+def _shard(work: Path, method: str, keep: float, kind: str) -> Path:
+    return work / "shards" / f"{method}__{keep:g}__{kind}.parquet"
+
+
+def _save_condition(work, method, keep, rows, spectra, kept) -> None:
+    spectra_frame = pd.DataFrame([{k: v for k, v in vars(r).items() if k not in ("row", "call")}
+                                  for r in spectra]).assign(method=method, keep=keep)
+    _write_parquet(spectra_frame, _shard(work, method, keep, "spectra"))
+    _write_parquet(pd.DataFrame(kept, columns=["sample_id", "method", "keep", "stage", "layer", "kept",
+                                               "n_visual"]), _shard(work, method, keep, "kept"))
+    _write_parquet(pd.DataFrame(rows), _shard(work, method, keep, "samples"))  # last: marks it complete
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.methods == ["list"]:
+        for name, line in lofi.describe().items():
+            print(f"{name:<10} {line}")
+        return 0
+    try:
+        out = run(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""The tables of a run folder (SPEC section 6), assembled from its per-condition shards.
+
+Columns:
+
+* ``samples.parquet`` -- one row per (sample, method, keep): ``sample_id, method, keep, answer,
+  baseline_answer, correct, baseline_correct, flip, kl, forced_kl, js, rel_flops`` and ``family,
+  question, gold, n_visual_kept`` (answers normalised; KL/JS at the first answer position, natural log).
+* ``spectra.parquet`` -- one row per (sample, method, keep, layer, group), baseline rows with method
+  ``baseline`` and keep 1: ``sample_id, method, keep, layer, group, n_tokens, ipr, pr, effective_rank,
+  delta_ipr, singular_values`` (top singular values).
+* ``summary.csv`` -- one row per condition: ``method, keep, n, accuracy, baseline_accuracy, flip_rate,
+  dutta_flips, c_to_i, i_to_c, mean_kl, mean_js, mean_forced_kl, mean_delta_ipr`` (headline layer and
+  group), ``rel_flops, rel_flops_llm, tokens_kept``.
+* ``correlation.csv`` -- per (level, layer, group, measure): n, Pearson and Spearman with 95% CIs.
+* ``kept.parquet`` (kept visual-token indices per sample, condition and stage) and
+  ``leverage.parquet`` (baseline per-token leverage scores at layers 0 and 2).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import lofi
+from analysis.consistency import flips
+from analysis.correlation import condition_correlation, sample_correlation
+
+MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
+
+
+def headline(spectra: pd.DataFrame, config: dict) -> tuple[int, str]:
+    """The (layer, group) of the headline figure: the last layer's output, all tokens."""
+    layer = int(spectra["layer"].max()) if config["headline"]["layer"] == "last" else int(config["headline"]["layer"])
+    return layer, config["headline"]["group"]
+
+
+def _read(work: Path, kind: str) -> pd.DataFrame:
+    frames = [pd.read_parquet(p) for p in sorted((work / "shards").glob(f"*__{kind}.parquet"))]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int) -> tuple[float, float]:
+    """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
+    base = lofi.count_flops(model_config, n_text, n_visual)
+    instance = lofi.build(method, keep=keep)
+    layers = model_config.text_config.num_hidden_layers
+    if method == "lvpruning":
+        from lofi.methods.lvpruning import stage_layers
+        schedule = [(layer, instance.n_keep(s, n_visual, n_visual)) for s, layer in enumerate(stage_layers(layers))]
+    else:
+        schedule = instance.schedule(layers, n_visual)
+    present = [n_visual] + [n for _, n in schedule[:-1]]
+    pruned = lofi.count_flops(model_config, n_text, n_visual, schedule,
+                              decision=instance.decision_flops(model_config, n_text, present))
+    return pruned.total / base.total, pruned.llm / base.llm
+
+
+def assemble(work: Path, model_config, baseline, samples) -> None:
+    config = json.loads((work / "config.json").read_text())
+    rows = _read(work, "samples")
+    spectra = _read(work, "spectra")
+    kept = _read(work, "kept")
+    n_visual = int(kept["n_visual"].iloc[0]) if len(kept) else 0
+    n_text = {s.question_id: len(seq) - length - n_visual
+              for s, seq, length in zip(samples, baseline.sequences, baseline.answer_lengths)}
+    flops_cache: dict = {}
+
+    def rel(method, keep, sample_id):
+        if method == "baseline":
+            return 1.0, 1.0
+        key = (method, keep, n_text[sample_id])
+        if key not in flops_cache:
+            flops_cache[key] = relative_flops(model_config, method, keep, n_text[sample_id], n_visual)
+        return flops_cache[key]
+
+    flops = [rel(m, k, s) for m, k, s in zip(rows["method"], rows["keep"], rows["sample_id"])]
+    rows["rel_flops"] = [f[0] for f in flops]
+    rows["rel_flops_llm"] = [f[1] for f in flops]
+    last_stage = kept.sort_values("stage").groupby(["sample_id", "method", "keep"])["kept"].last()
+    rows["n_visual_kept"] = [len(last_stage.get((s, m, k), [])) if m != "baseline" else n_visual
+                             for s, m, k in zip(rows["sample_id"], rows["method"], rows["keep"])]
+
+    base_ipr = spectra[spectra.method == "baseline"].set_index(["sample_id", "layer", "group"])["ipr"]
+    spectra["delta_ipr"] = spectra["ipr"].to_numpy() - base_ipr.reindex(
+        pd.MultiIndex.from_frame(spectra[["sample_id", "layer", "group"]])).to_numpy()
+    leverage = spectra[spectra.leverage.notna() & (spectra.method == "baseline")][
+        ["sample_id", "layer", "leverage", "visual_index"]]
+    spectra = spectra[["sample_id", "method", "keep", "layer", "group", "n_tokens", "ipr", "pr",
+                       "effective_rank", "delta_ipr", "singular_values"]]
+
+    pruned = rows[rows.method != "baseline"].copy()
+    pruned["changed_correctness"] = (pruned["correct"] != pruned["baseline_correct"]).astype(float)
+    columns = ["sample_id", "method", "keep", "answer", "baseline_answer", "correct", "baseline_correct",
+               "flip", "kl", "forced_kl", "js", "rel_flops", "rel_flops_llm", "family", "question", "gold",
+               "n_visual_kept"]
+    pruned[columns].to_parquet(work / "samples.parquet", index=False)
+    spectra.to_parquet(work / "spectra.parquet", index=False)
+    kept.to_parquet(work / "kept.parquet", index=False)
+    leverage.to_parquet(work / "leverage.parquet", index=False)
+    layer, group = headline(spectra, config)
+    summary_frame(pruned, spectra, layer, group).to_csv(work / "summary.csv", index=False)
+    correlation_frame(pruned, spectra, seed=config["seed"]).to_csv(work / "correlation.csv", index=False)
+
+
+def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group: str) -> pd.DataFrame:
+    head = spectra[(spectra.layer == layer) & (spectra.group == group) & (spectra.method != "baseline")]
+    delta = head.groupby(["method", "keep"])["delta_ipr"].mean()
+    out = []
+    for (method, keep), frame in pruned.groupby(["method", "keep"], sort=False):
+        has_gold = frame["gold"].notna().all()
+        f = flips(frame["baseline_answer"].tolist(), frame["answer"].tolist(),
+                  frame["gold"].tolist() if has_gold else None)
+        out.append({"method": method, "keep": keep, "n": f.n,
+                    "accuracy": frame["correct"].mean() if has_gold else np.nan,
+                    "baseline_accuracy": frame["baseline_correct"].mean() if has_gold else np.nan,
+                    "flip_rate": f.flip_rate, "dutta_flips": f.dutta_flips, "c_to_i": f.c_to_i,
+                    "i_to_c": f.i_to_c, "mean_kl": frame["kl"].mean(), "mean_js": frame["js"].mean(),
+                    "mean_forced_kl": frame["forced_kl"].mean(), "mean_delta_ipr": delta.get((method, keep)),
+                    "rel_flops": frame["rel_flops"].mean(), "rel_flops_llm": frame["rel_flops_llm"].mean(),
+                    "tokens_kept": frame["n_visual_kept"].mean()})
+    return pd.DataFrame(out)
+
+
+def correlation_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, seed: int = 0, n_boot: int = 1000) -> pd.DataFrame:
+    """Delta IPR against every consistency measure, per layer and group (condition and sample level)."""
+    spectra = spectra[spectra.method != "baseline"]
+    out = []
+    for (layer, group), part in spectra.groupby(["layer", "group"]):
+        joined = pruned.merge(part[["sample_id", "method", "keep", "delta_ipr"]], on=["sample_id", "method", "keep"])
+        if joined["delta_ipr"].abs().max() == 0:
+            continue  # before the first pruning layer every Delta IPR is 0: nothing to correlate
+        for measure in MEASURES:
+            c = condition_correlation(joined.assign(**{measure: joined[measure].astype(float)}), "delta_ipr",
+                                      measure, n_boot=n_boot, seed=seed)
+            out.append({"level": "condition", "layer": layer, "group": group, "measure": measure, **c.as_dict()})
+        c = sample_correlation(joined["delta_ipr"].abs(), joined["kl"], n_boot=n_boot, seed=seed)
+        out.append({"level": "sample", "layer": layer, "group": group, "measure": "kl (|delta ipr|)", **c.as_dict()})
+    return pd.DataFrame(out)
