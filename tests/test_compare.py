@@ -1,0 +1,144 @@
+"""``python -m analysis.compare`` end to end on a tiny trained LLaVA: the run folder, errors, resuming,
+determinism, and re-rendering the report from the tables alone."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from analysis import compare, report, runner
+from analysis.evaluate import load_model
+from analysis.train_bundled import train
+from lofi.methods.lvpruning import DecisionModules
+
+TINY = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
+        "vision_width": 32, "image_size": 24, "patch_size": 6}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "tiny-llava"
+    train(out, steps=2, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0, config_overrides=TINY,
+          progress=False)
+    model, _ = load_model(out)
+    DecisionModules.for_model(model).save(out / "lvpruning")
+    return out
+
+
+def _args(model, out, *extra):
+    return ["--methods", "lofi", "lvpruning", "fastv", "--keep", "0.5", "0.25", "--model", str(model),
+            "--limit", "6", "--batch-size", "3", "--out", str(out), "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def run_folder(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert compare.main(_args(tiny_model, out)) == 0
+    return out
+
+
+def test_the_run_folder_holds_every_table_and_figure(run_folder):
+    for name in ("config.json", "samples.parquet", "spectra.parquet", "summary.csv", "correlation.csv",
+                 "report.html", "kept.parquet", "leverage.parquet"):
+        assert (run_folder / name).is_file(), name
+    for name in report.FIGURES:
+        assert (run_folder / "figures" / f"{name}.png").is_file(), name
+    samples = pd.read_parquet(run_folder / "samples.parquet")
+    assert {"sample_id", "method", "keep", "answer", "baseline_answer", "correct", "baseline_correct", "flip",
+            "kl", "forced_kl", "js", "rel_flops"} <= set(samples.columns)
+    assert len(samples) == 6 * 3 * 2
+    spectra = pd.read_parquet(run_folder / "spectra.parquet")
+    assert {"sample_id", "method", "keep", "layer", "group", "n_tokens", "ipr", "pr", "effective_rank",
+            "delta_ipr"} <= set(spectra.columns)
+    assert (spectra[spectra.method == "baseline"].delta_ipr == 0).all()
+    before = spectra[(spectra.method == "lofi") & (spectra.layer < 2)]
+    assert (before.delta_ipr == 0).all()  # nothing is pruned before layer 2
+    summary = pd.read_csv(run_folder / "summary.csv")
+    assert len(summary) == 6 and (summary.rel_flops < 1.1).all()
+    config = json.loads((run_folder / "config.json").read_text())
+    assert config["seed"] == 0 and "transformers" in config["packages"] and config["n_samples"] == 6
+    assert not (run_folder / "shards").exists() and not run_folder.with_name("run.partial").exists()
+    page = (run_folder / "report.html").read_text()
+    assert page.count("data:image/png;base64") == len(report.FIGURES) and "<h2>Reading</h2>" in page
+
+
+def test_methods_list(capsys):
+    assert compare.main(["--methods", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fastv", "lofi", "lvpruning", "random"))
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--methods", "lofii"], "valid methods: fastv, lofi"),
+    (["--keep", "1.5"], "--keep values must be in (0, 1]"),
+    (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
+    (["--dataset", "/nonexistent.jsonl"], "not found"),
+])
+def test_bad_input_is_one_clear_line_and_no_folder(tiny_model, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert compare.main(_args(tiny_model, out, *extra)) == 2  # argparse: the last occurrence wins
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not tmp_path.joinpath("bad.partial").exists()
+
+
+def test_corrupt_image_fails_before_any_work(tiny_model, tmp_path, capsys):
+    from analysis.datasets import BUNDLED_BENCHMARK
+    rows = [json.loads(line) for line in (BUNDLED_BENCHMARK / "test.jsonl").open()][:3]
+    (tmp_path / "images").mkdir()
+    for r in rows:
+        shutil.copy(BUNDLED_BENCHMARK / r["image"], tmp_path / r["image"])
+    (tmp_path / rows[0]["image"]).write_bytes(b"garbage")
+    split = tmp_path / "split.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert compare.main(_args(tiny_model, out, "--dataset", str(split))) == 2
+    assert "cannot be read" in capsys.readouterr().err
+    assert not out.exists() and not tmp_path.joinpath("run.partial").exists()
+
+
+def test_an_interrupted_run_resumes_without_recomputing(tiny_model, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    calls = []
+    real = runner.run_condition
+
+    def counting(*args, **kwargs):
+        calls.append((kwargs["method"], kwargs["keep"]))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_condition", counting)
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(_args(tiny_model, out))
+    assert not out.exists() and (tmp_path / "run.partial").is_dir()
+    first = list(calls)
+    calls.clear()
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append((k["method"], k["keep"])),
+                                                                    real(*a, **k))[1])
+    assert compare.main(_args(tiny_model, out)) == 0
+    assert first[:3] == [(None, 1.0), ("lofi", 0.5), ("lofi", 0.25)]
+    assert calls == [("lvpruning", 0.5), ("lvpruning", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
+    calls.clear()
+    assert compare.main(_args(tiny_model, out)) == 0 and calls == []  # complete: nothing recomputed
+
+
+def test_the_same_seed_gives_identical_tables(tiny_model, run_folder, tmp_path):
+    again = tmp_path / "again"
+    assert compare.main(_args(tiny_model, again)) == 0
+    for name in ("samples.parquet", "spectra.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(run_folder / name), pd.read_parquet(again / name))
+    pd.testing.assert_frame_equal(pd.read_csv(run_folder / "summary.csv"), pd.read_csv(again / "summary.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(run_folder / "correlation.csv"),
+                                  pd.read_csv(again / "correlation.csv"))
+
+
+def test_report_rerenders_from_the_tables_alone(run_folder, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_folder, copy)
+    shutil.rmtree(copy / "figures")
+    (copy / "report.html").unlink()
+    assert report.main([str(copy)]) == 0
+    assert (copy / "report.html").is_file() and (copy / "figures" / "ipr_per_layer.png").is_file()
+    assert report.main([str(tmp_path / "nothing")]) == 2
