@@ -137,37 +137,20 @@ class Capture:
     @torch.no_grad()
     def _record(self, layer: int, hidden: torch.Tensor) -> None:
         is_visual, valid = self._is_visual, self._valid
+        visual_rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)  # original visual index
         handle = lofi.active(self.model)
-        index = handle.sequence_index(min(layer, len(self.layers))) if handle is not None else None
+        index = handle.sequence_index(layer) if handle is not None else None
         if index is not None and index.shape[1] != is_visual.shape[1]:
-            is_visual, valid = is_visual.gather(1, index), valid.gather(1, index)
+            is_visual, valid, visual_rank = (t.gather(1, index) for t in (is_visual, valid, visual_rank))
         H = hidden.detach().float()
         for group in self.groups:
-            if group == "visual":
-                n = int(is_visual[0].sum())
-                positions = is_visual.nonzero()[:, 1].view(len(H), n)
-                matrix = H.gather(1, positions[..., None].expand(-1, -1, H.shape[-1]))
-                counts = torch.full((len(H),), n, device=H.device)
-            else:
-                # zero rows (padding) add only zero singular values: every statistic is unchanged
-                matrix = H * valid[..., None]
-                counts = valid.sum(1)
-                if self.center:
-                    mean = matrix.sum(1, keepdim=True) / counts[:, None, None].clamp_min(1)
-                    matrix = (matrix - mean) * valid[..., None]
-            if self.center and group == "visual":
-                matrix = matrix - matrix.mean(1, keepdim=True)
+            matrix, counts = self._group_matrix(H, group, is_visual, valid)
             s = spectral.singular_values(matrix)
             ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
-            leverage = None
+            leverage = visual_index = None
             if group == "visual" and layer in self.leverage_layers:
                 leverage = spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)).cpu()
-                visual_index = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
-                # original visual index of each present visual token
-                if index is not None and index.shape[1] != self._is_visual.shape[1]:
-                    rank = torch.where(self._is_visual, self._is_visual.long().cumsum(1) - 1, -1)
-                    visual_index = rank.gather(1, index)
-                visual_index = visual_index[visual_index >= 0].view(len(H), -1).cpu()
+                visual_index = visual_rank[visual_rank >= 0].view(len(H), -1).cpu()
             s, ipr, pr, erank, counts = (t.cpu() for t in (s[..., :self.top_k], ipr, pr, erank, counts))
             for row in range(len(H)):
                 self._rows.append(LayerStatistics(
@@ -175,7 +158,29 @@ class Capture:
                     ipr=float(ipr[row]), pr=float(pr[row]), effective_rank=float(erank[row]),
                     singular_values=s[row].tolist(),
                     leverage=None if leverage is None else leverage[row].tolist(),
-                    visual_index=None if leverage is None else visual_index[row].tolist()))
+                    visual_index=None if visual_index is None else visual_index[row].tolist()))
+
+    def _group_matrix(self, H, group, is_visual, valid) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, rows, d] matrix of the group and the real rows per sample.
+
+        ``all`` keeps every position with padding rows set to zero: zero rows add only zero singular
+        values, so every statistic equals that of the real rows alone, and the batch stays one tensor.
+        """
+        if group == "visual":
+            n = int(is_visual[0].sum())
+            positions = is_visual.nonzero()[:, 1].view(len(H), n)
+            matrix = H.gather(1, positions[..., None].expand(-1, -1, H.shape[-1]))
+            counts = torch.full((len(H),), n, device=H.device)
+            if self.center:
+                matrix = matrix - matrix.mean(1, keepdim=True)
+            return matrix, counts
+        mask = valid[..., None].to(H.dtype)
+        counts = valid.sum(1)
+        matrix = H * mask
+        if self.center:
+            mean = matrix.sum(1, keepdim=True) / counts[:, None, None].clamp_min(1)
+            matrix = (matrix - mean) * mask
+        return matrix, counts
 
     @contextmanager
     def paused(self):

@@ -208,14 +208,13 @@ class _Runtime:
                           torch.ones(batch, total - seq.length, dtype=torch.bool, device=seq.valid.device))
 
     def _layer_hook(self, layer: int):
-        stage_of = [sum(layer >= k for k in self.stage_layers) for layer in range(len(self.layers))]
+        stage = sum(layer >= k for k in self.stage_layers)  # 0: before the first pruning layer
 
         def hook(module, args, kwargs):
             if self._phase is None:
                 return None
             if self.method.attention_queries and layer + 1 in self.stage_layers and self._phase == "prefill":
                 self._previous_rotary = kwargs["position_embeddings"]
-            stage = stage_of[layer]
             if stage == 0:
                 return None
             hidden = args[0] if args else kwargs.pop("hidden_states")
