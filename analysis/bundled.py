@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaProcessor, PreTrainedTokenizerFast)
 
 from analysis import shapes
@@ -59,7 +59,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None,
                     image_size: int = shapes.IMAGE_SIZE, patch_size: int = 6) -> LlavaProcessor:
-    image_processor = CLIPImageProcessor(
+    # the PIL backend: the default one needs torchvision, which has no CPU build here
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_convert_rgb=True)
     return LlavaProcessor(
@@ -68,8 +69,8 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None,
         num_additional_image_tokens=1)
 
 
-def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, text_width: int = 256,
-                 text_heads: int = 4, text_kv_heads: int = 4, vision_layers: int = 4,
+def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, text_width: int = 192,
+                 text_heads: int = 3, text_kv_heads: int = 3, vision_layers: int = 4,
                  vision_width: int = 128, image_size: int = shapes.IMAGE_SIZE,
                  patch_size: int = 6) -> LlavaConfig:
     """The bundled architecture; keyword arguments shrink it for smoke tests."""

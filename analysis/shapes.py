@@ -55,7 +55,9 @@ SPLIT_SEEDS = {"test": 1_000_000, "val": 2_000_000, "train": 10_000_000}
 SPLIT_SIZES = {"test": 400, "val": 100}  # images; QUESTIONS_PER_IMAGE questions each
 QUESTIONS_PER_IMAGE = 3
 PROMPT_WORDS = ("user", "assistant", ":", "?", "is", "there", "a", "what", "color", "the", "shape",
-                "object", "how", "many", "objects", "are", "left", "right", "of", "above", "below")
+                "object", "how", "many", "objects", "are", "left", "right", "of", "above", "below",
+                "describe", "image", ".")
+DESCRIBE = "Describe the image."
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,16 @@ def _spatial(objects, rng) -> Question | None:
 
 _MAKERS = {"existence": _existence, "colour": _colour, "shape": _shape, "count": _count,
            "spatial": _spatial}
+
+
+def describe(objects: list[ShapeObject]) -> Question:
+    """Training-only dense supervision: every object as "colour shape", left to right.
+
+    Not a benchmark family (never in test/val): it makes the model read the whole image at every step,
+    as LLaVA's caption pretraining does, which gets a from-scratch model off the language-prior plateau.
+    """
+    ordered = sorted(objects, key=lambda o: (o.x, o.y))
+    return Question(DESCRIBE, " ".join(o.name for o in ordered), "describe", str(len(objects)))
 
 
 def make_question(objects: list[ShapeObject], family: str, rng: np.random.Generator) -> Question | None:

@@ -4,10 +4,13 @@ This module owns the seeded training run that produces ``data/shapes-llava``. Ea
 is one image of the training stream (``analysis.shapes.stream``, disjoint from the test and val
 splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
 
-    <s>USER: <image>*144 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ...
+    <s>USER: <image>*144 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ... USER: Describe the image.
+    ASSISTANT: red circle blue square ...</s>
 
 The first turn is token for token the evaluation prompt; the loss is on the answers and their
-``</s>`` only. The run writes the checkpoint (safetensors), the processor, ``training_log.jsonl``
+``</s>`` only. The closing "describe" turn (``analysis.shapes.describe``, never in test/val) gives
+dense supervision: without it the from-scratch model sat at the language-prior plateau (45% val
+accuracy after 500 steps of 4 questions per image). The run writes the checkpoint (safetensors), the processor, ``training_log.jsonl``
 (loss, learning rate, throughput, periodic val accuracy) and ``loss_curve.png``.
 """
 
@@ -48,8 +51,9 @@ def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
 class ConversationBatches:
     """Endless batches of the training stream, as model inputs with labels (right padded)."""
 
-    def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0):
-        self.processor, self.batch_size, self.turns = processor, batch_size, turns
+    def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
+                 describe: bool = False):
+        self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
         self.n_image_tokens = n_image_tokens
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
@@ -60,6 +64,8 @@ class ConversationBatches:
             objects, rng = shapes.scene("train", self.index)
             questions = shapes.scene_questions(objects, rng, self.turns,
                                                first_family=self.index % len(shapes.FAMILIES))
+            if self.describe:
+                questions.append(shapes.describe(objects))
             images.append(shapes.render(objects))
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
                                                  self.image_token_id, questions))
@@ -101,18 +107,23 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
 
 
 def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
-          config_overrides: dict | None = None, progress: bool = True) -> dict:
+          config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
+          init_from: Path | None = None, start: int = 0) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     processor = bundled.build_processor()
-    config = bundled.build_config(processor.tokenizer, **(config_overrides or {}))
-    model = LlavaForConditionalGeneration(config).train()
+    if init_from is not None:  # continue from a checkpoint: its weights, fresh optimizer and schedule
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).train()
+        config = model.config
+    else:
+        config = bundled.build_config(processor.tokenizer, **(config_overrides or {}))
+        model = LlavaForConditionalGeneration(config).train()
     vision = config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     processor.patch_size = vision.patch_size
     processor.image_processor.size = {"shortest_edge": vision.image_size}
     processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
-    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns)
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
@@ -151,7 +162,13 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
         f.writelines(json.dumps(r) + "\n" for r in log)
     from analysis.plots import loss_curve
     loss_curve(log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
-    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "lr": lr, "seed": seed,
+    previous = None
+    if init_from is not None and (Path(init_from) / "training_summary.json").is_file():
+        previous = json.loads((Path(init_from) / "training_summary.json").read_text())
+    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
+               "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
+               "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
+                                        if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
                "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
                "final_loss": log[-1]["loss"], "parameters": sum(p.numel() for p in model.parameters()),
                "config_overrides": config_overrides or {}}
@@ -169,11 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turns", type=int, default=4, help="questions per image in a training sequence")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=250, help="val accuracy every N steps (0: never)")
+    parser.add_argument("--eval-every", type=int, default=150, help="val accuracy every N steps (0: never)")
+    parser.add_argument("--no-describe", action="store_true",
+                        help="leave out the dense 'Describe the image.' turn")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--init-from", type=Path, help="continue from this checkpoint's weights")
+    parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     args = parser.parse_args(argv)
     summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
-                    args.eval_every, progress=not args.no_progress)
+                    args.eval_every, progress=not args.no_progress, describe=not args.no_describe,
+                    init_from=args.init_from, start=args.start)
     print(json.dumps(summary, indent=1))
 
 
