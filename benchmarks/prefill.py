@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from contextlib import nullcontext
 import sys
 import time
 from pathlib import Path
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random"])
+    parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
     parser.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.25, 0.1])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
@@ -128,6 +129,16 @@ def main(argv: list[str] | None = None) -> None:
         return sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
                    for t in (layer.keys, layer.values))
 
+    def measure(instance):
+        """(seconds, peak MiB, KV bytes, handle) of one prefill, unpruned when ``instance`` is None."""
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rss = reset_cpu_peak()
+        with (lofi.pruned(model, instance) if instance is not None else nullcontext()) as handle:
+            seconds, out = prefill()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
+        return seconds, peak, kv_bytes(out), handle
+
     print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} "
           f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats}", flush=True)
     rows = []
@@ -135,34 +146,26 @@ def main(argv: list[str] | None = None) -> None:
         prefill()  # warm-up
         for method in args.methods:
             for keep in args.keep:
-                instance = lofi.build(method, keep=keep, layer=args.layer)
+                if method == "lvpruning":  # random decision modules: their cost is what is timed here
+                    from lofi.methods.lvpruning import DecisionModules
+                    instance = lofi.build(method, keep=keep)
+                    instance.modules = DecisionModules.for_model(model).to(args.device, dtype)
+                else:
+                    instance = lofi.build(method, keep=keep, layer=args.layer)
                 timer = TimedSelect(instance, sync)
                 base_times, pruned_times = [], []
-                base_peak = pruned_peak = None
                 for repeat in range(args.repeats + 1):  # the first pair warms up
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    rss = reset_cpu_peak()
-                    seconds, out = prefill()
-                    base_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
-                    base_kv = kv_bytes(out)
-                    del out
-                    if repeat:
-                        base_times.append(seconds)
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
+                    base_t, base_peak, base_kv, _ = measure(None)
                     timer.seconds = 0.0
-                    rss = reset_cpu_peak()
-                    with lofi.pruned(model, instance) as handle:
-                        seconds, out = prefill()
-                    pruned_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
-                    pruned_kv = kv_bytes(out)
-                    del out
+                    pruned_t, pruned_peak, pruned_kv, handle = measure(instance)
                     if repeat:
-                        pruned_times.append(seconds)
+                        base_times.append(base_t)
+                        pruned_times.append(pruned_t)
                         select_seconds = timer.seconds
                 schedule = instance.schedule(config.text_config.num_hidden_layers, 576)
-                flops = lofi.count_flops(config, N_TEXT, 576, schedule)
+                present = [576] + [n for _, n in schedule[:-1]]
+                flops = lofi.count_flops(config, N_TEXT, 576, schedule,
+                                         decision=instance.decision_flops(config, N_TEXT, present))
                 base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
                 measured, predicted = base_t / pruned_t, base_flops.total / flops.total
                 rows.append({
