@@ -122,11 +122,37 @@ def _apart(x: int, y: int, half: int, other: ShapeObject, gap: int = 2) -> bool:
 
 def render(objects: list[ShapeObject]) -> Image.Image:
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    draw = ImageDraw.Draw(image)
+    _draw(ImageDraw.Draw(image), objects, lambda i, o: COLOURS[o.colour])
+    return image
+
+
+def patch_labels(objects: list[ShapeObject], grid: int) -> dict[str, np.ndarray]:
+    """Per patch of a ``grid`` x ``grid`` patching: what the majority of its pixels show.
+
+    ``colour`` / ``shape``: 0 for background, else 1 + index in COLOURS / SHAPES; ``centre``: 1 where
+    the patch holds an object's centre; ``row`` / ``col``: the patch's coordinates. Training-only
+    targets for the bundled model's auxiliary heads (``analysis.train_bundled``).
+    """
+    index = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw(ImageDraw.Draw(index), objects, lambda i, o: i + 1)
+    cell = IMAGE_SIZE // grid
+    owner = np.asarray(index).reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    majority = np.array([np.bincount(p, minlength=len(objects) + 1).argmax() for p in owner])
+    colours, shapes_ = list(COLOURS), list(SHAPES)
+    colour = np.array([0] + [1 + colours.index(o.colour) for o in objects])[majority]
+    shape = np.array([0] + [1 + shapes_.index(o.shape) for o in objects])[majority]
+    centre = np.zeros(grid * grid, dtype=np.int64)
     for o in objects:
+        centre[min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = 1
+    rows, cols = np.divmod(np.arange(grid * grid), grid)
+    return {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}
+
+
+def _draw(draw: ImageDraw.ImageDraw, objects: list[ShapeObject], fill_of) -> None:
+    for i, o in enumerate(objects):
         h = SIZES[o.size] // 2
         box = (o.x - h, o.y - h, o.x + h, o.y + h)
-        fill = COLOURS[o.colour]
+        fill = fill_of(i, o)
         if o.shape == "circle":
             draw.ellipse(box, fill=fill)
         elif o.shape == "square":
@@ -137,7 +163,6 @@ def render(objects: list[ShapeObject]) -> Image.Image:
             t = max(1, h // 3)
             draw.rectangle((o.x - h, o.y - t, o.x + h, o.y + t), fill=fill)
             draw.rectangle((o.x - t, o.y - h, o.x + t, o.y + h), fill=fill)
-    return image
 
 
 def blank_image() -> Image.Image:

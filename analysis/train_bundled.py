@@ -52,16 +52,18 @@ class ConversationBatches:
     """Endless batches of the training stream, as model inputs with labels (right padded)."""
 
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
-                 describe: bool = False):
+                 describe: bool = False, patch_targets: bool = False):
         self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
+        self.patch_targets = patch_targets
         self.n_image_tokens = n_image_tokens
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        images, sequences = [], []
+        images, sequences, scenes = [], [], []
         for _ in range(self.batch_size):
             objects, rng = shapes.scene("train", self.index)
+            scenes.append(objects)
             questions = shapes.scene_questions(objects, rng, self.turns,
                                                first_family=self.index % len(shapes.FAMILIES))
             if self.describe:
@@ -80,7 +82,34 @@ class ConversationBatches:
             labels[row, :len(ids)] = torch.tensor(lab)
             mask[row, :len(ids)] = 1
         pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+        if self.patch_targets:
+            grid = int(round(self.n_image_tokens ** 0.5))
+            targets = [shapes.patch_labels(o, grid) for o in scenes]
+            batch["patch_targets"] = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
+        return batch
+
+
+class PatchHeads(torch.nn.Module):
+    """Training-only linear heads on the projector's output (the visual tokens the LM reads).
+
+    Per visual token they predict the colour and shape of the object under the patch (or background),
+    whether the patch holds an object's centre, and the patch's row and column. This dense supervision
+    makes the visual tokens semantic within a few hundred steps; without it two from-scratch runs sat at
+    the language-prior plateau (about 48% val accuracy after 600 steps). The heads are not saved.
+    """
+
+    SIZES = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 1, "centre": 2}
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        sizes = {**self.SIZES, "row": grid, "col": grid}
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
+
+    def loss(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = [torch.nn.functional.cross_entropy(head(visual).flatten(0, 1), targets[k].flatten())
+                  for k, head in self.heads.items()]
+        return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -108,7 +137,7 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
 
 def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
           config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
-          init_from: Path | None = None, start: int = 0) -> dict:
+          init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     processor = bundled.build_processor()
@@ -123,9 +152,14 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     processor.patch_size = vision.patch_size
     processor.image_processor.size = {"shortest_edge": vision.image_size}
     processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
-    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe,
+                                  patch_targets=aux_weight > 0)
+    heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size)
+    projected: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    parameters = list(model.named_parameters()) + list(heads.named_parameters())
+    decay = [p for n, p in parameters if p.ndim >= 2]
+    no_decay = [p for n, p in parameters if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
     tmp = out.with_name(out.name + ".partial")
@@ -138,13 +172,22 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
         batch = next(batches)
-        loss = model(**batch).loss
+        targets = batch.pop("patch_targets", None)
+        projected.clear()
+        answer_loss = model(**batch).loss
+        loss = answer_loss
+        if targets is not None:
+            visual = projected[0].view(len(batch["input_ids"]), n_image_tokens, -1)
+            aux = heads.loss(visual, targets)
+            loss = answer_loss + aux_weight * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": round(loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+        record = {"step": step + 1, "loss": round(answer_loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
                   "seconds": round(time.time() - started, 1)}
+        if targets is not None:
+            record["aux_loss"] = round(aux.item(), 5)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             record["val_accuracy"] = round(first_token_accuracy(model, processor), 2)
         log.append(record)
@@ -152,6 +195,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
                                                           if "val_accuracy" in record else {}))
         if "val_accuracy" in record and not progress:
             print(json.dumps(record), flush=True)
+    hook.remove()
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
@@ -166,6 +210,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     if init_from is not None and (Path(init_from) / "training_summary.json").is_file():
         previous = json.loads((Path(init_from) / "training_summary.json").read_text())
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
+               "aux_weight": aux_weight,
                "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
                "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
                                         if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
@@ -191,11 +236,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="leave out the dense 'Describe the image.' turn")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     parser.add_argument("--init-from", type=Path, help="continue from this checkpoint's weights")
+    parser.add_argument("--aux-weight", type=float, default=1.0,
+                        help="weight of the per-patch auxiliary losses (0: none)")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     args = parser.parse_args(argv)
     summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
                     args.eval_every, progress=not args.no_progress, describe=not args.no_describe,
-                    init_from=args.init_from, start=args.start)
+                    init_from=args.init_from, start=args.start, aux_weight=args.aux_weight)
     print(json.dumps(summary, indent=1))
 
 
