@@ -66,3 +66,15 @@ def leverage_scores(H: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     columns = torch.arange(r, device=H.device)
     take = (columns < k[..., None]).to(U.dtype)  # [..., r]
     return (U.pow(2) * take[..., None, :]).sum(-1)
+
+
+def leverage_at_energy(H: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(leverage scores [..., rows], rank k [...]) with k = ``energy_rank(s, tau)``, from ONE decomposition.
+
+    Equal to ``leverage_scores(H, energy_rank(singular_values(H), tau))`` at half the cost: the
+    eigen-decomposition that gives the vectors also gives the singular values.
+    """
+    s, U = _left_factors(H)
+    k = energy_rank(s, tau)
+    take = (torch.arange(U.shape[-1], device=H.device) < k[..., None]).to(U.dtype)
+    return (U.pow(2) * take[..., None, :]).sum(-1), k

@@ -91,3 +91,11 @@ def test_invariant_under_row_permutation():
     perm = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(spectral.singular_values(H[perm]), spectral.singular_values(H))
     torch.testing.assert_close(spectral.leverage_scores(H[perm], 5), spectral.leverage_scores(H, 5)[perm])
+
+
+def test_leverage_at_energy_equals_the_two_step_route():
+    from lofi.linalg import leverage_at_energy
+    for H in _cases().values():
+        lev, k = leverage_at_energy(H, 0.9)
+        assert k.item() == spectral.energy_rank(spectral.singular_values(H), 0.9).item()
+        torch.testing.assert_close(lev, spectral.leverage_scores(H, k))

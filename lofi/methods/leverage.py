@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lofi.linalg import energy_rank, leverage_scores, singular_values
+from lofi.linalg import leverage_at_energy, leverage_scores
 from lofi.registry import PruningMethod, StageInput, register
 
 
@@ -47,10 +47,8 @@ class LoFi(PruningMethod):
         if self.center:
             H = H - H.mean(-2, keepdim=True)
         if self.k is not None:
-            rank = torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device)
-        else:
-            rank = energy_rank(singular_values(H), self.tau)
-        return leverage_scores(H, rank)
+            return leverage_scores(H, torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device))
+        return leverage_at_energy(H, self.tau)[0]
 
     def select(self, state: StageInput) -> torch.Tensor:
         visual_hidden = state.hidden.gather(1, state.visual[..., None].expand(-1, -1, state.hidden.shape[-1]))
