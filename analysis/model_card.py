@@ -40,7 +40,20 @@ def write_card(model_dir: Path, split: str = "test") -> Path:
     n_visual = (vision.image_size // vision.patch_size) ** 2
     params = sum(p.numel() for p in model.parameters())
     weights = (model_dir / "model.safetensors").stat().st_size / 2**20
+    overall, existence = table.loc["overall"].iloc[1], table.loc["existence"].iloc[1]
+    drop = table.loc["overall", "drop (points)"]
+    met = overall >= 85 and existence >= 90 and drop >= 30
+    status = ("**Quality target met** (>= 85% overall, >= 90% existence, >= 30 points lost on blank images)."
+              if met else
+              f"**Quality target NOT met.** Issue #2 asks for >= 85% overall, >= 90% on existence and a drop of "
+              f">= 30 points on blank images; this checkpoint reaches {overall:.1f}% overall, {existence:.1f}% on "
+              f"existence and a {drop:.1f}-point drop. It reads colours off the image (colour questions fall from "
+              f"{table.loc['colour'].iloc[1]:.1f}% to {table.loc['colour'].iloc[2]:.1f}% on blank images) but "
+              "has not learned shapes (shape accuracy is at chance), so existence, count and spatial questions "
+              "stay near the language prior. Treat its pruning results as a working pipeline, not findings.")
     card = f"""# shapes-llava: a small LLaVA trained from scratch on the shapes benchmark
+
+{status}
 
 The default model of this toolkit: a `LlavaForConditionalGeneration` that loads offline exactly like a
 llava-hf checkpoint (`LlavaForConditionalGeneration.from_pretrained("data/shapes-llava")`,
@@ -67,9 +80,17 @@ python -m analysis.train_bundled --steps {summary['steps']} --batch-size {summar
 From scratch, seeded, on the training stream of `analysis.shapes` (seeds disjoint from the test and val
 splits). Each sequence is one image with {summary['turns']} benchmark questions as a LLaVA multi-turn
 conversation, the first turn token for token the evaluation prompt, plus a closing
-"Describe the image." turn listing every object left to right (dense supervision; without it a first
-run sat at the language-prior plateau, 45% val accuracy after 500 steps). Loss on answer tokens only;
-AdamW (lr {summary['lr']}, cosine, warm-up 100 steps, weight decay 0.05), gradient clipping 1.0.
+"Describe the image." turn listing every object left to right. Training-only linear heads on the
+visual tokens (weight {summary.get('aux_weight', 0)}) predict each patch's colour, shape, object centre,
+row and column. Loss on answer tokens plus those heads; AdamW (lr {summary['lr']}, cosine, warm-up,
+weight decay 0.05), gradient clipping 1.0.
+
+What was tried on this 2-core CPU (no GPU was lent to the task), all seeded, val accuracy in brackets:
+4 questions per image, width 256, lr 1e-3 (45% at step 250, 41% at 500); plus the describe turn,
+width 192 (48% at steps 450 and 600); plus the patch heads (42% at 300, 41% at 450, although the heads
+read colour and shape off the tokens almost perfectly); patch colour/shape *words* predicted through the
+LM's embedding matrix (35% at 300); this configuration at lr 2e-3, batch 16 (45% at 300). Every run
+sat near the language prior within the steps a CPU allows; a longer run, ideally on a GPU, is the next step.
 
 - steps: {summary['steps']} x {summary['batch_size']} images ({summary['steps'] * summary['batch_size']:,} images, {summary['steps'] * summary['batch_size'] * (summary['turns'] + 1):,} supervised turns)
 - wall time: **{summary['wall_seconds'] / 60:.1f} min** on {summary['threads']} CPU threads (no GPU was available)

@@ -25,7 +25,7 @@ from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, ratio_loss, 
 
 
 def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: float, rho: float,
-          lambda_ratio: float, seed: int, progress: bool = True, start: int = 5_000_000) -> dict:
+          lambda_ratio: float, seed: int, progress: bool = True, start: int = 500_000) -> dict:
     torch.manual_seed(seed)
     model, processor = load_model(model_path)
     for p in model.parameters():
@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.train_lvpruning", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=bundled.BUNDLED_MODEL)
     parser.add_argument("--out", type=Path, help="default: <model>/lvpruning")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--rho", type=float, default=0.5)
-    parser.add_argument("--lambda-ratio", type=float, default=2.0)
+    parser.add_argument("--lambda-ratio", type=float, default=20.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.capture import Capture  # noqa: E402
 
 
-def bundled_inputs(batch: int):
+def bundled_inputs(batch: int, path=None):
     from analysis.datasets import load_split
     from analysis.evaluate import batch_inputs, load_model
-    model, processor = load_model()
+    model, processor = load_model(path) if path else load_model()
     return model, batch_inputs(processor, load_split("test", limit=batch))
 
 
@@ -41,11 +41,12 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", help="a local LLaVA folder (default: the bundled model)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.shape == "bundled":
-        model, inputs = bundled_inputs(args.batch)
+        model, inputs = bundled_inputs(args.batch, args.model)
         model, inputs = model.to(args.device), inputs.to(args.device)
     else:
         sys.path.insert(0, str(Path(__file__).parent))
