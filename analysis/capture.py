@@ -64,6 +64,8 @@ class Capture:
         top_k: how many singular values to keep per matrix.
         leverage_layers: layers at which to keep per-token leverage scores of the visual group.
         tau: energy threshold of the rank used for leverage scores.
+        full_spectrum: compute singular values (effective rank, spectra). False computes IPR and PR
+            exactly from Frobenius norms, without a decomposition, and leaves effective rank NaN.
 
     Example:
         >>> with Capture(model) as capture:  # doctest: +SKIP
@@ -72,12 +74,12 @@ class Capture:
     """
 
     def __init__(self, model, *, groups=("visual", "all"), center: bool = False, top_k: int = 32,
-                 leverage_layers=(), tau: float = 0.9):
+                 leverage_layers=(), tau: float = 0.9, full_spectrum: bool = True):
         unknown = set(groups) - {"visual", "all"}
         if unknown:
             raise ValueError(f"unknown token group(s) {sorted(unknown)}; valid groups: ['all', 'visual']")
         self.model, self.groups, self.center, self.top_k = model, tuple(groups), center, top_k
-        self.leverage_layers, self.tau = set(leverage_layers), tau
+        self.leverage_layers, self.tau, self.full_spectrum = set(leverage_layers), tau, full_spectrum
         self.layers = arch.decoder_layers(model)
         self.image_token_id = arch.image_token_id(model)
         self._hooks: list = []
@@ -145,8 +147,13 @@ class Capture:
         H = hidden.detach().float()
         for group in self.groups:
             matrix, counts = self._group_matrix(H, group, is_visual, valid)
-            s = spectral.singular_values(matrix)
-            ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
+            if self.full_spectrum or (group == "visual" and layer in self.leverage_layers):
+                s = spectral.singular_values(matrix)
+                ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
+            else:  # IPR and PR need no decomposition; effective rank and the spectrum do
+                ipr = spectral.ipr_from_matrix(matrix)
+                pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
+                erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(H), 0)
             leverage = visual_index = None
             if group == "visual" and layer in self.leverage_layers:
                 leverage = spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)).cpu()

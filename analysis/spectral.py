@@ -17,7 +17,7 @@ import torch
 from lofi.linalg import energy_rank, leverage_scores, singular_values
 
 __all__ = ["singular_values", "energy_fractions", "ipr", "participation_ratio", "effective_rank",
-           "energy_rank", "leverage_scores"]
+           "energy_rank", "leverage_scores", "ipr_from_matrix"]
 
 
 def energy_fractions(s: torch.Tensor) -> torch.Tensor:
@@ -46,3 +46,15 @@ def effective_rank(s: torch.Tensor) -> torch.Tensor:
     q = s / total.clamp_min(torch.finfo(s.dtype).tiny)
     entropy = -torch.where(q > 0, q * q.clamp_min(torch.finfo(s.dtype).tiny).log(), torch.zeros_like(q)).sum(-1)
     return torch.where(total.squeeze(-1) > 0, entropy.exp(), torch.zeros_like(entropy))
+
+
+def ipr_from_matrix(H: torch.Tensor) -> torch.Tensor:
+    """IPR of H without a decomposition: sum_i s_i^4 / (sum_i s_i^2)^2 = ||H H^T||_F^2 / ||H||_F^4.
+
+    Exact (the singular values of H H^T are s_i^2); uses the smaller of H H^T and H^T H. 0 for zero H.
+    """
+    rows, cols = H.shape[-2:]
+    gram = H @ H.transpose(-1, -2) if rows <= cols else H.transpose(-1, -2) @ H
+    total = H.pow(2).sum((-2, -1))
+    value = gram.pow(2).sum((-2, -1)) / total.pow(2).clamp_min(torch.finfo(H.dtype).tiny)
+    return torch.where(total > 0, value, torch.zeros_like(value))

@@ -61,19 +61,22 @@ def main(argv=None):
         sync()
         return time.perf_counter() - start
 
-    plain, captured = [], []
-    with torch.inference_mode():
-        timed(None)
-        with Capture(model) as capture:
-            timed(capture)
-        for _ in range(args.repeats):
-            plain.append(timed(None))
-            with Capture(model) as capture:
-                captured.append(timed(capture))
-    p, c = statistics.median(plain), statistics.median(captured)
     layers = model.config.text_config.num_hidden_layers + 1
     print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups")
-    print(f"forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: overhead {100 * (c / p - 1):.1f}%")
+    for full in (True, False):
+        plain, captured = [], []
+        with torch.inference_mode():
+            timed(None)
+            with Capture(model, full_spectrum=full) as capture:
+                timed(capture)
+            for _ in range(args.repeats):
+                plain.append(timed(None))
+                with Capture(model, full_spectrum=full) as capture:
+                    captured.append(timed(capture))
+        p, c = statistics.median(plain), statistics.median(captured)
+        mode = "full spectrum (singular values)" if full else "IPR/PR only (no decomposition)"
+        print(f"{mode:<34} forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: "
+              f"overhead {100 * (c / p - 1):.1f}%")
 
 
 if __name__ == "__main__":

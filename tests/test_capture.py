@@ -136,3 +136,13 @@ def test_memory_does_not_grow_with_samples(model):
 def test_unknown_group_names_the_valid_ones(model):
     with pytest.raises(ValueError, match="valid groups"):
         Capture(model, groups=("text",))
+
+
+@torch.no_grad()
+def test_fast_mode_gives_the_same_ipr_and_pr(model):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    with Capture(model) as full, Capture(model, full_spectrum=False) as fast:
+        model(**inputs)
+    for a, b in zip(full.take(), fast.take()):
+        assert (a.layer, a.group, a.row) == (b.layer, b.group, b.row)
+        assert b.ipr == pytest.approx(a.ipr, rel=1e-4) and b.pr == pytest.approx(a.pr, rel=1e-4)

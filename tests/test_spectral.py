@@ -99,3 +99,8 @@ def test_leverage_at_energy_equals_the_two_step_route():
         lev, k = leverage_at_energy(H, 0.9)
         assert k.item() == spectral.energy_rank(spectral.singular_values(H), 0.9).item()
         torch.testing.assert_close(lev, spectral.leverage_scores(H, k))
+
+
+def test_ipr_from_matrix_needs_no_decomposition():
+    for H in list(_cases().values()) + [torch.zeros(4, 6, dtype=torch.float64)]:
+        torch.testing.assert_close(spectral.ipr_from_matrix(H), spectral.ipr(spectral.singular_values(H)))
