@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # files everywhere; inside a notebook keep its inline backend
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from analysis import compare, plots
 
 RUN_DIR = os.environ.get("RUN_DIR")          # an existing run folder, or None
-LIMIT = int(os.environ.get("NOTEBOOK_LIMIT", "60"))
+LIMIT = int(os.environ.get("NOTEBOOK_LIMIT", "20"))
 if RUN_DIR is None:
     RUN_DIR = Path(tempfile.mkdtemp()) / "run"
     compare.main(["--methods", "lofi", "lvpruning", "fastv", "random", "--keep", "0.5", "0.25", "0.1",
@@ -46,14 +46,14 @@ NOTEBOOKS = {
 fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
 for ax, measure in zip(axes, ["flip_rate", "mean_kl", "dutta_flips"]):
     plots.delta_ipr_vs_consistency(summary, correlation, measure, layer, group, ax=ax)
-fig'''),
+plt.show()'''),
         ("markdown", "Correlations at every layer after pruning starts (condition level, 95% bootstrap CIs):"),
         ("code", '''table = correlation[(correlation.level == "condition") & (correlation.measure.isin(["flip", "kl"]))]
 table.pivot_table(index=["group", "layer"], columns="measure", values=["pearson", "pearson_low", "pearson_high"]).round(2)'''),
         ("code", '''fig, axes = plt.subplots(1, 2, figsize=(13, 4))
 for ax, group in zip(axes, ["visual", "all"]):
     plots.ipr_per_layer(spectra, group, ax=ax); ax.set_title(group)
-fig'''),
+plt.show()'''),
     ],
     "leverage_and_kept_tokens.ipynb": [
         ("markdown", "# Leverage scores and kept tokens\n\nLeverage scores of the visual tokens' hidden "
@@ -79,7 +79,7 @@ for r in rows:
     col = 0 if r.layer == 0 else 1
     plots.kept_token_map(samples[r.row].load_image(), None, grid, r.leverage,
                          title=f"{samples[r.row].question}\\nleverage, layer {r.layer}", ax=axes[r.row, col])
-fig.tight_layout(); fig'''),
+fig.tight_layout(); plt.show()'''),
         ("code", '''methods = ["lofi", "fastv", "random"] + (["lvpruning"] if "lvpruning" in lofi.available() else [])
 fig, axes = plt.subplots(len(samples), len(methods), figsize=(2.4 * len(methods), 2.6 * len(samples)), squeeze=False)
 for c, method in enumerate(methods):
@@ -88,7 +88,7 @@ for c, method in enumerate(methods):
     for r in range(len(samples)):
         plots.kept_token_map(samples[r].load_image(), handle.kept[-1][r].tolist(), grid,
                              title=f"{method} keep=0.25", ax=axes[r, c])
-fig.tight_layout(); fig'''),
+fig.tight_layout(); plt.show()'''),
     ],
     "method_comparison.ipynb": [
         ("markdown", "# Methods compared\n\nAccuracy, flip rate and KL against the fraction of visual "
@@ -99,7 +99,7 @@ for col, metric in enumerate(["accuracy", "flip_rate", "mean_kl"]):
     for row, x in enumerate(["keep", "rel_flops"]):
         plots.metric_against(summary, metric, x, summary.baseline_accuracy.iloc[0] if metric == "accuracy" else None,
                              ax=axes[row, col])
-fig.tight_layout(); fig'''),
+fig.tight_layout(); plt.show()'''),
         ("code", '''summary[["method", "keep", "rel_flops", "accuracy", "baseline_accuracy", "flip_rate", "dutta_flips",
          "c_to_i", "i_to_c", "mean_kl"]].round(3)'''),
     ],
