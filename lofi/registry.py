@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
@@ -46,7 +47,7 @@ class StageInput:
     model: torch.nn.Module | None = None
 
 
-class PruningMethod:
+class PruningMethod(ABC):
     """Base class: validated ``keep`` and ``layer``; subclasses implement ``select``.
 
     Class attributes:
@@ -91,9 +92,9 @@ class PruningMethod:
             out.append((layer, present))
         return out
 
+    @abstractmethod
     def select(self, state: StageInput) -> torch.Tensor:
         """[batch, n_keep] indices into ``state.visual`` of the tokens to keep (any order)."""
-        raise NotImplementedError
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         """FLOPs of the method's own decision modules (0 for training-free methods)."""
