@@ -145,13 +145,36 @@ class Capture:
         if index is not None and index.shape[1] != is_visual.shape[1]:
             is_visual, valid, visual_rank = (t.gather(1, index) for t in (is_visual, valid, visual_rank))
         H = hidden.detach().float()
+        # Uncentred, with rows <= cols: one Gram matrix of all real tokens serves both groups (the
+        # visual Gram is its sub-block), and its eigenvalues are the squared singular values.
+        shared = not self.center and H.shape[1] <= H.shape[2]
+        if shared:
+            masked = H * valid[..., None].to(H.dtype)
+            gram_all = masked @ masked.transpose(-1, -2)
         for group in self.groups:
-            matrix, counts = self._group_matrix(H, group, is_visual, valid)
+            counts = (is_visual if group == "visual" else valid).sum(1)
+            needs_matrix = not shared or (group == "visual" and layer in self.leverage_layers)
+            matrix = self._group_matrix(H, group, is_visual, valid)[0] if needs_matrix else None
+            gram = None
+            if shared:
+                gram = gram_all
+                if group == "visual":
+                    pos = is_visual.nonzero()[:, 1].view(len(H), -1)
+                    gram = gram_all.gather(1, pos[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
+                        2, pos[:, None, :].expand(-1, pos.shape[1], -1))
             if self.full_spectrum or (group == "visual" and layer in self.leverage_layers):
-                s = spectral.singular_values(matrix)
+                if gram is not None:
+                    s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+                else:
+                    s = spectral.singular_values(matrix)
                 ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
             else:  # IPR and PR need no decomposition; effective rank and the spectrum do
-                ipr = spectral.ipr_from_matrix(matrix)
+                if gram is not None:
+                    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+                    ipr = gram.pow(2).sum((-2, -1)) / total.pow(2).clamp_min(torch.finfo(H.dtype).tiny)
+                    ipr = torch.where(total > 0, ipr, torch.zeros_like(ipr))
+                else:
+                    ipr = spectral.ipr_from_matrix(matrix)
                 pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
                 erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(H), 0)
             leverage = visual_index = None
