@@ -169,12 +169,7 @@ class Capture:
                     s = spectral.singular_values(matrix)
                 ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
             else:  # IPR and PR need no decomposition; effective rank and the spectrum do
-                if gram is not None:
-                    total = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-                    ipr = gram.pow(2).sum((-2, -1)) / total.pow(2).clamp_min(torch.finfo(H.dtype).tiny)
-                    ipr = torch.where(total > 0, ipr, torch.zeros_like(ipr))
-                else:
-                    ipr = spectral.ipr_from_matrix(matrix)
+                ipr = spectral.ipr_from_gram(gram) if gram is not None else spectral.ipr_from_matrix(matrix)
                 pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
                 erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(H), 0)
             leverage = visual_index = None

@@ -17,7 +17,7 @@ import torch
 from lofi.linalg import energy_rank, leverage_scores, singular_values
 
 __all__ = ["singular_values", "energy_fractions", "ipr", "participation_ratio", "effective_rank",
-           "energy_rank", "leverage_scores", "ipr_from_matrix"]
+           "energy_rank", "leverage_scores", "ipr_from_matrix", "ipr_from_gram"]
 
 
 def energy_fractions(s: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,11 @@ def ipr_from_matrix(H: torch.Tensor) -> torch.Tensor:
     Exact (the singular values of H H^T are s_i^2); uses the smaller of H H^T and H^T H. 0 for zero H.
     """
     rows, cols = H.shape[-2:]
-    gram = H @ H.transpose(-1, -2) if rows <= cols else H.transpose(-1, -2) @ H
-    total = H.pow(2).sum((-2, -1))
-    value = gram.pow(2).sum((-2, -1)) / total.pow(2).clamp_min(torch.finfo(H.dtype).tiny)
+    return ipr_from_gram(H @ H.transpose(-1, -2) if rows <= cols else H.transpose(-1, -2) @ H)
+
+
+def ipr_from_gram(G: torch.Tensor) -> torch.Tensor:
+    """IPR from a Gram matrix G = H H^T (or H^T H): ||G||_F^2 / tr(G)^2 (0 for G = 0)."""
+    total = G.diagonal(dim1=-2, dim2=-1).sum(-1)
+    value = G.pow(2).sum((-2, -1)) / total.pow(2).clamp_min(torch.finfo(G.dtype).tiny)
     return torch.where(total > 0, value, torch.zeros_like(value))

@@ -47,12 +47,7 @@ def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual
     """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
     base = lofi.count_flops(model_config, n_text, n_visual)
     instance = lofi.build(method, keep=keep)
-    layers = model_config.text_config.num_hidden_layers
-    if method == "lvpruning":
-        from lofi.methods.lvpruning import stage_layers
-        schedule = [(layer, instance.n_keep(s, n_visual, n_visual)) for s, layer in enumerate(stage_layers(layers))]
-    else:
-        schedule = instance.schedule(layers, n_visual)
+    schedule = instance.schedule(model_config.text_config.num_hidden_layers, n_visual)
     present = [n_visual] + [n for _, n in schedule[:-1]]
     pruned = lofi.count_flops(model_config, n_text, n_visual, schedule,
                               decision=instance.decision_flops(model_config, n_text, present))
