@@ -64,8 +64,11 @@ class Capture:
         top_k: how many singular values to keep per matrix.
         leverage_layers: layers at which to keep per-token leverage scores of the visual group.
         tau: energy threshold of the rank used for leverage scores.
-        full_spectrum: compute singular values (effective rank, spectra). False computes IPR and PR
-            exactly from Frobenius norms, without a decomposition, and leaves effective rank NaN.
+        spectrum_layers: the layers at which to decompose (singular values, effective rank):
+            ``"all"`` (default), a collection of layer numbers, or ``()`` for none. Everywhere else
+            IPR and PR are still exact (from Frobenius norms of the Gram matrix, no decomposition),
+            effective rank is NaN and ``singular_values`` is empty. On a small model one
+            decomposition costs about as much as the decoder layer itself (benchmarks/README.md).
 
     Example:
         >>> with Capture(model) as capture:  # doctest: +SKIP
@@ -74,12 +77,16 @@ class Capture:
     """
 
     def __init__(self, model, *, groups=("visual", "all"), center: bool = False, top_k: int = 32,
-                 leverage_layers=(), tau: float = 0.9, full_spectrum: bool = True):
+                 leverage_layers=(), tau: float = 0.9, spectrum_layers="all"):
         unknown = set(groups) - {"visual", "all"}
         if unknown:
             raise ValueError(f"unknown token group(s) {sorted(unknown)}; valid groups: ['all', 'visual']")
         self.model, self.groups, self.center, self.top_k = model, tuple(groups), center, top_k
-        self.leverage_layers, self.tau, self.full_spectrum = set(leverage_layers), tau, full_spectrum
+        self.leverage_layers, self.tau = set(leverage_layers), tau
+        if isinstance(spectrum_layers, str) and spectrum_layers != "all":
+            raise ValueError(f"spectrum_layers must be 'all', a collection of layer numbers or (), "
+                             f"got {spectrum_layers!r}")
+        self.spectrum_layers = spectrum_layers if spectrum_layers == "all" else set(spectrum_layers or ())
         self.layers = arch.decoder_layers(model)
         self.image_token_id = arch.image_token_id(model)
         self._hooks: list = []
@@ -162,7 +169,7 @@ class Capture:
                     pos = is_visual.nonzero()[:, 1].view(len(H), -1)
                     gram = gram_all.gather(1, pos[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
                         2, pos[:, None, :].expand(-1, pos.shape[1], -1))
-            if self.full_spectrum or (group == "visual" and layer in self.leverage_layers):
+            if self._decomposes(layer) or (group == "visual" and layer in self.leverage_layers):
                 if gram is not None:
                     s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
                 else:
@@ -184,6 +191,9 @@ class Capture:
                     singular_values=s[row].tolist(),
                     leverage=None if leverage is None else leverage[row].tolist(),
                     visual_index=None if visual_index is None else visual_index[row].tolist()))
+
+    def _decomposes(self, layer: int) -> bool:
+        return self.spectrum_layers == "all" or layer in self.spectrum_layers
 
     def _group_matrix(self, H, group, is_visual, valid) -> tuple[torch.Tensor, torch.Tensor]:
         """[batch, rows, d] matrix of the group and the real rows per sample.

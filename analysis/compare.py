@@ -52,6 +52,10 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--center", action="store_true", help="centre hidden states before spectra")
+    parser.add_argument("--spectrum-layers", choices=["all", "headline"], default="all",
+                        help="layers whose full singular spectrum (effective rank, spectra figure) is "
+                             "computed; IPR and PR are exact at every layer either way. 'headline' is "
+                             "much faster on small models, where a decomposition costs about a layer")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -88,6 +92,7 @@ def _config(args, samples, device) -> dict:
     return {"methods": args.methods, "keep": args.keep, "model": str(args.model), "dataset": str(args.dataset),
             "limit": args.limit, "n_samples": len(samples), "seed": args.seed, "device": device,
             "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "center": args.center,
+            "spectrum_layers": args.spectrum_layers,
             "method_defaults": {m: repr(lofi.build(m, keep=args.keep[0], **({"path": None} if m == "lvpruning"
                                                                                 else {}))) for m in args.methods},
             "headline": HEADLINE, "packages": packages, "python": platform.python_version(),
@@ -111,7 +116,8 @@ def _git_commit() -> str | None:
 
 def _same_run(a: dict, b: dict) -> bool:
     keys = ("methods", "keep", "model", "dataset", "limit", "seed", "center", "max_new_tokens")
-    return all(a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) == b.get(k) for k in keys) and \
+        a.get("spectrum_layers", "all") == b.get("spectrum_layers", "all")
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -144,7 +150,11 @@ def run(args) -> Path:
     from analysis.evaluate import load_model
     model, processor = load_model(args.model, device)
     torch.manual_seed(args.seed)
-    capture = {"center": args.center, "leverage_layers": [0, 2]}
+    capture = {"center": args.center, "leverage_layers": [0, 2], "spectrum_layers": "all"}
+    if args.spectrum_layers == "headline":
+        n_layers = model.config.text_config.num_hidden_layers
+        layer = n_layers if HEADLINE["layer"] == "last" else int(HEADLINE["layer"])
+        capture["spectrum_layers"] = [layer]
     common = dict(seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   capture_options=capture, progress=not args.no_progress)
     started = time.time()

@@ -7,7 +7,8 @@ Columns:
   question, gold, n_visual_kept`` (answers normalised; KL/JS at the first answer position, natural log).
 * ``spectra.parquet`` -- one row per (sample, method, keep, layer, group), baseline rows with method
   ``baseline`` and keep 1: ``sample_id, method, keep, layer, group, n_tokens, ipr, pr, effective_rank,
-  delta_ipr, singular_values`` (top singular values).
+  delta_ipr, singular_values`` (top singular values; with ``--spectrum-layers headline`` they and
+  ``effective_rank`` are empty / NaN away from the headline and leverage layers).
 * ``summary.csv`` -- one row per condition: ``method, keep, n, accuracy, baseline_accuracy, flip_rate,
   dutta_flips, c_to_i, i_to_c, mean_kl, mean_js, mean_forced_kl, mean_delta_ipr`` (headline layer and
   group), ``rel_flops, rel_flops_llm, tokens_kept``.

@@ -2,10 +2,13 @@
 
     python benchmarks/capture_overhead.py                      # the bundled model on CPU
     python benchmarks/capture_overhead.py --shape llava-7b --device cuda --dtype bfloat16
+    python benchmarks/capture_overhead.py --shape llava-7b --text-layers 4 --batch 1   # 7B widths, CPU
 
 Baseline and captured forward passes alternate, on the same batch, and the medians are compared:
 overhead = captured / plain - 1. Both groups (visual, all) at every layer are measured, as
-``analysis.compare`` does; the rows < cols case takes the Gram-matrix route.
+``analysis.compare`` does; the rows < cols case takes the Gram-matrix route. Three modes: the full
+singular spectrum at every layer, at the last layer only, and at none (IPR and PR stay exact
+everywhere: they need no decomposition).
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ def bundled_inputs(batch: int, path=None):
     return model, batch_inputs(processor, load_split("test", limit=batch))
 
 
-def llava7b_inputs(batch: int, device: str, dtype):
-    from prefill import build_model, make_inputs  # noqa: E402  (same directory)
+def llava7b_inputs(batch: int, device: str, dtype, text_layers: int | None):
+    from prefill import SHAPES, build_model, make_inputs  # noqa: E402  (same directory)
+    if text_layers:  # LLaVA-1.5-7B widths with fewer decoder layers, to fit a CPU's memory
+        SHAPES["llava-7b"]["text"]["num_hidden_layers"] = text_layers
     return build_model("llava-7b", device, dtype), make_inputs(batch, device)
 
 
@@ -42,6 +47,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--model", help="a local LLaVA folder (default: the bundled model)")
+    parser.add_argument("--text-layers", type=int, help="llava-7b shape: decoder layers (default 32)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -50,7 +56,7 @@ def main(argv=None):
         model, inputs = model.to(args.device), inputs.to(args.device)
     else:
         sys.path.insert(0, str(Path(__file__).parent))
-        model, inputs = llava7b_inputs(args.batch, args.device, getattr(torch, args.dtype))
+        model, inputs = llava7b_inputs(args.batch, args.device, getattr(torch, args.dtype), args.text_layers)
 
     def timed(capture: Capture | None):
         sync()
@@ -63,18 +69,19 @@ def main(argv=None):
 
     layers = model.config.text_config.num_hidden_layers + 1
     print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups")
-    for full in (True, False):
+    modes = {"full spectrum, every layer": "all", "full spectrum, last layer only": [layers - 1],
+             "IPR/PR only (no decomposition)": ()}
+    for mode, spectrum_layers in modes.items():
         plain, captured = [], []
         with torch.inference_mode():
             timed(None)
-            with Capture(model, full_spectrum=full) as capture:
+            with Capture(model, spectrum_layers=spectrum_layers) as capture:
                 timed(capture)
             for _ in range(args.repeats):
                 plain.append(timed(None))
-                with Capture(model, full_spectrum=full) as capture:
+                with Capture(model, spectrum_layers=spectrum_layers) as capture:
                     captured.append(timed(capture))
         p, c = statistics.median(plain), statistics.median(captured)
-        mode = "full spectrum (singular values)" if full else "IPR/PR only (no decomposition)"
         print(f"{mode:<34} forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: "
               f"overhead {100 * (c / p - 1):.1f}%")
 

@@ -2,6 +2,7 @@
 memory does not grow with samples."""
 
 import gc
+import math
 import warnings
 
 import pytest
@@ -139,10 +140,24 @@ def test_unknown_group_names_the_valid_ones(model):
 
 
 @torch.no_grad()
-def test_fast_mode_gives_the_same_ipr_and_pr(model):
+def test_spectrum_layers_decompose_only_there_with_the_same_ipr_and_pr(model):
     inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
-    with Capture(model) as full, Capture(model, full_spectrum=False) as fast:
+    with Capture(model) as full, Capture(model, spectrum_layers=()) as fast, \
+            Capture(model, spectrum_layers=[1]) as one:
         model(**inputs)
-    for a, b in zip(full.take(), fast.take()):
-        assert (a.layer, a.group, a.row) == (b.layer, b.group, b.row)
+    full_rows, one_rows = full.take(), one.take()
+    for a, b, c in zip(full_rows, fast.take(), one_rows):
+        assert (a.layer, a.group, a.row) == (b.layer, b.group, b.row) == (c.layer, c.group, c.row)
         assert b.ipr == pytest.approx(a.ipr, rel=1e-4) and b.pr == pytest.approx(a.pr, rel=1e-4)
+        assert math.isnan(b.effective_rank) and b.singular_values == []
+        if c.layer == 1:
+            assert c.effective_rank == pytest.approx(a.effective_rank, rel=1e-5)
+            assert c.singular_values == pytest.approx(a.singular_values, rel=1e-5)
+        else:
+            assert math.isnan(c.effective_rank) and c.singular_values == []
+    assert {a.layer for a in full_rows} == {c.layer for c in one_rows}
+
+
+def test_spectrum_layers_rejects_a_misspelt_mode(model):
+    with pytest.raises(ValueError, match="spectrum_layers"):
+        Capture(model, spectrum_layers="first")

@@ -142,3 +142,18 @@ def test_report_rerenders_from_the_tables_alone(run_folder, tmp_path):
     assert report.main([str(copy)]) == 0
     assert (copy / "report.html").is_file() and (copy / "figures" / "ipr_per_layer.png").is_file()
     assert report.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_spectrum_layers_headline_decomposes_only_the_headline_layer(tiny_model, tmp_path):
+    out = tmp_path / "headline"
+    args = ["--methods", "fastv", "--keep", "0.5", "--model", str(tiny_model), "--limit", "3",
+            "--batch-size", "3", "--out", str(out), "--no-progress", "--spectrum-layers", "headline"]
+    assert compare.main(args) == 0
+    spectra = pd.read_parquet(out / "spectra.parquet")
+    last = spectra.layer.max()
+    assert spectra[spectra.layer == last].effective_rank.notna().all()
+    leverage = (spectra.group == "visual") & spectra.layer.isin([0, 2])  # decomposed for leverage maps
+    assert spectra[(spectra.layer < last) & ~leverage].effective_rank.isna().all()
+    assert spectra.ipr.notna().all() and (spectra.ipr > 0).all()
+    assert json.loads((out / "config.json").read_text())["spectrum_layers"] == "headline"
+    assert (out / "figures" / "singular_spectra.png").is_file()
