@@ -130,7 +130,10 @@ def patch_labels(objects: list[ShapeObject], grid: int) -> dict[str, np.ndarray]
     """Per patch of a ``grid`` x ``grid`` patching: what the majority of its pixels show.
 
     ``colour`` / ``shape``: 0 for background, else 1 + index in COLOURS / SHAPES; ``centre``: 1 where
-    the patch holds an object's centre; ``row`` / ``col``: the patch's coordinates. Training-only
+    the patch holds an object's centre; ``row`` / ``col``: the patch's coordinates; of the object
+    nearest to the patch centre: ``pair`` (colour index * len(SHAPES) + shape index), ``near_row`` /
+    ``near_col`` (its centre's patch) and ``shape_count`` (objects of its shape, minus 1); ``count``:
+    objects in the scene, minus 1. Training-only
     targets for the bundled model's auxiliary heads (``analysis.train_bundled``).
     """
     index = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
@@ -145,7 +148,17 @@ def patch_labels(objects: list[ShapeObject], grid: int) -> dict[str, np.ndarray]
     for o in objects:
         centre[min(o.y // cell, grid - 1) * grid + min(o.x // cell, grid - 1)] = 1
     rows, cols = np.divmod(np.arange(grid * grid), grid)
-    return {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols}
+    # The object nearest to each patch centre: its colour-shape pair, its centre's cell, and counts.
+    centres = (np.stack([cols, rows], 1) + 0.5) * cell
+    positions = np.array([[o.x, o.y] for o in objects], float)
+    nearest = np.linalg.norm(centres[:, None] - positions[None], axis=-1).argmin(1)
+    pair = np.array([colours.index(o.colour) * len(shapes_) + shapes_.index(o.shape) for o in objects])
+    near_row = np.array([min(o.y // cell, grid - 1) for o in objects])
+    near_col = np.array([min(o.x // cell, grid - 1) for o in objects])
+    shape_count = np.array([sum(p.shape == o.shape for p in objects) - 1 for o in objects])
+    return {"colour": colour, "shape": shape, "centre": centre, "row": rows, "col": cols,
+            "pair": pair[nearest], "near_row": near_row[nearest], "near_col": near_col[nearest],
+            "shape_count": shape_count[nearest], "count": np.full(grid * grid, len(objects) - 1)}
 
 
 def _draw(draw: ImageDraw.ImageDraw, objects: list[ShapeObject], fill_of) -> None:

@@ -9,9 +9,13 @@ splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
 
 The first turn is token for token the evaluation prompt; the loss is on the answers and their
 ``</s>`` only. The closing "describe" turn (``analysis.shapes.describe``, never in test/val) gives
-dense supervision: without it the from-scratch model sat at the language-prior plateau (45% val
-accuracy after 500 steps of 4 questions per image). The run writes the checkpoint (safetensors), the processor, ``training_log.jsonl``
-(loss, learning rate, throughput, periodic val accuracy) and ``loss_curve.png``.
+dense supervision, training-only linear heads on the visual tokens (``PatchHeads``) give per-patch
+supervision, and optionally a curriculum grows the objects per scene from 1 to 6. Probes on one-object
+scenes (data/shapes-llava/README.md) found two options that matter: the language model's initial std (``--text-init``; with Llama's 0.02 it
+could not read a single object's colour after 200 steps, with 0.07 it read it perfectly after 150), and
+images normalised around the background (``--image-norm background``). The run writes the checkpoint
+(safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput, periodic
+per-family val accuracy) and ``loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -58,11 +62,15 @@ class ConversationBatches:
         self.n_image_tokens = n_image_tokens
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
+        self.max_objects = shapes.MAX_OBJECTS  # the curriculum lowers this early in training
 
     def __next__(self) -> dict[str, torch.Tensor]:
         images, sequences, scenes = [], [], []
-        for _ in range(self.batch_size):
+        while len(images) < self.batch_size:
             objects, rng = shapes.scene("train", self.index)
+            if len(objects) > self.max_objects:
+                self.index += 1
+                continue
             scenes.append(objects)
             questions = shapes.scene_questions(objects, rng, self.turns,
                                                first_family=self.index % len(shapes.FAMILIES))
@@ -94,17 +102,24 @@ class PatchHeads(torch.nn.Module):
     """Training-only linear heads on the projector's output (the visual tokens the LM reads).
 
     Per visual token they predict the colour and shape of the object under the patch (or background),
-    whether the patch holds an object's centre, and the patch's row and column. This dense supervision
-    makes the visual tokens linearly semantic within a few hundred steps. The heads are not saved.
+    whether the patch holds an object's centre, the patch's row and column, and of the nearest object
+    its colour-shape pair, centre cell and shape count, plus the scene's object count
+    (``shapes.patch_labels``; the last group with ``nearest=True``). The nearest-object targets spread each object's identity over its
+    neighbourhood, so a language model still attending broadly early in training reads it from many
+    tokens instead of the 2-9 under the object. The heads are not saved.
     (Tried and dropped: predicting the colour and shape *words* through the LM's embedding matrix, which
     pulled the word embeddings around and lowered val accuracy.)
     """
 
     SIZES = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 1, "centre": 2}
+    NEAREST_SIZES = {"pair": len(shapes.COLOURS) * len(shapes.SHAPES), "shape_count": shapes.MAX_OBJECTS,
+                     "count": shapes.MAX_OBJECTS}
 
-    def __init__(self, width: int, grid: int):
+    def __init__(self, width: int, grid: int, nearest: bool = False):
         super().__init__()
         sizes = {**self.SIZES, "row": grid, "col": grid}
+        if nearest:
+            sizes.update(self.NEAREST_SIZES, near_row=grid, near_col=grid)
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
 
     def loss(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -114,8 +129,8 @@ class PatchHeads(torch.nn.Module):
 
 
 @torch.no_grad()
-def first_token_accuracy(model, processor, split: str = "val", limit: int | None = None) -> float:
-    """Val accuracy from the argmax of the first answer token (all answers are one token)."""
+def first_token_accuracy(model, processor, split: str = "val", limit: int | None = None) -> dict[str, float]:
+    """Accuracy (%) per family and ``overall`` from the argmax of the first answer token (answers are one token)."""
     from analysis.datasets import load_split
     from analysis.evaluate import batch_inputs
     samples = load_split(split, limit=limit)
@@ -126,7 +141,7 @@ def first_token_accuracy(model, processor, split: str = "val", limit: int | None
         logits = model(**inputs, logits_to_keep=1).logits[:, -1]
         answers += processor.tokenizer.batch_decode(logits.argmax(-1, keepdim=True))
     model.train()
-    return float(accuracy_table(samples, answers).loc["overall", "accuracy"])
+    return {family: round(float(a), 2) for family, a in accuracy_table(samples, answers)["accuracy"].items()}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
@@ -136,12 +151,25 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def curriculum_max_objects(step: int, curriculum_steps: int) -> int:
+    """Most objects a training scene may hold at ``step``: 1 at first, every size after ``curriculum_steps``.
+
+    Why: with one object per image any pooling of the visual tokens answers every question, so the
+    language model learns to read the tokens before it has to learn to *select* among them.
+    """
+    if step >= curriculum_steps:
+        return shapes.MAX_OBJECTS
+    span = shapes.MAX_OBJECTS - shapes.MIN_OBJECTS + 1
+    return shapes.MIN_OBJECTS + int(span * step / curriculum_steps)
+
+
 def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
           config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
-          init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0) -> dict:
+          init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
+          curriculum: int = 0, nearest_targets: bool = False, image_norm: str = "clip") -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
-    processor = bundled.build_processor()
+    processor = bundled.build_processor(normalisation=image_norm)
     if init_from is not None:  # continue from a checkpoint: its weights, fresh optimizer and schedule
         model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).train()
         config = model.config
@@ -155,7 +183,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
     batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe,
                                   patch_targets=aux_weight > 0)
-    heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size)
+    heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size, nearest_targets)
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
     parameters = list(model.named_parameters()) + list(heads.named_parameters())
@@ -172,6 +200,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+        batches.max_objects = curriculum_max_objects(step, curriculum)
         batch = next(batches)
         targets = batch.pop("patch_targets", None)
         projected.clear()
@@ -190,11 +219,13 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
         if targets is not None:
             record["aux_loss"] = round(aux.item(), 5)
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            record["val_accuracy"] = round(first_token_accuracy(model, processor), 2)
+            families = first_token_accuracy(model, processor)
+            record["val_accuracy"] = families.pop("overall")
+            record["val_families"] = families
         log.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": record["val_accuracy"]}
                                                           if "val_accuracy" in record else {}))
-        if "val_accuracy" in record and not progress:
+        if not progress and ("val_accuracy" in record or (step + 1) % 25 == 0):
             print(json.dumps(record), flush=True)
     hook.remove()
     model.eval()
@@ -211,6 +242,8 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     if init_from is not None and (Path(init_from) / "training_summary.json").is_file():
         previous = json.loads((Path(init_from) / "training_summary.json").read_text())
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
+               "curriculum": curriculum, "text_init": config.text_config.initializer_range,
+               "nearest_targets": nearest_targets, "image_norm": image_norm,
                "aux_weight": aux_weight,
                "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
                "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
@@ -240,16 +273,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-width", type=int, default=192)
     parser.add_argument("--text-heads", type=int, default=3)
     parser.add_argument("--text-layers", type=int, default=8)
+    parser.add_argument("--text-init", type=float, default=0.02,
+                        help="std of the language model's initial weights (Llama's 0.02 suits widths near 4096; "
+                             "0.07, about 1/sqrt(192), let the LM read colours within 150 steps)")
+    parser.add_argument("--image-norm", choices=sorted(bundled.NORMALISATIONS), default="clip",
+                        help="image mean/std: CLIP's, or centred on the benchmark's background")
+    parser.add_argument("--nearest-targets", action="store_true",
+                        help="add the nearest-object patch targets (pair, centre cell, counts) to the aux heads")
     parser.add_argument("--aux-weight", type=float, default=1.0,
                         help="weight of the per-patch auxiliary losses (0: none)")
+    parser.add_argument("--curriculum", type=int, default=0,
+                        help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     args = parser.parse_args(argv)
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
-                    "text_kv_heads": args.text_heads, "text_layers": args.text_layers}
+                    "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
+                    "text_init": args.text_init}
     summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
                     args.eval_every, config_overrides=architecture, progress=not args.no_progress,
                     describe=not args.no_describe,
-                    init_from=args.init_from, start=args.start, aux_weight=args.aux_weight)
+                    init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
+                    curriculum=args.curriculum, nearest_targets=args.nearest_targets,
+                    image_norm=args.image_norm)
     print(json.dumps(summary, indent=1))
 
 

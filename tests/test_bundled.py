@@ -98,3 +98,23 @@ def test_training_smoke_on_a_tiny_config(tmp_path):
     assert model.config.text_config.num_hidden_layers == 2
     sample = load_split("val", limit=2)
     assert len(answer(model, processor, sample, progress=False)) == 2
+
+
+def test_curriculum_grows_from_one_object_and_batches_respect_it():
+    from analysis.train_bundled import curriculum_max_objects
+    assert curriculum_max_objects(0, 600) == 1
+    assert [curriculum_max_objects(s, 600) for s in (99, 100, 599, 600)] == [1, 2, 6, 6]
+    assert curriculum_max_objects(0, 0) == shapes.MAX_OBJECTS  # off
+    batches = ConversationBatches(bundled.build_processor(), 144, batch_size=4, turns=2, patch_targets=True)
+    batches.max_objects = 1
+    batch = next(batches)
+    assert (batch["patch_targets"]["count"] == 0).all()  # count - 1: every scene holds one object
+    assert batch["pixel_values"].shape[0] == 4
+
+
+def test_background_normalisation_maps_an_empty_image_to_zeros():
+    processor = bundled.build_processor(normalisation="background")
+    pixels = processor.image_processor([shapes.blank_image()], return_tensors="pt")["pixel_values"]
+    assert pixels.abs().max() < 1e-5
+    with pytest.raises(ValueError, match="valid: \\['background', 'clip'\\]"):
+        bundled.build_processor(normalisation="imagenet")

@@ -122,3 +122,23 @@ def test_unknown_split_and_family_name_the_valid_ones():
         shapes.scene("training", 0)
     with pytest.raises(ValueError, match="valid families"):
         shapes.make_question([], "size", np.random.default_rng(0))
+
+
+def test_patch_labels_of_a_hand_made_scene():
+    red_circle = shapes.ShapeObject("circle", "red", "large", x=15, y=15)
+    blue_squares = [shapes.ShapeObject("square", "blue", "small", x=60, y=60),
+                    shapes.ShapeObject("square", "green", "small", x=60, y=12)]
+    labels = shapes.patch_labels([red_circle, *blue_squares], grid=12)  # 6 px cells
+    cell = lambda x, y: (y // 6) * 12 + x // 6  # noqa: E731
+    pair = lambda o: list(shapes.COLOURS).index(o.colour) * len(shapes.SHAPES) + shapes.SHAPES.index(o.shape)  # noqa: E731
+    assert labels["colour"][cell(15, 15)] == 1 + list(shapes.COLOURS).index("red")
+    assert labels["shape"][cell(15, 15)] == 1 + shapes.SHAPES.index("circle")
+    assert labels["colour"][cell(40, 40)] == 0 and labels["shape"][cell(40, 40)] == 0  # background
+    assert labels["centre"].sum() == 3 and labels["centre"][cell(60, 60)] == 1
+    # background patches are labelled with the object nearest to them
+    assert labels["pair"][cell(3, 3)] == pair(red_circle)
+    assert labels["pair"][cell(69, 69)] == pair(blue_squares[0])
+    assert labels["near_row"][cell(69, 69)] == 10 and labels["near_col"][cell(69, 69)] == 10
+    assert labels["shape_count"][cell(69, 69)] == 1 and labels["shape_count"][cell(3, 3)] == 0
+    assert (labels["count"] == 2).all()
+    assert labels["row"][cell(69, 3)] == 0 and labels["col"][cell(69, 3)] == 11
