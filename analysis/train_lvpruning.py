@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="default: <model>/lvpruning")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-5,
+                        help="the modules' logits come from a LayerNorm'd width-C vector, so each step moves "
+                             "them by about lr x C: 1e-3 made every stage swing between keeping all and none")
     parser.add_argument("--rho", type=float, default=0.5)
-    parser.add_argument("--lambda-ratio", type=float, default=20.0)
+    parser.add_argument("--lambda-ratio", type=float, default=100.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)

@@ -43,7 +43,7 @@ def main(argv=None):
     config = AutoConfig.from_pretrained(bundled.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     frames = []
-    common = ["--limit", str(args.limit), "--no-progress"]
+    common = ["--limit", str(args.limit), "--no-progress", "--spectrum-layers", "headline"]
     assert compare.main(["--methods", "lvpruning", "--keep", *map(str, args.rho),
                          "--out", str(args.out / "lvpruning"), *common]) == 0
     frames.append(pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"]))
