@@ -12,9 +12,10 @@ The first turn is token for token the evaluation prompt; the loss is on the answ
 dense supervision, training-only linear heads on the visual tokens (``PatchHeads``) give per-patch
 supervision, a curriculum grows the objects per scene from 1 to 6, and a vision warm-up first trains
 the tower alone on the patch heads (``warm_up_vision``). Probes on one-object scenes
-(data/shapes-llava/README.md) found what matters: the vision warm-up (object shape), the language model's initial std (``--text-init``; with Llama's 0.02 it
-could not read a single object's colour after 200 steps, with 0.07 it read it perfectly after 150), and
-images normalised around the background (``--image-norm background``). The run writes the checkpoint
+(data/shapes-llava/README.md) found what matters: the vision warm-up (object shape), the language
+model's initial std (``--text-init``; with Llama's 0.02 it could not read a single object's colour
+after 200 steps, with 0.07 it read it perfectly after 150), and images normalised around the
+background (``--image-norm background``). The run writes the checkpoint
 (safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput, periodic
 per-family val accuracy) and ``loss_curve.png``.
 """
@@ -105,9 +106,9 @@ class PatchHeads(torch.nn.Module):
     Per visual token they predict the colour and shape of the object under the patch (or background),
     whether the patch holds an object's centre, the patch's row and column, and of the nearest object
     its colour-shape pair, centre cell and shape count, plus the scene's object count
-    (``shapes.patch_labels``; the last group with ``nearest=True``). The nearest-object targets spread each object's identity over its
-    neighbourhood, so a language model still attending broadly early in training reads it from many
-    tokens instead of the 2-9 under the object. The heads are not saved.
+    (``shapes.patch_labels``; the last group with ``nearest=True``). The nearest-object targets spread
+    each object's identity over its neighbourhood, so a language model still attending broadly early
+    in training reads it from many tokens instead of the 2-9 under the object. The heads are not saved.
     (Tried and dropped: predicting the colour and shape *words* through the LM's embedding matrix, which
     pulled the word embeddings around and lowered val accuracy.)
     """
@@ -150,7 +151,7 @@ def warm_up_vision(model, heads: PatchHeads, batches: "ConversationBatches", ste
     log = []
     for step in tqdm(range(steps), desc="vision warm-up", disable=not progress):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            group["lr"] = cosine_lr(step, steps, lr)
         batch = next(batches)
         features = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[
             model.config.vision_feature_layer][:, 1:]  # "default" strategy: CLS dropped
@@ -181,7 +182,9 @@ def first_token_accuracy(model, processor, split: str = "val", limit: int | None
     return {family: round(float(a), 2) for family, a in accuracy_table(samples, answers)["accuracy"].items()}
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+def cosine_lr(step: int, total: int, peak: float, warmup: int | None = None, floor: float = 0.05) -> float:
+    """Linear warm-up (default: min(100, total // 10 + 1) steps), then cosine decay to ``floor`` x peak."""
+    warmup = min(100, total // 10 + 1) if warmup is None else warmup
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -238,7 +241,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     bar = tqdm(range(steps), desc="training", disable=not progress)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=min(100, steps // 10 + 1))
+            group["lr"] = cosine_lr(step, steps, lr)
         batches.max_objects = curriculum_max_objects(step, curriculum)
         batch = next(batches)
         targets = batch.pop("patch_targets", None)
