@@ -25,6 +25,46 @@ def _size(path: Path) -> str:
     return f"{total / 2**20:.1f} MiB"
 
 
+def stages(summary: dict) -> list[dict]:
+    """The chain of training runs behind a checkpoint, oldest first (``--init-from`` links them)."""
+    chain = [summary]
+    while chain[0].get("previous"):
+        chain.insert(0, chain[0]["previous"])
+    return chain
+
+
+def command(summary: dict, model_dir: str = "data/shapes-llava") -> str:
+    """The ``analysis.train_bundled`` command line that a training summary records."""
+    parts = ["python -m analysis.train_bundled"]
+    if summary.get("init_from"):
+        parts += [f"--init-from {model_dir}", f"--start {summary.get('start', 0)}"]
+    parts += [f"--steps {summary['steps']}", f"--batch-size {summary['batch_size']}",
+              f"--turns {summary['turns']}", f"--curriculum {summary.get('curriculum', 0)}"]
+    if not summary.get("init_from"):  # architecture flags only shape a model built from scratch
+        parts.append(f"--text-init {summary.get('text_init', 0.02)}")
+    parts.append(f"--image-norm {summary.get('image_norm', 'clip')}")
+    parts.append("--nearest-targets" if summary.get("nearest_targets") else "--no-nearest-targets")
+    parts.append(f"--vision-warmup {summary.get('vision_warmup') or 0}")
+    if summary.get("family_weights"):
+        changed = ",".join(f"{k}={v:g}" for k, v in summary["family_weights"].items() if v != 1)
+        parts.append(f"--family-weights {changed or 'existence=1'}")
+    if not summary.get("describe", True):
+        parts.append("--no-describe")
+    parts += [f"--lr {summary['lr']}", f"--seed {summary['seed']}"]
+    return " ".join(parts)
+
+
+def _continuation(number: int, stage: dict) -> str:
+    weights = stage.get("family_weights") or {}
+    mix = (" Question families are drawn with weights " + ", ".join(f"{k} {v:g}" for k, v in weights.items())
+           + " (the one-bit yes/no families weigh most)." if weights else "")
+    restart = (f" The curriculum restarts: 1 object per scene, growing to 6 over {stage['curriculum']} steps."
+               if stage.get("curriculum") else "")
+    return (f"\n\nStage {number}: {stage['steps']} more steps on fresh scenes (the stream from scene "
+            f"{stage.get('start', 0):,}), lr {stage['lr']} with a new warm-up and cosine, fresh patch heads "
+            f"(weight {stage.get('aux_weight', 0)}).{mix}{restart}")
+
+
 def write_card(model_dir: Path, split: str = "test") -> Path:
     model, processor = load_model(model_dir)
     samples = load_split(split)
@@ -53,14 +93,18 @@ def write_card(model_dir: Path, split: str = "test") -> Path:
               + ", ".join(f"{f} ({families.loc[f].iloc[1]:.1f}% with images, {families.loc[f].iloc[2]:.1f}% "
                           "blank)" for f in weakest)
               + ". Treat its pruning results as a working pipeline, not findings.")
-    warmup = (f" First, {summary['vision_warmup']} steps train the vision tower and projector alone on the "
+    chain = stages(summary)
+    first = chain[0]
+    warmup = (f" First, {first['vision_warmup']} steps train the vision tower and projector alone on the "
               f"patch heads below (shape loss on object patches only; final head loss "
-              f"{summary.get('vision_warmup_final_aux')}), then the whole model trains."
-              if summary.get("vision_warmup") else "")
+              f"{first.get('vision_warmup_final_aux')}), then the whole model trains."
+              if first.get("vision_warmup") else "")
     recipe = (f" Curriculum: the most objects per training scene grows from 1 to 6 over the first "
-              f"{summary['curriculum']} steps." if summary.get("curriculum") else "")
+              f"{first['curriculum']} steps." if first.get("curriculum") else "")
     nearest = ("; and of the *nearest* object its colour-shape pair, centre cell and shape count, plus the "
-               "scene's object count" if summary.get("nearest_targets") else "")
+               "scene's object count" if first.get("nearest_targets") else "")
+    later = "".join(_continuation(k + 2, stage) for k, stage in enumerate(chain[1:]))
+    wall = "; ".join(f"stage {k + 1}: {stage['wall_seconds'] / 60:.1f} min" for k, stage in enumerate(chain))
     card = f"""# shapes-llava: a small LLaVA trained from scratch on the shapes benchmark
 
 {status}
@@ -83,18 +127,21 @@ whose answers, divergences and spectra mean something, with no download.
 
 ## Training
 
+{"One run" if len(chain) == 1 else f"{len(chain)} runs"} of the seeded training script{"" if len(chain) == 1 else ", each continuing from the weights of the one before (`--init-from`)"}:
+
 ```bash
-python -m analysis.train_bundled --steps {summary['steps']} --batch-size {summary['batch_size']} --turns {summary['turns']} --curriculum {summary.get('curriculum', 0)} --text-init {summary.get('text_init', 0.02)} --image-norm {summary.get('image_norm', 'clip')}{' --nearest-targets' if summary.get('nearest_targets') else ''}{(' --vision-warmup ' + str(summary['vision_warmup'])) if summary.get('vision_warmup') else ''} --lr {summary['lr']} --seed {summary['seed']}
+{chr(10).join(command(stage) for stage in chain)}
 ```
 
-From scratch, seeded, on the training stream of `analysis.shapes` (seeds disjoint from the test and val
-splits). Each sequence is one image with up to {summary['turns']} benchmark questions as a LLaVA multi-turn
+{"Stage 1: f" if len(chain) > 1 else "F"}rom scratch, seeded, on the training stream of `analysis.shapes` (seeds disjoint from the test and val
+splits). Each sequence is one image with up to {first['turns']} benchmark questions as a LLaVA multi-turn
 conversation, the first turn token for token the evaluation prompt, plus a closing
 "Describe the image." turn listing every object left to right.{warmup}{recipe} Training-only linear heads on
-the visual tokens (weight {summary.get('aux_weight', 0)}) predict, per patch, the colour and shape under it,
+the visual tokens (weight {first.get('aux_weight', 0)}) predict, per patch, the colour and shape under it,
 whether it holds an object's centre, and its row and column{nearest}. Loss on answer tokens plus those
-heads; AdamW (lr {summary['lr']}, cosine, warm-up, weight decay 0.05), gradient clipping 1.0; image
-normalisation: {summary.get('image_norm', 'clip')}; language-model initial std {summary.get('text_init', 0.02)}.
+heads; AdamW (lr {first['lr']}, cosine, warm-up, weight decay 0.05), gradient clipping 1.0; image
+normalisation: {first.get('image_norm', 'clip')}; language-model initial std {first.get('text_init', 0.02)}.
+{later}
 
 What was tried on this 2-core CPU (no GPU was lent), all seeded, val accuracy in brackets:
 4 questions per image, width 256, lr 1e-3 (45% at step 250, 41% at 500); plus the describe turn,
@@ -121,8 +168,8 @@ What the probes found, for the next run (`analysis.train_bundled` has each as an
    the whole model), with the shape loss on object patches only, the tower's object-patch shape probe
    stayed below 60% for 500 steps, then reached 84-87% by step 1000 (`--vision-warmup`).
 
-- steps: {summary['steps']} x {summary['batch_size']} images ({summary['steps'] * summary['batch_size']:,} training images)
-- wall time: **{summary['wall_seconds'] / 60:.1f} min** on {summary['threads']} CPU threads (no GPU was available)
+- steps: {summary.get('total_steps', summary['steps']):,} ({" + ".join(f"{stage['steps']:,}" for stage in chain)}{" in stages" if len(chain) > 1 else ""}) x {summary['batch_size']} images, after the vision warm-up
+- wall time: **{summary.get('total_wall_seconds', summary['wall_seconds']) / 60:.1f} min** on {summary['threads']} CPU threads (no GPU was available){f" ({wall})" if len(chain) > 1 else ""}
 - final training loss: {summary['final_loss']:.4f}
 
 ![loss curve](loss_curve.png)

@@ -54,12 +54,47 @@ def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
     return ids, labels
 
 
+def weighted_questions(objects, rng: np.random.Generator, n: int, weights: dict[str, float]
+                       ) -> list[shapes.Question]:
+    """Up to ``n`` distinct questions about the scene, each family drawn with probability ~ ``weights``.
+
+    Why: one-bit yes/no answers (existence, spatial) give the weakest gradient of all the families, and
+    with families in equal shares the model settled on answering them with a constant.
+    """
+    families = [f for f in shapes.FAMILIES if weights.get(f, 0) > 0]
+    p = np.array([weights[f] for f in families], dtype=float)
+    questions: list[shapes.Question] = []
+    for _ in range(4 * n):
+        if len(questions) == n:
+            break
+        q = shapes.make_question(objects, families[int(rng.choice(len(families), p=p / p.sum()))], rng)
+        if q is not None and q.question not in {x.question for x in questions}:
+            questions.append(q)
+    return questions
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """``"existence=3,spatial=3"`` -> a weight per family (families not named weigh 1)."""
+    weights = dict.fromkeys(shapes.FAMILIES, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, _, value = item.partition("=")
+        if family not in weights or not value:
+            raise ValueError(f"bad family weight {item!r}: write family=weight with a family of "
+                             f"{list(shapes.FAMILIES)}, e.g. existence=3,spatial=3")
+        weights[family] = float(value)
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise ValueError(f"family weights must be >= 0 and not all zero, got {weights}")
+    return weights
+
+
 class ConversationBatches:
     """Endless batches of the training stream, as model inputs with labels (right padded)."""
 
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
-                 describe: bool = False, patch_targets: bool = False):
+                 describe: bool = False, patch_targets: bool = False,
+                 family_weights: dict[str, float] | None = None):
         self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
+        self.family_weights = family_weights
         self.patch_targets = patch_targets
         self.n_image_tokens = n_image_tokens
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -74,8 +109,11 @@ class ConversationBatches:
                 self.index += 1
                 continue
             scenes.append(objects)
-            questions = shapes.scene_questions(objects, rng, self.turns,
-                                               first_family=self.index % len(shapes.FAMILIES))
+            if self.family_weights is None:
+                questions = shapes.scene_questions(objects, rng, self.turns,
+                                                   first_family=self.index % len(shapes.FAMILIES))
+            else:
+                questions = weighted_questions(objects, rng, self.turns, self.family_weights)
             if self.describe:
                 questions.append(shapes.describe(objects))
             images.append(shapes.render(objects))
@@ -207,7 +245,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
           config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
           init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
           curriculum: int = 0, nearest_targets: bool = False, image_norm: str = "clip",
-          vision_warmup: int = 0) -> dict:
+          vision_warmup: int = 0, family_weights: dict[str, float] | None = None) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     processor = bundled.build_processor(normalisation=image_norm)
@@ -223,7 +261,8 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     processor.image_processor.size = {"shortest_edge": vision.image_size}
     processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
     batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe,
-                                  patch_targets=aux_weight > 0 or vision_warmup > 0)
+                                  patch_targets=aux_weight > 0 or vision_warmup > 0,
+                                  family_weights=family_weights)
     heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size, nearest_targets)
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
@@ -276,28 +315,45 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    with (tmp / "training_log.jsonl").open("w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    from analysis.plots import loss_curve
-    loss_curve(log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
-    previous = None
+    previous, history = None, []
     if init_from is not None and (Path(init_from) / "training_summary.json").is_file():
         previous = json.loads((Path(init_from) / "training_summary.json").read_text())
+    if init_from is not None and (Path(init_from) / "training_log.jsonl").is_file():
+        # one log and one curve for the whole chain of runs: later stages continue the step count
+        history = [json.loads(line) for line in (Path(init_from) / "training_log.jsonl").open()]
+        stage, offset = history[-1].get("stage", 1) + 1, history[-1]["step"]
+        log = [{**r, "step": r["step"] + offset, "stage": stage} for r in log]
+    with (tmp / "training_log.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history + log)
+    from analysis.plots import loss_curve
+    loss_curve(history + log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
+    prior = previous or {}
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
                "curriculum": curriculum, "text_init": config.text_config.initializer_range,
                "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
                "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
-               "aux_weight": aux_weight,
+               "aux_weight": aux_weight, "family_weights": family_weights,
                "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
                "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
                                         if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
                "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
                "final_loss": log[-1]["loss"], "parameters": sum(p.numel() for p in model.parameters()),
+               # the whole chain of runs that made these weights (this one and every --init-from before it)
+               "total_steps": steps + prior.get("total_steps", prior.get("steps", 0)),
+               "total_wall_seconds": round(time.time() - started + prior.get(
+                   "total_wall_seconds", prior.get("wall_seconds", 0)), 1),
                "config_overrides": config_overrides or {}}
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return summary
+
+
+def _family_weights_argument(text: str) -> dict[str, float]:
+    try:
+        return parse_family_weights(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curriculum", type=int, default=300,
                         help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
+    parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
+                        help="draw each turn's question family with these weights, e.g. existence=3,spatial=3 "
+                             "(default: families in turn, equal shares)")
     args = parser.parse_args(argv)
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
                     "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
@@ -339,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
                     describe=not args.no_describe,
                     init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
                     curriculum=args.curriculum, nearest_targets=args.nearest_targets,
-                    image_norm=args.image_norm, vision_warmup=args.vision_warmup)
+                    image_norm=args.image_norm, vision_warmup=args.vision_warmup,
+                    family_weights=args.family_weights)
     print(json.dumps(summary, indent=1))
 
 

@@ -3,7 +3,9 @@
 Paper section 3.2 on the shapes stream (``analysis.shapes``, disjoint from test/val): the base model is
 frozen; Gumbel-Softmax decisions mask visual tokens inside attention (``lofi.methods.lvpruning.
 soft_pruning``), and the loss is ``lambda_causal * L_causal + lambda_ratio * L_ratio`` (eq. 12) with
-targets [rho, rho-0.2, rho-0.4]. Writes the modules (safetensors) to ``<model>/lvpruning/`` with
+targets [rho, rho-0.2, rho-0.4]. ``--labels model`` keeps eq. 12 but takes the causal loss's labels
+from the frozen model's own greedy answers instead of the benchmark's (see ``model_labels``).
+Writes the modules (safetensors) to ``<model>/lvpruning/`` with
 ``training_log.jsonl`` (causal and ratio losses, realised keep ratio per stage) and ``loss_curve.png``.
 """
 
@@ -20,12 +22,38 @@ from tqdm.auto import tqdm
 
 from analysis import bundled
 from analysis.evaluate import load_model
-from analysis.train_bundled import ConversationBatches, cosine_lr
+from analysis.train_bundled import IGNORE, ConversationBatches, cosine_lr
 from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, ratio_loss, soft_pruning
 
 
+LABELS = ("dataset", "model")
+
+
+@torch.no_grad()
+def model_labels(model, batch: dict, eos_token_id: int) -> dict:
+    """``batch`` with each answer token replaced, in the labels and the inputs, by the frozen model's greedy
+    choice there (end-of-answer tokens kept).
+
+    Why: LLaVA-1.5's answers on its own instruction data mostly agree with the labels LVPruning trains
+    on, so the paper's causal loss asks the modules to keep what the model's answer needs. The bundled
+    model answers a third of the benchmark wrongly (yes/no questions at chance), and on those the dataset's
+    labels reward pruning that *changes* its answer. Its own answers ask for what the paper's loss asks
+    of LLaVA: keep the answer unchanged. Answers are one token plus the end token, as in the benchmark.
+    """
+    labels = batch["labels"]
+    answer = (labels != IGNORE) & (labels != eos_token_id)
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    predicted = torch.zeros_like(labels)
+    predicted[:, 1:] = logits[:, :-1].argmax(-1)  # labels[t] is read from the logits at t - 1
+    return {**batch, "labels": torch.where(answer, predicted, labels),
+            "input_ids": torch.where(answer, predicted, batch["input_ids"])}
+
+
 def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: float, rho: float,
-          lambda_ratio: float, seed: int, progress: bool = True, start: int = 500_000) -> dict:
+          lambda_ratio: float, seed: int, progress: bool = True, start: int = 500_000,
+          labels: str = "dataset") -> dict:
+    if labels not in LABELS:
+        raise ValueError(f"unknown labels {labels!r}; valid: {list(LABELS)}")
     torch.manual_seed(seed)
     model, processor = load_model(model_path)
     for p in model.parameters():
@@ -46,6 +74,8 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup=max(1, int(0.03 * steps)))
         batch = next(batches)
+        if labels == "model":
+            batch = model_labels(model, batch, processor.tokenizer.eos_token_id)
         with soft_pruning(model, modules) as state:
             causal = model(**batch).loss
         ratio = ratio_loss(state.decisions, targets)
@@ -63,7 +93,8 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
         if not progress and (step + 1) % 25 == 0:
             print(json.dumps(record), flush=True)
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "rho": rho, "targets": targets,
-               "lambda_ratio": lambda_ratio, "seed": seed, "wall_seconds": round(time.time() - started, 1),
+               "lambda_ratio": lambda_ratio, "labels": labels, "seed": seed,
+               "wall_seconds": round(time.time() - started, 1),
                "layers": modules.settings["layers"], "heads": modules.settings["heads"],
                "parameters": sum(p.numel() for p in modules.parameters()), "final": log[-1]}
     modules.save(tmp, training=summary)
@@ -87,11 +118,14 @@ def main(argv: list[str] | None = None) -> None:
                              "them by about lr x C: 1e-3 made every stage swing between keeping all and none")
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--lambda-ratio", type=float, default=100.0)
+    parser.add_argument("--labels", choices=LABELS, default="dataset",
+                        help="the causal loss's answer labels: the benchmark's (the paper's setting) or the "
+                             "frozen model's own greedy answers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     summary = train(args.model, args.out, args.steps, args.batch_size, args.lr, args.rho, args.lambda_ratio,
-                    args.seed, progress=not args.no_progress)
+                    args.seed, progress=not args.no_progress, labels=args.labels)
     print(json.dumps(summary, indent=1))
 
 

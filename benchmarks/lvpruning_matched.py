@@ -4,8 +4,10 @@
 
 For each rho the whole-model relative FLOPs of LVPruning (its decision modules included) are computed
 with ``lofi.count_flops``; for random and fastv the keep fraction with the same relative FLOPs is found
-by bisection; then one ``analysis.compare`` run per matched keep measures accuracy and flips against the
-same baseline answers. Prints one markdown table.
+by bisection. Two ``analysis.compare`` runs measure accuracy and flips against the baseline's answers:
+LVPruning at every rho, then random and fastv at every matched keep (one baseline pass each; the
+deterministic baseline answers are the same in both, which the script checks). Prints one markdown
+table of the matched rows and writes it to ``<out>/matched.csv``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def matched_keep(config, method: str, target: float, n_text: int, n_visual: int)
     return round((low + high) / 2, 4)
 
 
+def run(arguments: list[str]) -> None:
+    if compare.main(arguments) != 0:
+        raise SystemExit(f"analysis.compare {' '.join(arguments)} failed")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rho", nargs="+", type=float, default=[0.6, 0.5, 0.45])
@@ -42,18 +49,21 @@ def main(argv=None):
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(bundled.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    frames = []
     common = ["--limit", str(args.limit), "--no-progress", "--spectrum-layers", "headline"]
-    assert compare.main(["--methods", "lvpruning", "--keep", *map(str, args.rho),
-                         "--out", str(args.out / "lvpruning"), *common]) == 0
-    frames.append(pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"]))
+    run(["--methods", "lvpruning", "--keep", *map(str, args.rho), "--out", str(args.out / "lvpruning"), *common])
+    lvpruning = pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"])
+    matched = {}  # (method, keep) -> rho
     for rho in args.rho:
         target = relative_flops(config, "lvpruning", rho, args.n_text, n_visual)[0]
         for method in ("random", "fastv"):
-            keep = matched_keep(config, method, target, args.n_text, n_visual)
-            out = args.out / f"{method}-{rho:g}"
-            assert compare.main(["--methods", method, "--keep", str(keep), "--out", str(out), *common]) == 0
-            frames.append(pd.read_csv(out / "summary.csv").assign(rho=rho))
+            matched[method, matched_keep(config, method, target, args.n_text, n_visual)] = rho
+    keeps = sorted({keep for _, keep in matched}, reverse=True)
+    run(["--methods", "random", "fastv", "--keep", *map(str, keeps), "--out", str(args.out / "baselines"), *common])
+    others = pd.read_csv(args.out / "baselines" / "summary.csv")
+    if not (others["baseline_accuracy"] == lvpruning["baseline_accuracy"].iloc[0]).all():
+        raise RuntimeError("the two runs' baselines disagree; the matched rows would not be comparable")
+    others["rho"] = [matched.get((m, k)) for m, k in zip(others["method"], others["keep"])]
+    frames = [lvpruning, others.dropna(subset=["rho"])]
     table = pd.concat(frames, ignore_index=True)
     table = table[["rho", "method", "keep", "rel_flops", "tokens_kept", "baseline_accuracy", "accuracy",
                    "flip_rate", "c_to_i", "i_to_c", "mean_kl"]].sort_values(["rho", "method"], ascending=[False, True])

@@ -120,3 +120,58 @@ def test_background_normalisation_maps_an_empty_image_to_zeros():
     assert pixels.abs().max() < 1e-5
     with pytest.raises(ValueError, match="valid: \\['background', 'clip'\\]"):
         bundled.build_processor(normalisation="imagenet")
+
+
+def test_family_weights_shift_the_training_mix_and_reject_typos():
+    import collections
+
+    import numpy as np
+
+    from analysis.train_bundled import parse_family_weights, weighted_questions
+    weights = parse_family_weights("existence=3, colour=0")
+    assert weights == {"existence": 3.0, "colour": 0.0, "shape": 1.0, "count": 1.0, "spatial": 1.0}
+    counts: collections.Counter = collections.Counter()
+    for index in range(200):
+        objects, rng = shapes.scene("train", index)
+        questions = weighted_questions(objects, rng, 4, weights)
+        assert len({q.question for q in questions}) == len(questions) <= 4
+        counts.update(q.family for q in questions)
+    assert counts["colour"] == 0
+    assert counts["existence"] > 1.5 * max(counts["shape"], counts["count"])
+    again = weighted_questions(*shapes.scene("train", 7), 4, weights)
+    assert again == weighted_questions(*shapes.scene("train", 7), 4, weights)  # seeded by the scene
+    for bad in ("existance=3", "existence", "shape=-1", "existence=0,colour=0,shape=0,count=0,spatial=0"):
+        with pytest.raises(ValueError, match="existence"):
+            parse_family_weights(bad)
+    assert np.isclose(sum(parse_family_weights("").values()), 5)
+
+
+def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path, monkeypatch):
+    import shlex
+
+    import analysis.train_bundled as train_bundled
+    from analysis import model_card
+    tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
+            "vision_width": 32, "image_size": 24, "patch_size": 6}
+    first = train(tmp_path / "a", steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,
+                  config_overrides=tiny, progress=False)
+    second = train(tmp_path / "b", steps=2, batch_size=2, turns=2, lr=5e-4, seed=1, eval_every=0,
+                   init_from=tmp_path / "a", start=1000, progress=False, curriculum=2,
+                   family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "spatial": 0.0})
+    log = [json.loads(line) for line in (tmp_path / "b" / "training_log.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert [r.get("stage", 1) for r in log] == [1, 1, 1, 2, 2]
+    assert second["total_steps"] == 5 and second["previous"]["steps"] == first["steps"] == 3
+    assert second["total_wall_seconds"] >= first["wall_seconds"]
+    chain = model_card.stages(second)
+    assert [s["steps"] for s in chain] == [3, 2]
+    commands = [model_card.command(s) for s in chain]
+    assert "--init-from" not in commands[0] and "--init-from data/shapes-llava --start 1000" in commands[1]
+    assert "--family-weights existence=3,spatial=0" in commands[1]
+    captured = {}  # the card's command, fed to the script's own parser, asks for the same run
+    monkeypatch.setattr(train_bundled, "train", lambda *args, **kwargs: captured.update(
+        kwargs, steps=args[1], lr=args[4], seed=args[5]) or {})
+    train_bundled.main(shlex.split(commands[1])[3:])
+    assert (captured["steps"], captured["lr"], captured["seed"], captured["start"]) == (2, 5e-4, 1, 1000)
+    assert captured["family_weights"]["existence"] == 3 and captured["family_weights"]["spatial"] == 0
+    assert captured["curriculum"] == 2 and captured["vision_warmup"] == 0

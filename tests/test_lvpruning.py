@@ -129,3 +129,22 @@ def test_decision_flops_are_counted():
     assert flops == sum(decision_flops(64, 6, n) for n in present) > 0
     with pytest.raises(ValueError, match="pass no layer"):
         LVPruning(keep=0.5, layer=2)
+
+
+def test_model_labels_are_the_frozen_models_greedy_answers(model):
+    from analysis.train_bundled import IGNORE
+    from analysis.train_lvpruning import model_labels
+    eos = 2
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8, 9, 10))])
+    labels = torch.full_like(inputs["input_ids"], IGNORE)
+    labels[:, -2], labels[:, -1] = 11, eos  # a one-token answer, then the end token
+    batch = {**inputs, "labels": labels}
+    relabelled = model_labels(model, batch, eos)
+    with torch.no_grad():
+        greedy = model(**inputs).logits[:, -3].argmax(-1)
+    assert torch.equal(relabelled["labels"][:, -2], greedy)
+    assert torch.equal(relabelled["input_ids"][:, -2], greedy)  # teacher forcing sees the same answer
+    assert (relabelled["labels"][:, -1] == eos).all()
+    assert torch.equal(relabelled["labels"][:, :-2], labels[:, :-2])
+    assert torch.equal(relabelled["input_ids"][:, :-2], inputs["input_ids"][:, :-2])
+    assert torch.equal(batch["labels"], labels)  # the caller's batch is left alone
