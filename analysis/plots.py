@@ -39,8 +39,8 @@ def loss_curve(log: Sequence[dict], ax=None):
     for before, after in zip(log, log[1:]):
         if after.get("stage", 1) != before.get("stage", 1):  # a run continued from a checkpoint
             ax.axvline(after["step"], color="grey", ls=":", lw=1)
-            ax.annotate(f"stage {after['stage']}", (after["step"], 1), xycoords=("data", "axes fraction"),
-                        xytext=(3, -12), textcoords="offset points", color="grey", fontsize=8)
+            ax.annotate(f"stage {after['stage']}", (after["step"], 0), xycoords=("data", "axes fraction"),
+                        xytext=(3, 4), textcoords="offset points", color="grey", fontsize=8)
     evals = [(r["step"], r["val_accuracy"]) for r in log if "val_accuracy" in r]
     if evals:
         twin = ax.twinx()

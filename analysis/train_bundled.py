@@ -229,22 +229,25 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int | None = None, flo
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def curriculum_max_objects(step: int, curriculum_steps: int) -> int:
-    """Most objects a training scene may hold at ``step``: 1 at first, every size after ``curriculum_steps``.
+def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes.MIN_OBJECTS) -> int:
+    """Most objects a training scene may hold at ``step``: ``first`` at first, growing linearly to every
+    size by ``curriculum_steps``.
 
     Why: with one object per image any pooling of the visual tokens answers every question, so the
-    language model learns to read the tokens before it has to learn to *select* among them.
+    language model learns to read the tokens before it has to learn to *select* among them; two-object
+    scenes are the easiest on which a spatial relation can be asked.
     """
     if step >= curriculum_steps:
         return shapes.MAX_OBJECTS
-    span = shapes.MAX_OBJECTS - shapes.MIN_OBJECTS + 1
-    return shapes.MIN_OBJECTS + int(span * step / curriculum_steps)
+    span = shapes.MAX_OBJECTS - first + 1
+    return first + int(span * step / curriculum_steps)
 
 
 def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
           config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
           init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
-          curriculum: int = 0, nearest_targets: bool = False, image_norm: str = "clip",
+          curriculum: int = 0, curriculum_start: int = shapes.MIN_OBJECTS,
+          nearest_targets: bool = False, image_norm: str = "clip",
           vision_warmup: int = 0, family_weights: dict[str, float] | None = None) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -281,7 +284,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, steps, lr)
-        batches.max_objects = curriculum_max_objects(step, curriculum)
+        batches.max_objects = curriculum_max_objects(step, curriculum, curriculum_start)
         batch = next(batches)
         targets = batch.pop("patch_targets", None)
         projected.clear()
@@ -329,7 +332,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     loss_curve(history + log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
     prior = previous or {}
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
-               "curriculum": curriculum, "text_init": config.text_config.initializer_range,
+               "curriculum": curriculum, "curriculum_start": curriculum_start, "text_init": config.text_config.initializer_range,
                "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
                "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
                "aux_weight": aux_weight, "family_weights": family_weights,
@@ -385,6 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the per-patch auxiliary losses (0: none)")
     parser.add_argument("--curriculum", type=int, default=300,
                         help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
+    parser.add_argument("--curriculum-start", type=int, default=shapes.MIN_OBJECTS,
+                        help="most objects per scene when the curriculum starts")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
                         help="draw each turn's question family with these weights, e.g. existence=3,spatial=3 "
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
                     args.eval_every, config_overrides=architecture, progress=not args.no_progress,
                     describe=not args.no_describe,
                     init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
-                    curriculum=args.curriculum, nearest_targets=args.nearest_targets,
+                    curriculum=args.curriculum, curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets,
                     image_norm=args.image_norm, vision_warmup=args.vision_warmup,
                     family_weights=args.family_weights)
     print(json.dumps(summary, indent=1))
