@@ -15,9 +15,12 @@ the tower alone on the patch heads (``warm_up_vision``). Probes on one-object sc
 (data/shapes-llava/README.md) found what matters: the vision warm-up (object shape), the language
 model's initial std (``--text-init``; with Llama's 0.02 it could not read a single object's colour
 after 200 steps, with 0.07 it read it perfectly after 150), and images normalised around the
-background (``--image-norm background``). The run writes the checkpoint
-(safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput, periodic
-per-family val accuracy) and ``loss_curve.png``.
+background (``--image-norm background``). ``--init-from`` continues a checkpoint (fresh optimizer,
+schedule and patch heads); the shipped model is three such stages, the later two replaying the
+curriculum with yes/no and colour questions weighted up (``--family-weights``), which is what got
+existence off chance. The run writes the checkpoint (safetensors), the processor,
+``training_log.jsonl`` (loss, learning rate, throughput, periodic per-family val accuracy; a continued
+run prepends its checkpoint's log and numbers its steps on) and ``loss_curve.png``.
 """
 
 from __future__ import annotations
