@@ -76,7 +76,8 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
         batch = next(batches)
         if labels == "model":
             batch = model_labels(model, batch, processor.tokenizer.eos_token_id)
-        with soft_pruning(model, modules) as state:
+        # the modules read the prompt only, as at inference (see soft_pruning's ``readable``)
+        with soft_pruning(model, modules, readable=batch["labels"] == IGNORE) as state:
             causal = model(**batch).loss
         ratio = ratio_loss(state.decisions, targets)
         loss = causal + lambda_ratio * ratio

@@ -148,3 +148,28 @@ def test_model_labels_are_the_frozen_models_greedy_answers(model):
     assert torch.equal(relabelled["labels"][:, :-2], labels[:, :-2])
     assert torch.equal(relabelled["input_ids"][:, :-2], inputs["input_ids"][:, :-2])
     assert torch.equal(batch["labels"], labels)  # the caller's batch is left alone
+
+
+@torch.no_grad()
+def test_training_decisions_read_the_prompt_only_when_told(model, modules_dir):
+    """Training is teacher forced, so the answer is in the sequence; at inference the modules decide at
+    prefill, before it exists. With ``readable`` = the prompt, the training logits cannot see it."""
+    modules = DecisionModules.load(modules_dir)
+    logits = []
+    hook = modules.stages[0].register_forward_hook(lambda m, a, out: logits.append(out))
+    prompt = prompt_ids(3, (5,), (7, 8, 9))
+    runs = {}
+    try:
+        for answer in (11, 12):
+            inputs = make_inputs(prompts=[prompt + [answer, 2]], seed=1)
+            readable = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+            readable[:, :len(prompt)] = True
+            for name, mask in (("prompt", readable), ("all", None)):
+                logits.clear()
+                with soft_pruning(model, modules, readable=mask):
+                    model(**inputs, use_cache=False)
+                runs[name, answer] = logits[0]
+    finally:
+        hook.remove()
+    torch.testing.assert_close(runs["prompt", 11], runs["prompt", 12], atol=0, rtol=0)
+    assert not torch.allclose(runs["all", 11], runs["all", 12])  # without it the answer leaks in

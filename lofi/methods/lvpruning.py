@@ -242,12 +242,15 @@ def _soft_mask_attention(module, query, key, value, attention_mask, scaling, dro
 
 @contextmanager
 def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = None, tau: float = 1.0,
-                 fixed: list[torch.Tensor] | None = None):
+                 fixed: list[torch.Tensor] | None = None, readable: torch.Tensor | None = None):
     """Train-time forward: decisions at each stage layer mask visual keys from that layer on.
 
     Yields the ``_SoftMaskState``; after a forward pass ``state.decisions`` holds each stage's
     cumulative decisions (for ``ratio_loss``). Nothing is removed, the model is restored on exit.
     ``fixed`` replaces the Gumbel draws by given per-stage 0/1 decisions [batch, n_visual] (tests).
+    ``readable`` ([batch, seq] bool) limits the text tokens the modules read; pass the prompt: at
+    inference they decide at prefill, before any answer token exists, and a teacher-forced answer in
+    their keys would let them choose by the answer instead of the question.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -281,7 +284,8 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
                 n = int(visual[0].sum())
                 positions = visual.nonzero()[:, 1].view(len(hidden), n)
                 visual_hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-                text_hidden, text_mask = text_tokens(hidden, valid & ~visual)
+                text = valid & ~visual if readable is None else valid & ~visual & readable.to(valid.device)
+                text_hidden, text_mask = text_tokens(hidden, text)
                 logits = modules.stages[stage_of_layer[index]](visual_hidden, text_hidden, text_mask)
                 decision = F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 0]  # eq. 5-6
                 if fixed is not None:
