@@ -176,8 +176,9 @@ What the probes found, for the next run (`analysis.train_bundled` has each as an
    them. 150 steps of existence questions alone on one-object scenes did: training loss 0.16 -> 0.02,
    and val existence 81% on the full multi-object scenes. Stage 2 replays the curriculum with yes/no
    questions weighted up (`--family-weights`).
-6. **Spatial relations are not learnt yet.** 150 steps of spatial questions alone on scenes of at most
-   two objects left the loss at chance (0.34, half of ln 2 per answer token with its end token).
+6. **Spatial relations are not learnt yet.** From the stage-2 weights, 150 steps of spatial questions
+   alone on scenes of at most two objects left the loss at chance (0.34, half of ln 2 per answer token
+   with its end token).
 
 - steps: {summary.get('total_steps', summary['steps']):,} ({" + ".join(f"{stage['steps']:,}" for stage in chain)}{" in stages" if len(chain) > 1 else ""}) x {summary['batch_size']} images, after the vision warm-up
 - wall time: **{summary.get('total_wall_seconds', summary['wall_seconds']) / 60:.1f} min** on {summary['threads']} CPU threads (no GPU was available){f" ({wall})" if len(chain) > 1 else ""}

@@ -335,7 +335,8 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     loss_curve(history + log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
     prior = previous or {}
     summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
-               "curriculum": curriculum, "curriculum_start": curriculum_start, "text_init": config.text_config.initializer_range,
+               "curriculum": curriculum, "curriculum_start": curriculum_start,
+               "text_init": config.text_config.initializer_range,
                "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
                "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
                "aux_weight": aux_weight, "family_weights": family_weights,
@@ -405,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
                     args.eval_every, config_overrides=architecture, progress=not args.no_progress,
                     describe=not args.no_describe,
                     init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
-                    curriculum=args.curriculum, curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets,
+                    curriculum=args.curriculum, curriculum_start=args.curriculum_start,
+                    nearest_targets=args.nearest_targets,
                     image_norm=args.image_norm, vision_warmup=args.vision_warmup,
                     family_weights=args.family_weights)
     print(json.dumps(summary, indent=1))

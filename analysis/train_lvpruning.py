@@ -36,7 +36,7 @@ def model_labels(model, batch: dict, eos_token_id: int) -> dict:
 
     Why: LLaVA-1.5's answers on its own instruction data mostly agree with the labels LVPruning trains
     on, so the paper's causal loss asks the modules to keep what the model's answer needs. The bundled
-    model answers a third of the benchmark wrongly (yes/no questions at chance), and on those the dataset's
+    model answers many benchmark questions wrongly (spatial ones at chance), and on those the dataset's
     labels reward pruning that *changes* its answer. Its own answers ask for what the paper's loss asks
     of LLaVA: keep the answer unchanged. Answers are one token plus the end token, as in the benchmark.
     """

@@ -50,7 +50,8 @@ def main(argv=None):
     config = AutoConfig.from_pretrained(bundled.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     common = ["--limit", str(args.limit), "--no-progress", "--spectrum-layers", "headline"]
-    run(["--methods", "lvpruning", "--keep", *map(str, args.rho), "--out", str(args.out / "lvpruning"), *common])
+    run(["--methods", "lvpruning", "--keep", *map(str, args.rho),
+         "--out", str(args.out / "lvpruning"), *common])
     lvpruning = pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"])
     matched = {}  # (method, keep) -> rho
     for rho in args.rho:
@@ -58,7 +59,8 @@ def main(argv=None):
         for method in ("random", "fastv"):
             matched[method, matched_keep(config, method, target, args.n_text, n_visual)] = rho
     keeps = sorted({keep for _, keep in matched}, reverse=True)
-    run(["--methods", "random", "fastv", "--keep", *map(str, keeps), "--out", str(args.out / "baselines"), *common])
+    run(["--methods", "random", "fastv", "--keep", *map(str, keeps),
+         "--out", str(args.out / "baselines"), *common])
     others = pd.read_csv(args.out / "baselines" / "summary.csv")
     if not (others["baseline_accuracy"] == lvpruning["baseline_accuracy"].iloc[0]).all():
         raise RuntimeError("the two runs' baselines disagree; the matched rows would not be comparable")
