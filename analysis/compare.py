@@ -115,9 +115,10 @@ def _git_commit() -> str | None:
 
 
 def _same_run(a: dict, b: dict) -> bool:
-    keys = ("methods", "keep", "model", "dataset", "limit", "seed", "center", "max_new_tokens")
-    return all(a.get(k) == b.get(k) for k in keys) and \
-        a.get("spectrum_layers", "all") == b.get("spectrum_layers", "all")
+    keys = ("methods", "keep", "model", "dataset", "limit", "seed", "center", "max_new_tokens",
+            "spectrum_layers")
+    defaults = {"spectrum_layers": "all"}  # configs written before the option existed
+    return all(a.get(k, defaults.get(k)) == b.get(k, defaults.get(k)) for k in keys)
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -152,9 +153,8 @@ def run(args) -> Path:
     torch.manual_seed(args.seed)
     capture = {"center": args.center, "leverage_layers": [0, 2], "spectrum_layers": "all"}
     if args.spectrum_layers == "headline":
-        n_layers = model.config.text_config.num_hidden_layers
-        layer = n_layers if HEADLINE["layer"] == "last" else int(HEADLINE["layer"])
-        capture["spectrum_layers"] = [layer]
+        capture["spectrum_layers"] = [tables.headline_layer(HEADLINE["layer"],
+                                                            model.config.text_config.num_hidden_layers)]
     common = dict(seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   capture_options=capture, progress=not args.no_progress)
     started = time.time()

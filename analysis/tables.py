@@ -32,10 +32,14 @@ from analysis.correlation import condition_correlation, sample_correlation
 MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
 
 
+def headline_layer(setting, last_layer: int) -> int:
+    """The headline layer a run's ``headline["layer"]`` setting names: ``"last"`` or a number."""
+    return last_layer if setting == "last" else int(setting)
+
+
 def headline(spectra: pd.DataFrame, config: dict) -> tuple[int, str]:
     """The (layer, group) of the headline figure: the last layer's output, all tokens."""
-    layer = int(spectra["layer"].max()) if config["headline"]["layer"] == "last" else int(config["headline"]["layer"])
-    return layer, config["headline"]["group"]
+    return headline_layer(config["headline"]["layer"], int(spectra["layer"].max())), config["headline"]["group"]
 
 
 def _read(work: Path, kind: str) -> pd.DataFrame:

@@ -322,11 +322,12 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     previous, history = None, []
-    if init_from is not None and (Path(init_from) / "training_summary.json").is_file():
-        previous = json.loads((Path(init_from) / "training_summary.json").read_text())
-    if init_from is not None and (Path(init_from) / "training_log.jsonl").is_file():
+    source = Path(init_from) if init_from is not None else None
+    if source is not None and (source / "training_summary.json").is_file():
+        previous = json.loads((source / "training_summary.json").read_text())
+    if source is not None and (source / "training_log.jsonl").is_file():
         # one log and one curve for the whole chain of runs: later stages continue the step count
-        history = [json.loads(line) for line in (Path(init_from) / "training_log.jsonl").open()]
+        history = [json.loads(line) for line in (source / "training_log.jsonl").open()]
         stage, offset = history[-1].get("stage", 1) + 1, history[-1]["step"]
         log = [{**r, "step": r["step"] + offset, "stage": stage} for r in log]
     with (tmp / "training_log.jsonl").open("w") as f:
