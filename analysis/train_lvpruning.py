@@ -58,8 +58,8 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     model, processor = load_model(model_path)
     for p in model.parameters():
         p.requires_grad_(False)
-    modules = DecisionModules.for_model(model).train()
     targets = [rho, rho - 0.2, rho - 0.4]
+    modules = DecisionModules.for_model(model).start_at(targets).train()
     vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     # a stream offset far from the base model's training scenes, still inside the train seed range

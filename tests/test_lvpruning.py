@@ -3,13 +3,14 @@ training-time masks equal true dropping of the same tokens."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import lofi
 from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
-from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops, ratio_loss, soft_pruning,
-                                    stage_layers)
+from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops,
+                                    masked_attention, ratio_loss, soft_pruning, stage_layers)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,51 @@ def test_a_training_step_changes_only_the_decision_modules(model):
     assert model.config.text_config._attn_implementation == "sdpa"  # restored
     for p in model.parameters():
         p.requires_grad_(True)
+
+
+def test_masked_attention_is_eq_9_with_a_bounded_gradient_at_dropped_keys():
+    torch.manual_seed(0)
+    q, k, d = 5, 7, 3
+    scores = torch.randn(1, 1, q, k, dtype=torch.float64) * 3
+    scores[..., 1] += 30  # every query attends almost only to key 1, which is dropped
+    value, upstream = torch.randn(1, 1, k, d, dtype=torch.float64), torch.randn(1, 1, q, d, dtype=torch.float64)
+    m = torch.tensor([1.0, 0, 1, 0, 1, 1, 0], dtype=torch.float64).expand(1, 1, q, k).clone().requires_grad_()
+    out, probs = masked_attention(scores, m, value)
+    (out * upstream).sum().backward()
+
+    eq9_m = m.detach().clone().requires_grad_()
+    p = scores.softmax(-1)
+    eq9 = (p * eq9_m / (p * eq9_m).sum(-1, keepdim=True)) @ value
+    (eq9 * upstream).sum().backward()
+    torch.testing.assert_close(out, eq9)
+    kept = m[0, 0, 0] == 1
+    torch.testing.assert_close(m.grad[..., kept], eq9_m.grad[..., kept], rtol=1e-5, atol=1e-9)
+    assert eq9_m.grad[..., ~kept].abs().max() > 1e8  # eq. 9's own derivative at a dropped, attended key
+    p, mask = p[0, 0].numpy(), m.detach()[0, 0].numpy()
+    v, g, outs = value[0, 0].numpy(), upstream[0, 0].numpy(), eq9[0, 0].detach().numpy()
+    for j in np.flatnonzero(mask[0] == 0):  # reference: the attention key j gets when it is kept again
+        readded = mask.copy()
+        readded[:, j] = 1
+        attention = p * readded / (p * readded).sum(-1, keepdims=True)
+        reference = sum(attention[i, j] * (v[j] - outs[i]) @ g[i] for i in range(q))
+        assert m.grad[0, 0, :, j].sum().item() == pytest.approx(reference, rel=1e-6)
+        assert abs(reference) < 10
+
+
+def test_masked_attention_is_exact_where_the_kept_keys_underflow():
+    scores = torch.tensor([[[[0.0, 200.0, 0.0]]]])  # float32: exp(-200) of the mass is left on keys 0, 2
+    out, probs = masked_attention(scores, torch.tensor([[[[1.0, 0.0, 1.0]]]]), torch.eye(3)[None, None])
+    torch.testing.assert_close(probs, torch.tensor([[[[0.5, 0.0, 0.5]]]]))
+
+
+def test_start_at_keeps_each_stage_at_its_target(model):
+    torch.manual_seed(0)
+    modules = DecisionModules.for_model(model).start_at([0.5, 0.3, 0.1])
+    width = model.config.text_config.hidden_size
+    visual, text = torch.randn(2, 6, width), torch.randn(2, 4, width)
+    for stage, conditional in zip(modules.stages, [0.5, 0.6, 1 / 3]):
+        keep = stage(visual, text, torch.ones(2, 4, dtype=torch.bool)).softmax(-1)[..., 0]
+        torch.testing.assert_close(keep, torch.full_like(keep, conditional))
 
 
 def test_decisions_are_cumulative_and_ratio_loss_is_eq_11():
