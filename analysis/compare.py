@@ -13,6 +13,7 @@ tables. Work happens in ``<out>.partial/``; the folder appears under its name on
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import shutil
@@ -95,8 +96,31 @@ def _config(args, samples, device) -> dict:
             "spectrum_layers": args.spectrum_layers,
             "method_defaults": {m: repr(lofi.build(m, keep=args.keep[0], **({"path": None} if m == "lvpruning"
                                                                                 else {}))) for m in args.methods},
+            "weights": weights_fingerprint(args.model, args.methods),
             "headline": HEADLINE, "packages": packages, "python": platform.python_version(),
             "git_commit": _git_commit()}
+
+
+def weights_fingerprint(model: str | Path, methods) -> dict[str, str]:
+    """sha256 of every weights file the run reads (the model's safetensors, LVPruning's modules), keyed by
+    path relative to the model folder; empty for a hub id. Part of a run's identity: after retraining,
+    the same command must recompute, not return the finished run of the old weights."""
+    from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
+    folder = Path(model)
+    if not folder.is_dir():
+        return {}
+    files = sorted(folder.glob("*.safetensors"))
+    if "lvpruning" in methods:
+        files.append(folder / DEFAULT_FOLDER / WEIGHTS)
+    out = {}
+    for file in files:
+        if file.is_file():
+            digest = hashlib.sha256()
+            with file.open("rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[file.relative_to(folder).as_posix()] = digest.hexdigest()
+    return out
 
 
 def _version(package: str) -> str | None:
@@ -114,11 +138,14 @@ def _git_commit() -> str | None:
         return None
 
 
-def _same_run(a: dict, b: dict) -> bool:
-    keys = ("methods", "keep", "model", "dataset", "limit", "seed", "center", "max_new_tokens",
-            "spectrum_layers")
+RUN_IDENTITY = ("methods", "keep", "model", "weights", "dataset", "limit", "seed", "center", "max_new_tokens",
+                "spectrum_layers")
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    """The keys of ``RUN_IDENTITY`` on which two run configs differ."""
     defaults = {"spectrum_layers": "all"}  # configs written before the option existed
-    return all(a.get(k, defaults.get(k)) == b.get(k, defaults.get(k)) for k in keys)
+    return [k for k in RUN_IDENTITY if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))]
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -135,14 +162,18 @@ def run(args) -> Path:
         f"_n{len(samples)}_seed{args.seed}")
     config = _config(args, samples, device)
     if (out / "report.html").is_file():
-        done = json.loads((out / "config.json").read_text())
-        if not _same_run(done, config):
-            raise UsageError(f"{out} holds a finished run with another configuration; choose another --out")
+        differ = _differences(json.loads((out / "config.json").read_text()), config)
+        if differ:
+            raise UsageError(f"{out} holds a finished run with another configuration (differs in: "
+                             f"{', '.join(differ)}); choose another --out or delete it")
         print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
         return out
     work = out.with_name(out.name + ".partial")
-    if (work / "config.json").is_file() and not _same_run(json.loads((work / "config.json").read_text()), config):
-        raise UsageError(f"{work} holds an unfinished run with another configuration; delete it or use another --out")
+    differ = _differences(json.loads((work / "config.json").read_text()), config) \
+        if (work / "config.json").is_file() else []
+    if differ:
+        raise UsageError(f"{work} holds an unfinished run with another configuration (differs in: "
+                         f"{', '.join(differ)}); delete it or use another --out")
     (work / "shards").mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config, indent=1))
     print(f"compare: {len(samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "

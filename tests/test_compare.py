@@ -6,6 +6,7 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from analysis import compare, report, runner
 from analysis.evaluate import load_model
@@ -122,6 +123,24 @@ def test_an_interrupted_run_resumes_without_recomputing(tiny_model, tmp_path, mo
     assert calls == [("lvpruning", 0.5), ("lvpruning", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
     calls.clear()
     assert compare.main(_args(tiny_model, out)) == 0 and calls == []  # complete: nothing recomputed
+
+
+def test_retrained_weights_are_not_mistaken_for_the_finished_run(tiny_model, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    out = tmp_path / "run"
+    arguments = ["--methods", "lvpruning", "--keep", "0.5", "--model", str(model), "--limit", "3",
+                 "--out", str(out), "--no-progress"]
+    assert compare.main(arguments) == 0
+    assert set(json.loads((out / "config.json").read_text())["weights"]) == {
+        "model.safetensors", "lvpruning/decision_modules.safetensors"}
+    assert compare.main(arguments) == 0  # unchanged weights: the finished run
+    torch.manual_seed(1)
+    loaded, _ = load_model(model)
+    DecisionModules.for_model(loaded).save(model / "lvpruning")
+    capsys.readouterr()
+    assert compare.main(arguments) == 2
+    assert "differs in: weights" in capsys.readouterr().err
 
 
 def test_the_same_seed_gives_identical_tables(tiny_model, run_folder, tmp_path):
