@@ -219,3 +219,30 @@ def test_training_decisions_read_the_prompt_only_when_told(model, modules_dir):
         hook.remove()
     torch.testing.assert_close(runs["prompt", 11], runs["prompt", 12], atol=0, rtol=0)
     assert not torch.allclose(runs["all", 11], runs["all", 12])  # without it the answer leaks in
+
+
+def test_training_command_writes_modules_that_lofi_finds(tmp_path):
+    import json
+
+    from analysis import datasets
+    from analysis.evaluate import answer, load_model
+    from analysis.train_bundled import train as train_bundled
+    from analysis.train_lvpruning import train
+
+    tiny = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
+            "vision_width": 32, "image_size": 24, "patch_size": 6}
+    model_dir = tmp_path / "tiny-llava"
+    train_bundled(model_dir, steps=1, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0,
+                  config_overrides=tiny, progress=False)
+    summary = train(model_dir, None, steps=2, batch_size=2, lr=1e-3, rho=0.5, lambda_ratio=1.0, seed=0,
+                    progress=False)
+    folder = model_dir / "lvpruning"
+    log = [json.loads(line) for line in (folder / "training_log.jsonl").open()]
+    assert [r["step"] for r in log] == [1, 2] and summary["layers"] == [1, 2, 3]
+    assert all({"causal", "ratio", "kept"} <= set(r) and len(r["kept"]) == 3 for r in log)
+    assert (folder / "loss_curve.png").is_file() and not (tmp_path / "tiny-llava" / "lvpruning.partial").exists()
+    model, processor = load_model(model_dir)
+    samples = datasets.load_split("val", limit=2)
+    with lofi.pruned(model, "lvpruning", keep=0.5) as handle:  # found beside the weights
+        assert len(answer(model, processor, samples, progress=False)) == 2
+    assert [k.shape[1] for k in handle.kept] == [8, 5, 2]  # ceil([0.5, 0.3, 0.1] x 16)

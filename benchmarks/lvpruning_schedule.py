@@ -1,0 +1,142 @@
+"""What choices on LVPruning's own schedule can achieve: trained modules vs random and ground truth.
+
+    python benchmarks/lvpruning_schedule.py [--limit 300] [--rho 0.5] [--path FOLDER]
+
+Every row keeps the same visual tokens per stage as LVPruning at ``rho`` (stages at its trained layers,
+ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choice differs:
+
+* ``lvpruning``: the trained decision modules (``--path``, default the bundled model's);
+* ``schedule-random``: uniformly random choices (seeded per sample);
+* ``schedule-objects``: patches under any object first (ground truth, ``analysis.shapes.patch_labels``),
+  random among equals;
+* ``schedule-asked``: patches under the objects the question names first, then other objects.
+
+The ground-truth rows bound what a decision module could reach by keeping the right patches; their
+FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
+greedy answers on the same questions) in %, with the flips per question family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lofi  # noqa: E402
+from analysis import bundled, datasets, shapes  # noqa: E402
+from analysis.consistency import normalize_answer  # noqa: E402
+from analysis.evaluate import batch_inputs, load_model  # noqa: E402
+from lofi.methods.lvpruning import LVPruning  # noqa: E402
+from lofi.registry import PruningMethod, StageInput  # noqa: E402
+
+RULES = ("random", "objects", "asked")
+
+
+def priorities(sample: datasets.Sample, rule: str, grid: int) -> torch.Tensor:
+    """Per visual token: 2 under an object the question names, 1 under another object, 0 background."""
+    if rule == "random":
+        return torch.zeros(grid * grid)
+    objects = [shapes.ShapeObject(**o) for o in sample.extra["objects"]]
+    labels = shapes.patch_labels(objects, grid)
+    words = set(sample.question.lower().rstrip("?").split())
+    named = {i for i, o in enumerate(objects)
+             if o.colour in words or o.shape in words or shapes.PLURALS[o.shape] in words}
+    out = np.zeros(grid * grid)
+    for i, o in enumerate(objects):
+        under = (labels["colour"] == list(shapes.COLOURS).index(o.colour) + 1) & \
+                (labels["shape"] == list(shapes.SHAPES).index(o.shape) + 1)
+        out[under] = 2 if rule == "asked" and i in named else 1
+    return torch.tensor(out)
+
+
+class ScheduleChoice(PruningMethod):
+    """LVPruning's layers and per-stage counts; tokens chosen by ``priority`` (set per batch), ties at random."""
+
+    name = "schedule"
+
+    def __init__(self, schedule: LVPruning, layers: list[int]):
+        super().__init__(schedule.keep)
+        self.schedule, self.layers = schedule, layers
+        self.priority: list[torch.Tensor] = []
+        self.present: list[torch.Tensor] = []
+
+    def stages(self, num_layers: int) -> list[int]:
+        return list(self.layers)
+
+    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+        return self.schedule.n_keep(stage, n_visual, n_present)
+
+    def select(self, state: StageInput) -> torch.Tensor:
+        if state.stage == 0:  # the runtime keeps present tokens in their original order
+            self.present = [torch.arange(state.visual.shape[1]) for _ in range(len(state.visual))]
+        chosen = []
+        for row, present in enumerate(self.present):
+            ties = torch.rand(len(present), generator=state.generator(row), dtype=torch.float64)
+            index = (self.priority[row][present] + 0.5 * ties).topk(state.n_keep).indices.sort().values
+            chosen.append(index)
+            self.present[row] = present[index]
+        return torch.stack(chosen).to(state.visual.device)
+
+
+def answers(model, processor, samples, method=None, rule=None, batch_size=50) -> list[str]:
+    vision = model.config.vision_config
+    out, grid = [], vision.image_size // vision.patch_size
+    for start in tqdm(range(0, len(samples), batch_size), desc=rule or getattr(method, "name", "baseline"),
+                      leave=False):
+        chunk = samples[start:start + batch_size]
+        inputs = batch_inputs(processor, chunk)
+        if isinstance(method, ScheduleChoice):
+            method.priority = [priorities(s, rule, grid) for s in chunk]
+        with torch.no_grad():
+            if method is None:
+                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            else:
+                with lofi.pruned(model, method):
+                    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        new = generated[:, inputs["input_ids"].shape[1]:]
+        out += [normalize_answer(a) for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rho", type=float, default=0.5)
+    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--path", type=Path, help="decision modules (default: the bundled model's)")
+    args = parser.parse_args(argv)
+    model, processor = load_model(bundled.BUNDLED_MODEL)
+    samples = datasets.load_split("test", limit=args.limit or None)
+    lvpruning = LVPruning(keep=args.rho, path=args.path)
+    lvpruning.bind(model)
+    num_layers = model.config.text_config.num_hidden_layers
+    layers = lvpruning.stages(num_layers)
+    vision = model.config.vision_config
+    n_visual = (vision.image_size // vision.patch_size) ** 2
+    baseline = answers(model, processor, samples)
+    rows = {"lvpruning": answers(model, processor, samples, lvpruning)}
+    for rule in RULES:
+        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers), rule)
+    families = sorted({s.family for s in samples})
+    table = []
+    for name, given in [("baseline", baseline), *rows.items()]:
+        flips = [a != b for a, b in zip(given, baseline)]
+        row = {"choice": name, "accuracy": 100 * np.mean([a == normalize_answer(s.answer)
+                                                           for a, s in zip(given, samples)]),
+               "flip_rate": 100 * np.mean(flips)}
+        row.update({f"flips_{f}": sum(x for x, s in zip(flips, samples) if s.family == f) for f in families})
+        table.append(row)
+    table = pd.DataFrame(table)
+    kept = [n for _, n in lvpruning.schedule(num_layers, n_visual)]
+    print(f"rho = {args.rho}: stages at layers {layers} keep {kept} of {n_visual} visual tokens; "
+          f"{len(samples)} test questions")
+    print(table.to_markdown(index=False, floatfmt=".1f"))
+
+
+if __name__ == "__main__":
+    main()
