@@ -14,6 +14,10 @@ ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choi
 The ground-truth rows bound what a decision module could reach by keeping the right patches; their
 FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
 greedy answers on the same questions) in %, with the flips per question family.
+
+``--drop-asked`` instead asks where colour answers are read: one question at a time, it drops from
+layer L on only the patches under the asked object and their 8 neighbours (or as many random
+background patches) and counts the colour answers that change.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ def answers(model, processor, samples, method=None, rule=None, batch_size=50) ->
     vision = model.config.vision_config
     out, grid = [], vision.image_size // vision.patch_size
     for start in tqdm(range(0, len(samples), batch_size), desc=rule or getattr(method, "name", "baseline"),
-                      leave=False):
+                      leave=False, disable=len(samples) <= batch_size):
         chunk = samples[start:start + batch_size]
         inputs = batch_inputs(processor, chunk)
         if isinstance(method, ScheduleChoice):
@@ -104,14 +108,62 @@ def answers(model, processor, samples, method=None, rule=None, batch_size=50) ->
     return out
 
 
+class DropSet(PruningMethod):
+    """Drops the visual tokens ``drop`` (indices into the image's tokens) at ``layer``; batch of one."""
+
+    name = "drop-set"
+
+    def __init__(self, layer: int, drop: torch.Tensor):
+        super().__init__(1.0, layer)
+        self.drop = drop
+
+    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+        return n_present - len(self.drop)
+
+    def select(self, state: StageInput) -> torch.Tensor:
+        keep = torch.ones(state.visual.shape[1], dtype=torch.bool)
+        keep[self.drop] = False
+        return keep.nonzero()[:, 0][None].to(state.visual.device)
+
+
+def drop_asked(model, processor, samples, layers=(0, 1, 2, 4, 6), seed=0) -> pd.DataFrame:
+    """Colour answers changed by dropping the asked object's patches (and neighbours) vs random background."""
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    colour = [s for s in samples if s.family == "colour"]
+    baseline = answers(model, processor, colour, batch_size=1)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for layer in layers:
+        changed = {"asked object + neighbours": 0, "as many background patches": 0}
+        for sample, before in zip(colour, baseline):
+            named = (priorities(sample, "asked", grid) == 2).view(1, 1, grid, grid).float()
+            near = torch.nn.functional.max_pool2d(named, 3, 1, 1).view(-1) > 0
+            background = ((priorities(sample, "objects", grid) == 0) & ~near).nonzero()[:, 0]
+            if not near.any():
+                continue
+            random = background[torch.randperm(len(background), generator=generator)[:int(near.sum())]]
+            for name, drop in (("asked object + neighbours", near.nonzero()[:, 0]),
+                               ("as many background patches", random)):
+                changed[name] += answers(model, processor, [sample], DropSet(layer, drop), batch_size=1)[0] != before
+        rows.append({"from layer": layer, **changed})
+    print(f"colour answers changed (of {len(colour)}) when only these patches are dropped:")
+    return pd.DataFrame(rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--path", type=Path, help="decision modules (default: the bundled model's)")
+    parser.add_argument("--drop-asked", action="store_true",
+                        help="instead: colour answers changed by dropping only the asked object's patches")
     args = parser.parse_args(argv)
     model, processor = load_model(bundled.BUNDLED_MODEL)
     samples = datasets.load_split("test", limit=args.limit or None)
+    if args.drop_asked:
+        print(drop_asked(model, processor, samples).to_markdown(index=False))
+        return
     lvpruning = LVPruning(keep=args.rho, path=args.path)
     lvpruning.bind(model)
     num_layers = model.config.text_config.num_hidden_layers
