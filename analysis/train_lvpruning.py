@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="eq. 12's weight of the ratio loss. The modules start on their target ratios "
                              "(DecisionModules.start_at); a large weight lets the per-sample noise of eq. 11 "
                              "on hard decisions (about 0.04 in the kept fraction) drown the causal loss's "
-                             "signal: at 100 the modules kept object patches no more often than background")
+                             "signal: at 100, 15%% of the bundled model's stage-3 kept tokens lay on objects, "
+                             "at 1, 29%% (objects cover 9.5%% of the patches)")
     parser.add_argument("--labels", choices=LABELS, default="dataset",
                         help="the causal loss's answer labels: the benchmark's (the paper's setting) or the "
                              "frozen model's own greedy answers")

@@ -90,10 +90,10 @@ class DecisionModules(nn.Module):
         """Start every stage's W_O at zero weights and the biases of its target keep probability.
 
         Stage s then keeps each token it sees with probability targets[s] / targets[s-1] (decisions are
-        cumulative, eq. 10), so training starts on the ratios of eq. 11 and W_O's weights learn only
-        *which* tokens to keep. From a random W_O the ratio loss is met through whatever token features
-        W_O happens to read: modules trained so kept object patches below their base rate and had a
-        fixed half of the grid that stage 3 never kept, and flipped more answers than random choices.
+        cumulative, eq. 10), so training starts on the ratios of eq. 11 and W_O's weights need learn only
+        *which* tokens to keep. From a random W_O the ratio loss, far off target, steers W_O through
+        whatever token features it happens to read; on the bundled model it was still 0.029 after 300
+        steps, against 0.003 from here.
         """
         previous = 1.0
         for stage, target in zip(self.stages, targets):
@@ -267,8 +267,8 @@ def masked_attention(scores: torch.Tensor, m: torch.Tensor, value: torch.Tensor)
     own p_ij / Sigma_i at kept keys (Sigma_i = sum_k p_ik M_ik, the mass left on kept keys), and at a
     dropped key the attention it would receive were it kept again, p_ij / (Sigma_i + p_ij). Eq. 9's
     derivative there is p_ij / Sigma_i, unbounded as Sigma_i -> 0; on the bundled model under stage-3
-    masks 9-16% of text queries at layers 4-7 keep less than 1e-3 of their mass (down to 1e-22), so a
-    few such rows made the gradient 1e6-1e20 and, after clipping, decided every update alone.
+    masks 9-16% of text queries at layers 4-7 keep less than 1e-3 of their mass (down to 1e-22): mean
+    per-token derivatives reached 1e6, and after clipping a few such rows decided every update alone.
     """
     kept = m.detach() > 0.5
     kept_scores = scores.float().masked_fill(~kept, float("-inf"))
