@@ -9,7 +9,9 @@ ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choi
 * ``schedule-random``: uniformly random choices (seeded per sample);
 * ``schedule-objects``: patches under any object first (ground truth, ``analysis.shapes.patch_labels``),
   random among equals;
-* ``schedule-asked``: patches under the objects the question names first, then other objects.
+* ``schedule-asked``: patches under the objects the question names first, then other objects;
+* ``schedule-lofi``: LoFi's leverage scores of the present visual tokens at each stage (training-free;
+  a token's leverage depends on all the others, a decision module scores each token on its own).
 
 The ground-truth rows bound what a decision module could reach by keeping the right patches; their
 FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
@@ -36,15 +38,16 @@ import lofi  # noqa: E402
 from analysis import bundled, datasets, shapes  # noqa: E402
 from analysis.consistency import normalize_answer  # noqa: E402
 from analysis.evaluate import batch_inputs, load_model  # noqa: E402
+from lofi.methods.leverage import LoFi  # noqa: E402
 from lofi.methods.lvpruning import LVPruning  # noqa: E402
 from lofi.registry import PruningMethod, StageInput  # noqa: E402
 
-RULES = ("random", "objects", "asked")
+RULES = ("random", "objects", "asked", "lofi")
 
 
 def priorities(sample: datasets.Sample, rule: str, grid: int) -> torch.Tensor:
     """Per visual token: 2 under an object the question names, 1 under another object, 0 background."""
-    if rule == "random":
+    if rule in ("random", "lofi"):
         return torch.zeros(grid * grid)
     objects = [shapes.ShapeObject(**o) for o in sample.extra["objects"]]
     labels = shapes.patch_labels(objects, grid)
@@ -64,9 +67,10 @@ class ScheduleChoice(PruningMethod):
 
     name = "schedule"
 
-    def __init__(self, schedule: LVPruning, layers: list[int]):
+    def __init__(self, schedule: LVPruning, layers: list[int], rule: str = "random"):
         super().__init__(schedule.keep)
         self.schedule, self.layers = schedule, layers
+        self.leverage = LoFi() if rule == "lofi" else None
         self.priority: list[torch.Tensor] = []
         self.present: list[torch.Tensor] = []
 
@@ -79,6 +83,9 @@ class ScheduleChoice(PruningMethod):
     def select(self, state: StageInput) -> torch.Tensor:
         if state.stage == 0:  # the runtime keeps present tokens in their original order
             self.present = [torch.arange(state.visual.shape[1]) for _ in range(len(state.visual))]
+        if self.leverage is not None:
+            hidden = state.hidden.gather(1, state.visual[..., None].expand(-1, -1, state.hidden.shape[-1]))
+            return self.leverage.scores(hidden).topk(state.n_keep, dim=1).indices
         chosen = []
         for row, present in enumerate(self.present):
             ties = torch.rand(len(present), generator=state.generator(row), dtype=torch.float64)
@@ -173,7 +180,7 @@ def main(argv=None):
     baseline = answers(model, processor, samples)
     rows = {"lvpruning": answers(model, processor, samples, lvpruning)}
     for rule in RULES:
-        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers), rule)
+        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers, rule), rule)
     families = sorted({s.family for s in samples})
     table = []
     for name, given in [("baseline", baseline), *rows.items()]:
