@@ -1,6 +1,6 @@
 """What choices on LVPruning's own schedule can achieve: trained modules vs random and ground truth.
 
-    python benchmarks/lvpruning_schedule.py [--limit 300] [--rho 0.5] [--path FOLDER]
+    python benchmarks/lvpruning_schedule.py [--limit 0] [--rho 0.5] [--path FOLDER] [--drop-asked]
 
 Every row keeps the same visual tokens per stage as LVPruning at ``rho`` (stages at its trained layers,
 ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choice differs:
@@ -161,7 +161,7 @@ def drop_asked(model, processor, samples, layers=(0, 1, 2, 4, 6), seed=0) -> pd.
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rho", type=float, default=0.5)
-    parser.add_argument("--limit", type=int, default=300)
+    parser.add_argument("--limit", type=int, default=0, help="first N test questions (0: all 1,200)")
     parser.add_argument("--path", type=Path, help="decision modules (default: the bundled model's)")
     parser.add_argument("--drop-asked", action="store_true",
                         help="instead: colour answers changed by dropping only the asked object's patches")
