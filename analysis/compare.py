@@ -101,10 +101,15 @@ def _config(args, samples, device) -> dict:
             "git_commit": _git_commit()}
 
 
+FULL_HASH_LIMIT, HASH_EDGE = 64 << 20, 8 << 20  # larger files: size, first and last 8 MiB (7B: 13 GiB)
+
+
 def weights_fingerprint(model: str | Path, methods) -> dict[str, str]:
     """sha256 of every weights file the run reads (the model's safetensors, LVPruning's modules), keyed by
     path relative to the model folder; empty for a hub id. Part of a run's identity: after retraining,
-    the same command must recompute, not return the finished run of the old weights."""
+    the same command must recompute, not return the finished run of the old weights. Files over
+    ``FULL_HASH_LIMIT`` hash their size and first and last ``HASH_EDGE`` bytes: retraining changes
+    those too, and hashing a 13 GiB checkpoint whole would add a minute to every run."""
     from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
     folder = Path(model)
     if not folder.is_dir():
@@ -115,10 +120,15 @@ def weights_fingerprint(model: str | Path, methods) -> dict[str, str]:
     out = {}
     for file in files:
         if file.is_file():
-            digest = hashlib.sha256()
+            size, digest = file.stat().st_size, hashlib.sha256()
             with file.open("rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+                if size <= FULL_HASH_LIMIT:
+                    digest.update(f.read())
+                else:
+                    digest.update(str(size).encode())
+                    digest.update(f.read(HASH_EDGE))
+                    f.seek(max(0, size - HASH_EDGE))
+                    digest.update(f.read())
             out[file.relative_to(folder).as_posix()] = digest.hexdigest()
     return out
 

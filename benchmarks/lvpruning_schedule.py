@@ -13,8 +13,8 @@ ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choi
 * ``schedule-lofi``: LoFi's leverage scores of the present visual tokens at each stage (training-free;
   a token's leverage depends on all the others, a decision module scores each token on its own).
 
-The ground-truth rows bound what a decision module could reach by keeping the right patches; their
-FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
+The ground-truth rows show what keeping the right patches gives on this schedule (not a strict bound
+on what a module could choose); their FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
 greedy answers on the same questions) in %, with the flips per question family.
 
 ``--drop-asked`` instead asks where colour answers are read: one question at a time, it drops from
@@ -46,7 +46,8 @@ RULES = ("random", "objects", "asked", "lofi")
 
 
 def priorities(sample: datasets.Sample, rule: str, grid: int) -> torch.Tensor:
-    """Per visual token: 2 under an object the question names, 1 under another object, 0 background."""
+    """Per visual token: 1 under an object (``asked``: 2 under the objects the question names), 0
+    elsewhere; all 0 for ``random`` and ``lofi``."""
     if rule in ("random", "lofi"):
         return torch.zeros(grid * grid)
     objects = [shapes.ShapeObject(**o) for o in sample.extra["objects"]]

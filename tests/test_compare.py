@@ -143,6 +143,23 @@ def test_retrained_weights_are_not_mistaken_for_the_finished_run(tiny_model, tmp
     assert "differs in: weights" in capsys.readouterr().err
 
 
+def test_large_weights_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(compare, "HASH_EDGE", 4096)
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(range(256)) * 256  # 64 KiB
+    weights.write_bytes(data)
+    first = compare.weights_fingerprint(tmp_path, ["lofi"])
+    assert set(first) == {"model.safetensors"}
+    data[len(data) // 2] ^= 1  # the middle is not read
+    weights.write_bytes(data)
+    assert compare.weights_fingerprint(tmp_path, ["lofi"]) == first
+    data[-1] ^= 1
+    weights.write_bytes(data)
+    assert compare.weights_fingerprint(tmp_path, ["lofi"]) != first
+    assert compare.weights_fingerprint("llava-hf/llava-1.5-7b-hf", ["lofi"]) == {}  # a hub id
+
+
 def test_the_same_seed_gives_identical_tables(tiny_model, run_folder, tmp_path):
     again = tmp_path / "again"
     assert compare.main(_args(tiny_model, again)) == 0
