@@ -15,7 +15,9 @@ ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choi
 
 The ground-truth rows show what keeping the right patches gives on this schedule (not a strict bound
 on what a module could choose); their FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
-greedy answers on the same questions) in %, with the flips per question family.
+greedy answers on the same questions) in %, with the flips per question family. ``kept_cosine`` and
+``kept_spread``: of the tokens kept after the last stage, the mean pairwise cosine of their language-
+model input features (redundancy) and their mean pairwise distance in patches (spatial spread).
 
 ``--drop-asked`` instead asks where colour answers are read: one question at a time, it drops from
 layer L on only the patches under the asked object and their 8 neighbours (or as many random
@@ -96,7 +98,31 @@ class ScheduleChoice(PruningMethod):
         return torch.stack(chosen).to(state.visual.device)
 
 
-def answers(model, processor, samples, method=None, rule=None, batch_size=50) -> list[str]:
+def kept_set_stats(model, pixel_values: torch.Tensor, kept: torch.Tensor) -> list[tuple[float, float]]:
+    """Per sample, of the tokens kept after the last stage: the mean pairwise cosine of their language-model
+    input features (how redundant they are) and their mean pairwise distance on the patch grid."""
+    features = model.get_image_features(pixel_values=pixel_values)
+    features = getattr(features, "pooler_output", features)
+    features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    features = features.reshape(len(kept), -1, features.shape[-1]).float()
+    side = int(features.shape[1] ** 0.5)
+    cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
+    cells = cells.reshape(-1, 2).float()
+    out = []
+    for row, index in enumerate(kept.cpu()):
+        n = len(index)
+        if n < 2:
+            out.append((float("nan"), float("nan")))
+            continue
+        unit = torch.nn.functional.normalize(features[row, index.to(features.device)], dim=-1)
+        cosine = ((unit @ unit.T).sum() - n) / (n * (n - 1))
+        distance = torch.cdist(cells[index], cells[index]).sum() / (n * (n - 1))
+        out.append((cosine.item(), distance.item()))
+    return out
+
+
+def answers(model, processor, samples, method=None, rule=None, batch_size=50, stats=None) -> list[str]:
+    """Greedy answers; with a list ``stats``, appends ``kept_set_stats`` of each sample's last stage."""
     vision = model.config.vision_config
     out, grid = [], vision.image_size // vision.patch_size
     for start in tqdm(range(0, len(samples), batch_size), desc=rule or getattr(method, "name", "baseline"),
@@ -109,8 +135,10 @@ def answers(model, processor, samples, method=None, rule=None, batch_size=50) ->
             if method is None:
                 generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             else:
-                with lofi.pruned(model, method):
+                with lofi.pruned(model, method) as handle:
                     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+                if stats is not None:
+                    stats += kept_set_stats(model, inputs["pixel_values"], handle.kept[-1])
         new = generated[:, inputs["input_ids"].shape[1]:]
         out += [normalize_answer(a) for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     return out
@@ -179,9 +207,12 @@ def main(argv=None):
     vision = model.config.vision_config
     n_visual = (vision.image_size // vision.patch_size) ** 2
     baseline = answers(model, processor, samples)
-    rows = {"lvpruning": answers(model, processor, samples, lvpruning)}
+    stats = {"lvpruning": []}
+    rows = {"lvpruning": answers(model, processor, samples, lvpruning, stats=stats["lvpruning"])}
     for rule in RULES:
-        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers, rule), rule)
+        stats[f"schedule-{rule}"] = []
+        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers, rule),
+                                           rule, stats=stats[f"schedule-{rule}"])
     families = sorted({s.family for s in samples})
     table = []
     for name, given in [("baseline", baseline), *rows.items()]:
@@ -190,12 +221,17 @@ def main(argv=None):
                                                            for a, s in zip(given, samples)]),
                "flip_rate": 100 * np.mean(flips)}
         row.update({f"flips_{f}": sum(x for x, s in zip(flips, samples) if s.family == f) for f in families})
+        kept = np.array(stats.get(name, [(np.nan, np.nan)]))
+        row.update(kept_cosine=np.nanmean(kept[:, 0]), kept_spread=np.nanmean(kept[:, 1]))
         table.append(row)
     table = pd.DataFrame(table)
     kept = [n for _, n in lvpruning.schedule(num_layers, n_visual)]
     print(f"rho = {args.rho}: stages at layers {layers} keep {kept} of {n_visual} visual tokens; "
           f"{len(samples)} test questions")
-    print(table.to_markdown(index=False, floatfmt=".1f"))
+    table = table.round({"accuracy": 1, "flip_rate": 1, "kept_cosine": 3, "kept_spread": 2})
+    kept_columns = ["kept_cosine", "kept_spread"]
+    table[kept_columns] = table[kept_columns].astype(object).where(table[kept_columns].notna(), "-")
+    print(table.to_markdown(index=False, floatfmt="g"))
 
 
 if __name__ == "__main__":
