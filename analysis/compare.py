@@ -152,10 +152,16 @@ RUN_IDENTITY = ("methods", "keep", "model", "weights", "dataset", "limit", "seed
                 "spectrum_layers")
 
 
-def _differences(a: dict, b: dict) -> list[str]:
-    """The keys of ``RUN_IDENTITY`` on which two run configs differ."""
+def _refuse_another_run(folder: Path, config: dict, state: str, fix: str) -> None:
+    """A ``UsageError`` naming the ``RUN_IDENTITY`` keys on which ``folder``'s run differs from ``config``."""
+    if not (folder / "config.json").is_file():
+        return
+    done = json.loads((folder / "config.json").read_text())
     defaults = {"spectrum_layers": "all"}  # configs written before the option existed
-    return [k for k in RUN_IDENTITY if a.get(k, defaults.get(k)) != b.get(k, defaults.get(k))]
+    differ = [k for k in RUN_IDENTITY if done.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
+    if differ:
+        raise UsageError(f"{folder} holds {state} run with another configuration (differs in: "
+                         f"{', '.join(differ)}); {fix}")
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -172,18 +178,11 @@ def run(args) -> Path:
         f"_n{len(samples)}_seed{args.seed}")
     config = _config(args, samples, device)
     if (out / "report.html").is_file():
-        differ = _differences(json.loads((out / "config.json").read_text()), config)
-        if differ:
-            raise UsageError(f"{out} holds a finished run with another configuration (differs in: "
-                             f"{', '.join(differ)}); choose another --out or delete it")
+        _refuse_another_run(out, config, "a finished", "choose another --out or delete it")
         print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
         return out
     work = out.with_name(out.name + ".partial")
-    differ = _differences(json.loads((work / "config.json").read_text()), config) \
-        if (work / "config.json").is_file() else []
-    if differ:
-        raise UsageError(f"{work} holds an unfinished run with another configuration (differs in: "
-                         f"{', '.join(differ)}); delete it or use another --out")
+    _refuse_another_run(work, config, "an unfinished", "delete it or use another --out")
     (work / "shards").mkdir(parents=True, exist_ok=True)
     (work / "config.json").write_text(json.dumps(config, indent=1))
     print(f"compare: {len(samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "

@@ -33,6 +33,12 @@ def batch_inputs(processor, samples: Sequence[Sample], blank: bool = False) -> d
 
 
 @torch.no_grad()
+def greedy_answers(model, processor, inputs, max_new_tokens: int = 4) -> list[str]:
+    """Greedy-decoded text of the new tokens, for one batch of model inputs."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def answer(model, processor, samples: Sequence[Sample], batch_size: int = 32, blank: bool = False,
            max_new_tokens: int = 4, progress: bool = True) -> list[str]:
     """Greedy-decoded answers, decoded text of the new tokens only."""
@@ -40,9 +46,7 @@ def answer(model, processor, samples: Sequence[Sample], batch_size: int = 32, bl
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(samples), batch_size), desc="answering", disable=not progress):
         inputs = batch_inputs(processor, samples[start:start + batch_size], blank).to(device)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:]
-        answers += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        answers += greedy_answers(model, processor, inputs, max_new_tokens)
     return answers
 
 

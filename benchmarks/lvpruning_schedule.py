@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lofi  # noqa: E402
 from analysis import bundled, datasets, shapes  # noqa: E402
 from analysis.consistency import normalize_answer  # noqa: E402
-from analysis.evaluate import batch_inputs, load_model  # noqa: E402
+from analysis.evaluate import batch_inputs, greedy_answers, load_model  # noqa: E402
 from lofi.methods.leverage import LoFi  # noqa: E402
 from lofi.methods.lvpruning import LVPruning  # noqa: E402
 from lofi.registry import PruningMethod, StageInput  # noqa: E402
@@ -72,7 +72,7 @@ class ScheduleChoice(PruningMethod):
 
     def __init__(self, schedule: LVPruning, layers: list[int], rule: str = "random"):
         super().__init__(schedule.keep)
-        self.schedule, self.layers = schedule, layers
+        self.schedule, self.layers, self.rule = schedule, layers, rule
         self.leverage = LoFi() if rule == "lofi" else None
         self.priority: list[torch.Tensor] = []
         self.present: list[torch.Tensor] = []
@@ -98,13 +98,18 @@ class ScheduleChoice(PruningMethod):
         return torch.stack(chosen).to(state.visual.device)
 
 
-def kept_set_stats(model, pixel_values: torch.Tensor, kept: torch.Tensor) -> list[tuple[float, float]]:
-    """Per sample, of the tokens kept after the last stage: the mean pairwise cosine of their language-model
-    input features (how redundant they are) and their mean pairwise distance on the patch grid."""
+@torch.no_grad()
+def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """[batch, n_visual, d] float: the language model's visual input features."""
     features = model.get_image_features(pixel_values=pixel_values)
     features = getattr(features, "pooler_output", features)
     features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
-    features = features.reshape(len(kept), -1, features.shape[-1]).float()
+    return features.reshape(len(pixel_values), -1, features.shape[-1]).float()
+
+
+def kept_set_stats(features: torch.Tensor, kept: torch.Tensor) -> list[tuple[float, float]]:
+    """Per sample, of the tokens kept after the last stage: the mean pairwise cosine of their language-model
+    input features (how redundant they are) and their mean pairwise distance on the patch grid."""
     side = int(features.shape[1] ** 0.5)
     cells = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
     cells = cells.reshape(-1, 2).float()
@@ -121,27 +126,34 @@ def kept_set_stats(model, pixel_values: torch.Tensor, kept: torch.Tensor) -> lis
     return out
 
 
-def answers(model, processor, samples, method=None, rule=None, batch_size=50, stats=None) -> list[str]:
-    """Greedy answers; with a list ``stats``, appends ``kept_set_stats`` of each sample's last stage."""
+def answer_batch(model, processor, inputs, method: PruningMethod | None = None):
+    """Normalised greedy answers for one batch, unpruned or under ``method``, and the pruning handle."""
+    if method is None:
+        return [normalize_answer(a) for a in greedy_answers(model, processor, inputs)], None
+    with lofi.pruned(model, method) as handle:
+        given = greedy_answers(model, processor, inputs)
+    return [normalize_answer(a) for a in given], handle
+
+
+def compare_choices(model, processor, samples, choices: dict[str, PruningMethod], batch_size: int = 50):
+    """Answers of the unpruned model (``"baseline"``) and of every choice, and each choice's
+    ``kept_set_stats``; each batch's images are loaded and encoded once for all of them."""
     vision = model.config.vision_config
-    out, grid = [], vision.image_size // vision.patch_size
-    for start in tqdm(range(0, len(samples), batch_size), desc=rule or getattr(method, "name", "baseline"),
-                      leave=False, disable=len(samples) <= batch_size):
+    grid = vision.image_size // vision.patch_size
+    answers = {"baseline": [], **{name: [] for name in choices}}
+    stats = {name: [] for name in choices}
+    for start in tqdm(range(0, len(samples), batch_size), desc="batches"):
         chunk = samples[start:start + batch_size]
         inputs = batch_inputs(processor, chunk)
-        if isinstance(method, ScheduleChoice):
-            method.priority = [priorities(s, rule, grid) for s in chunk]
-        with torch.no_grad():
-            if method is None:
-                generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            else:
-                with lofi.pruned(model, method) as handle:
-                    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-                if stats is not None:
-                    stats += kept_set_stats(model, inputs["pixel_values"], handle.kept[-1])
-        new = generated[:, inputs["input_ids"].shape[1]:]
-        out += [normalize_answer(a) for a in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return out
+        features = image_features(model, inputs["pixel_values"])
+        answers["baseline"] += answer_batch(model, processor, inputs)[0]
+        for name, method in choices.items():
+            if isinstance(method, ScheduleChoice):
+                method.priority = [priorities(s, method.rule, grid) for s in chunk]
+            given, handle = answer_batch(model, processor, inputs, method)
+            answers[name] += given
+            stats[name] += kept_set_stats(features, handle.kept[-1])
+    return answers, stats
 
 
 class DropSet(PruningMethod):
@@ -167,12 +179,13 @@ def drop_asked(model, processor, samples, layers=(0, 1, 2, 4, 6), seed=0) -> pd.
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
     colour = [s for s in samples if s.family == "colour"]
-    baseline = answers(model, processor, colour, batch_size=1)
+    inputs = [batch_inputs(processor, [s]) for s in colour]
+    baseline = [answer_batch(model, processor, x)[0][0] for x in inputs]
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for layer in layers:
         changed = {"asked object + neighbours": 0, "as many background patches": 0}
-        for sample, before in zip(colour, baseline):
+        for sample, sample_inputs, before in zip(colour, inputs, baseline):
             named = (priorities(sample, "asked", grid) == 2).view(1, 1, grid, grid).float()
             near = torch.nn.functional.max_pool2d(named, 3, 1, 1).view(-1) > 0
             background = ((priorities(sample, "objects", grid) == 0) & ~near).nonzero()[:, 0]
@@ -181,7 +194,7 @@ def drop_asked(model, processor, samples, layers=(0, 1, 2, 4, 6), seed=0) -> pd.
             random = background[torch.randperm(len(background), generator=generator)[:int(near.sum())]]
             for name, drop in (("asked object + neighbours", near.nonzero()[:, 0]),
                                ("as many background patches", random)):
-                changed[name] += answers(model, processor, [sample], DropSet(layer, drop), batch_size=1)[0] != before
+                changed[name] += answer_batch(model, processor, sample_inputs, DropSet(layer, drop))[0][0] != before
         rows.append({"from layer": layer, **changed})
     print(f"colour answers changed (of {len(colour)}) when only these patches are dropped:")
     return pd.DataFrame(rows)
@@ -206,16 +219,13 @@ def main(argv=None):
     layers = lvpruning.stages(num_layers)
     vision = model.config.vision_config
     n_visual = (vision.image_size // vision.patch_size) ** 2
-    baseline = answers(model, processor, samples)
-    stats = {"lvpruning": []}
-    rows = {"lvpruning": answers(model, processor, samples, lvpruning, stats=stats["lvpruning"])}
-    for rule in RULES:
-        stats[f"schedule-{rule}"] = []
-        rows[f"schedule-{rule}"] = answers(model, processor, samples, ScheduleChoice(lvpruning, layers, rule),
-                                           rule, stats=stats[f"schedule-{rule}"])
+    choices = {"lvpruning": lvpruning,
+               **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule) for rule in RULES}}
+    answers, stats = compare_choices(model, processor, samples, choices)
+    baseline = answers["baseline"]
     families = sorted({s.family for s in samples})
     table = []
-    for name, given in [("baseline", baseline), *rows.items()]:
+    for name, given in answers.items():
         flips = [a != b for a, b in zip(given, baseline)]
         row = {"choice": name, "accuracy": 100 * np.mean([a == normalize_answer(s.answer)
                                                            for a, s in zip(given, samples)]),
