@@ -53,6 +53,8 @@ def command(summary: dict, model_dir: str = "data/shapes-llava") -> str:
     if not summary.get("describe", True):
         parts.append("--no-describe")
     parts += [f"--lr {summary['lr']}", f"--seed {summary['seed']}"]
+    if summary.get("bf16"):
+        parts.append("--bf16")
     return " ".join(parts)
 
 
@@ -66,7 +68,8 @@ def _continuation(number: int, stage: dict) -> str:
                if stage.get("curriculum") else "")
     return (f"\n\nStage {number}: {stage['steps']} more steps on fresh scenes (the stream from scene "
             f"{stage.get('start', 0):,}), lr {stage['lr']} with a new warm-up and cosine, fresh patch heads "
-            f"(weight {stage.get('aux_weight', 0)}).{mix}{restart}")
+            f"(weight {stage.get('aux_weight', 0)}).{mix}{restart}"
+            + (" Matmuls in bfloat16 autocast (weights and optimizer in float32)." if stage.get("bf16") else ""))
 
 
 def write_card(model_dir: Path, split: str = "test") -> Path:

@@ -251,7 +251,8 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
           init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
           curriculum: int = 0, curriculum_start: int = shapes.MIN_OBJECTS,
           nearest_targets: bool = False, image_norm: str = "clip",
-          vision_warmup: int = 0, family_weights: dict[str, float] | None = None) -> dict:
+          vision_warmup: int = 0, family_weights: dict[str, float] | None = None,
+          bf16: bool = False) -> dict:
     torch.manual_seed(seed)
     np.random.seed(seed)
     processor = bundled.build_processor(normalisation=image_norm)
@@ -291,12 +292,13 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
         batch = next(batches)
         targets = batch.pop("patch_targets", None)
         projected.clear()
-        answer_loss = model(**batch).loss
-        loss = answer_loss
-        if targets is not None:
-            visual = projected[0].view(len(batch["input_ids"]), n_image_tokens, -1)
-            aux = heads.loss(visual, targets)
-            loss = answer_loss + aux_weight * aux
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            answer_loss = model(**batch).loss
+            loss = answer_loss
+            if targets is not None:
+                visual = projected[0].view(len(batch["input_ids"]), n_image_tokens, -1)
+                aux = heads.loss(visual, targets)
+                loss = answer_loss + aux_weight * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -340,7 +342,7 @@ def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: i
                "text_init": config.text_config.initializer_range,
                "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
                "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
-               "aux_weight": aux_weight, "family_weights": family_weights,
+               "aux_weight": aux_weight, "family_weights": family_weights, "bf16": bf16,
                "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
                "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
                                         if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
@@ -399,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
                         help="draw each turn's question family with these weights, e.g. existence=3,spatial=3 "
                              "(default: families in turn, equal shares)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for the matmuls (weights and optimizer stay float32; "
+                             "~25%% faster per step on a CPU with AVX512-BF16)")
     args = parser.parse_args(argv)
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
                     "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                     curriculum=args.curriculum, curriculum_start=args.curriculum_start,
                     nearest_targets=args.nearest_targets,
                     image_norm=args.image_norm, vision_warmup=args.vision_warmup,
-                    family_weights=args.family_weights)
+                    family_weights=args.family_weights, bf16=args.bf16)
     print(json.dumps(summary, indent=1))
 
 

@@ -158,7 +158,8 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
                   config_overrides=tiny, progress=False)
     second = train(tmp_path / "b", steps=2, batch_size=2, turns=2, lr=5e-4, seed=1, eval_every=0,
                    init_from=tmp_path / "a", start=1000, progress=False, curriculum=2,
-                   family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "spatial": 0.0})
+                   family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "spatial": 0.0},
+                   bf16=True)
     log = [json.loads(line) for line in (tmp_path / "b" / "training_log.jsonl").open()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert [r.get("stage", 1) for r in log] == [1, 1, 1, 2, 2]
@@ -169,6 +170,7 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     commands = [model_card.command(s) for s in chain]
     assert "--init-from" not in commands[0] and "--init-from data/shapes-llava --start 1000" in commands[1]
     assert "--family-weights existence=3,spatial=0" in commands[1]
+    assert commands[1].endswith("--bf16") and "--bf16" not in commands[0]
     captured = {}  # the card's command, fed to the script's own parser, asks for the same run
     monkeypatch.setattr(train_bundled, "train", lambda *args, **kwargs: captured.update(
         kwargs, steps=args[1], lr=args[4], seed=args[5]) or {})
@@ -176,3 +178,4 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     assert (captured["steps"], captured["lr"], captured["seed"], captured["start"]) == (2, 5e-4, 1, 1000)
     assert captured["family_weights"]["existence"] == 3 and captured["family_weights"]["spatial"] == 0
     assert captured["curriculum"] == 2 and captured["vision_warmup"] == 0
+    assert captured["bf16"] is True
