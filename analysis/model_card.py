@@ -92,8 +92,12 @@ def write_card(model_dir: Path, split: str = "test") -> Path:
     met = overall >= 85 and existence >= 90 and drop >= 30
     families = table.drop(index="overall")
     weakest = families.iloc[:, 1].sort_values().index[:2]
+    blind = [f for f in families.index if families.loc[f, "drop (points)"] < 5]
+    caveat = ("".join(f" {f.capitalize()} questions are still answered without the image "
+                      f"({families.loc[f].iloc[1]:.1f}% with images, {families.loc[f].iloc[2]:.1f}% blank)."
+                      for f in blind))
     status = ("**Quality target met** (>= 85% overall, >= 90% existence, >= 30 points lost on blank images)."
-              if met else
+              + caveat if met else
               f"**Quality target NOT met.** Issue #2 asks for >= 85% overall, >= 90% on existence and a drop of "
               f">= 30 points on blank images; this checkpoint reaches {overall:.1f}% overall, {existence:.1f}% on "
               f"existence and a {drop:.1f}-point drop. Weakest families: "
@@ -190,6 +194,13 @@ What the probes found, for the next run (`analysis.train_bundled` has each as an
    questions: 99.6%). 150 steps of colour questions alone on two-object scenes raised colour to 63.4%
    (2-6 objects: 50-63%) and dropped count to 62.5%: learnable, slowly, and it needs the other
    families beside it.
+8. **Long stages learn binding.** Stages 4 and 5 keep every family in, weight those that must find an
+   object by its shape up, and restart the curriculum at 3 objects (`--bf16`: about 1 s per step).
+   Val colour stayed at 62-68% for the first 800 steps of stage 4, then rose as the learning rate fell:
+   after stage 4 the test split read 81.8% overall (colour 81.5%, existence 95.3%, count 78.6%,
+   spatial 47.4%). Stage 5 weights colour and count 3x: val colour reached 98% by its step 600, and
+   the test split 87.6% overall after it (the table below). Spatial questions stayed at chance in
+   both stages (test 47.4% and 50.2%; probe 6).
 
 - steps: {summary.get('total_steps', summary['steps']):,} ({" + ".join(f"{stage['steps']:,}" for stage in chain)}{" in stages" if len(chain) > 1 else ""}) x {summary['batch_size']} images, after the vision warm-up
 - wall time: **{summary.get('total_wall_seconds', summary['wall_seconds']) / 60:.1f} min** on {summary['threads']} CPU threads (no GPU was available){f" ({wall})" if len(chain) > 1 else ""}

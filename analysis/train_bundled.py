@@ -16,9 +16,10 @@ the tower alone on the patch heads (``warm_up_vision``). Probes on one-object sc
 model's initial std (``--text-init``; with Llama's 0.02 it could not read a single object's colour
 after 200 steps, with 0.07 it read it perfectly after 150), and images normalised around the
 background (``--image-norm background``). ``--init-from`` continues a checkpoint (fresh optimizer,
-schedule and patch heads); the shipped model is three such stages, the later two replaying the
-curriculum with yes/no and colour questions weighted up (``--family-weights``), which is what got
-existence off chance. The run writes the checkpoint (safetensors), the processor,
+schedule and patch heads); the shipped model is five such stages, the later four replaying the
+curriculum with some question families weighted up (``--family-weights``): yes/no questions (stages 2
+and 3), which got existence off chance, then long stages with the families that find an object by its
+shape weighted up (4 and 5), which taught the language model to bind colour to shape. The run writes the checkpoint (safetensors), the processor,
 ``training_log.jsonl`` (loss, learning rate, throughput, periodic per-family val accuracy; a continued
 run prepends its checkpoint's log and numbers its steps on) and ``loss_curve.png``.
 """

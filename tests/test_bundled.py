@@ -59,31 +59,32 @@ def test_training_conversation_starts_with_the_evaluation_prompt(bundled_model):
 
 
 @pytest.fixture(scope="module")
-def slice_tables(bundled_model):
+def test_split_tables(bundled_model):
+    """Per-family accuracy on the whole test split (1,200 questions, about a minute), with real and with blank images."""
     model, processor = bundled_model
-    samples = load_split("test", limit=150)
+    samples = load_split("test")
     return (accuracy_table(samples, answer(model, processor, samples, progress=False)),
             accuracy_table(samples, answer(model, processor, samples, blank=True, progress=False)))
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue #2's quality bar is not met yet by the shipped checkpoint (its "
-                   "test-split accuracy is in data/shapes-llava/README.md); strict, so a model that clears "
-                   "the bar turns this into a failure to remove the mark")
-def test_greedy_accuracy_on_a_slice_meets_the_issue_target(slice_tables):
-    image, blank = slice_tables
-    assert image.loc["overall", "accuracy"] >= 80
+def test_greedy_accuracy_on_the_test_split_meets_the_issue_target(test_split_tables):
+    """Issue #2's bar, on the whole split rather than a slice: a slice of 150 leaves too few questions per
+    family for a margin of a few points to survive another CPU's rounding."""
+    image, blank = test_split_tables
+    assert image.loc["overall", "accuracy"] >= 85
+    assert image.loc["existence", "accuracy"] >= 90
     assert image.loc["overall", "accuracy"] - blank.loc["overall", "accuracy"] >= 30
 
 
 @pytest.mark.slow
-def test_the_model_reads_shapes_colours_counts_and_existence_off_the_image(slice_tables):
-    """What the shipped checkpoint does learn (a regression guard; on this slice it scores 100 / 59 / 81 / 78%
-    on shape / colour / count / existence with images against 27 / 10 / 42 / 50% with blank ones)."""
-    image, blank = slice_tables
-    for family, margin in (("shape", 50), ("colour", 20), ("count", 25), ("existence", 15)):
+def test_the_model_reads_shapes_colours_counts_and_existence_off_the_image(test_split_tables):
+    """What the shipped checkpoint learnt (a regression guard; it scores 100 / 100 / 82 / 100% on shape / colour /
+    count / existence with images against 28 / 21 / 38 / 49% with blank ones). Spatial questions are not
+    guarded: the model answers them at chance (data/shapes-llava/README.md)."""
+    image, blank = test_split_tables
+    for family, margin in (("shape", 50), ("colour", 50), ("count", 25), ("existence", 30)):
         assert image.loc[family, "accuracy"] - blank.loc[family, "accuracy"] >= margin, family
-    assert image.loc["overall", "accuracy"] - blank.loc["overall", "accuracy"] >= 30
 
 
 def test_training_smoke_on_a_tiny_config(tmp_path):
