@@ -3,8 +3,9 @@
 Paper section 3.2 on the shapes stream (``analysis.shapes``, disjoint from test/val): the base model is
 frozen; Gumbel-Softmax decisions mask visual tokens inside attention (``lofi.methods.lvpruning.
 soft_pruning``), and the loss is ``lambda_causal * L_causal + lambda_ratio * L_ratio`` (eq. 12) with
-targets [rho, rho-0.2, rho-0.4]. ``--labels model`` keeps eq. 12 but takes the causal loss's labels
-from the frozen model's own greedy answers instead of the benchmark's (see ``model_labels``).
+targets [rho, rho-0.2, rho-0.4]. By default (``--labels model``) the causal loss's labels are the
+frozen model's own greedy answers (see ``model_labels`` for why); ``--labels dataset`` takes the
+benchmark's, the paper's literal setting.
 Writes the modules (safetensors) to ``<model>/lvpruning/`` with
 ``training_log.jsonl`` (causal and ratio losses, realised keep ratio per stage) and ``loss_curve.png``.
 """
@@ -51,7 +52,7 @@ def model_labels(model, batch: dict, eos_token_id: int) -> dict:
 
 def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: float, rho: float,
           lambda_ratio: float, seed: int, progress: bool = True, start: int = 500_000,
-          labels: str = "dataset") -> dict:
+          labels: str = "model") -> dict:
     if labels not in LABELS:
         raise ValueError(f"unknown labels {labels!r}; valid: {list(LABELS)}")
     torch.manual_seed(seed)
@@ -124,9 +125,11 @@ def main(argv: list[str] | None = None) -> None:
                              "on hard decisions (about 0.04 in the kept fraction) drown the causal loss's "
                              "signal: at 100, 15%% of the bundled model's stage-3 kept tokens lay on objects, "
                              "at 1, 29%% (objects cover 9.5%% of the patches)")
-    parser.add_argument("--labels", choices=LABELS, default="dataset",
-                        help="the causal loss's answer labels: the benchmark's (the paper's setting) or the "
-                             "frozen model's own greedy answers")
+    parser.add_argument("--labels", choices=LABELS, default="model",
+                        help="the causal loss's answer labels: the frozen model's own greedy answers "
+                             "(default; on the bundled model at rho 0.5: 5.9%% flips and 86.0%% accuracy, "
+                             "against 9.8%% and 82.8%% with the benchmark's) or the benchmark's (the paper's "
+                             "literal setting)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
