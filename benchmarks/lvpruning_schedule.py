@@ -5,7 +5,10 @@
 Every row keeps the same visual tokens per stage as LVPruning at ``rho`` (stages at its trained layers,
 ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choice differs:
 
-* ``lvpruning``: the trained decision modules (``--path``, default the bundled model's);
+* ``lvpruning``: the trained decision modules (``--path``, default the bundled model's), top-k as in
+  the paper;
+* ``lvpruning-sample``: the same modules with ``selection="sample"`` (tokens drawn with weights = keep
+  odds instead of the top-k; not in the paper);
 * ``schedule-random``: uniformly random choices (seeded per sample);
 * ``schedule-objects``: patches under any object first (ground truth, ``analysis.shapes.patch_labels``),
   random among equals;
@@ -219,7 +222,9 @@ def main(argv=None):
     layers = lvpruning.stages(num_layers)
     vision = model.config.vision_config
     n_visual = (vision.image_size // vision.patch_size) ** 2
-    choices = {"lvpruning": lvpruning,
+    sampled = LVPruning(keep=args.rho, path=args.path, selection="sample")
+    sampled.bind(model)
+    choices = {"lvpruning": lvpruning, "lvpruning-sample": sampled,
                **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule) for rule in RULES}}
     answers, stats = compare_choices(model, processor, samples, choices)
     baseline = answers["baseline"]

@@ -9,8 +9,8 @@ import torch
 
 import lofi
 from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
-from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops,
-                                    masked_attention, ratio_loss, soft_pruning, stage_layers)
+from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops, masked_attention,
+                                    ratio_loss, sample_without_replacement, soft_pruning, stage_layers)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,47 @@ def test_realised_kept_counts_per_stage(model, modules_dir, rho):
     assert handle.stages == [1, 2, 3]
     for earlier, later in zip(handle.kept, handle.kept[1:]):  # a dropped token never comes back
         assert all(set(later[b].tolist()) <= set(earlier[b].tolist()) for b in range(2))
+
+
+def test_sampling_draws_in_proportion_to_the_weights():
+    weights = np.array([4.0, 2.0, 1.0, 1.0])
+    uniform = torch.rand(200_000, 4, generator=torch.Generator().manual_seed(0))
+    log_w = torch.tensor(np.log(weights), dtype=torch.float32).expand(200_000, -1)
+    first = sample_without_replacement(log_w, 1, uniform)[:, 0]
+    np.testing.assert_allclose(np.bincount(first.numpy(), minlength=4) / 200_000, weights / weights.sum(),
+                               atol=0.005)
+    pairs = sample_without_replacement(log_w, 2, uniform)
+    both = ((pairs == 0).any(1) & (pairs == 1).any(1)).float().mean().item()
+    # P({0, 1}) = P(0 then 1) + P(1 then 0) = 4/8 * 2/4 + 2/8 * 4/6
+    assert abs(both - (4 / 8 * 2 / 4 + 2 / 8 * 4 / 6)) < 0.005
+    assert all(len(set(row.tolist())) == 2 for row in pairs[:1000])  # without replacement
+
+
+def test_sampled_selection_keeps_the_counts_and_is_seeded_per_sample(model, modules_dir):
+    prompts = [prompt_ids(3), prompt_ids(3, (5,), (7, 8))]
+    inputs = make_inputs(prompts=prompts)
+
+    def kept(batch, **options):
+        with lofi.pruned(model, "lvpruning", keep=0.5, path=modules_dir, **options) as handle:
+            model(**batch)
+        return handle.kept
+
+    sampled = kept(inputs, selection="sample")
+    expected = [max(1, math.ceil(r * N_VISUAL - 1e-9)) for r in (0.5, 0.3, 0.1)]
+    assert [k.shape for k in sampled] == [(2, n) for n in expected]
+    for earlier, later in zip(sampled, sampled[1:]):
+        assert all(set(later[b].tolist()) <= set(earlier[b].tolist()) for b in range(2))
+    again = kept(inputs, selection="sample")
+    assert all(torch.equal(a.sort(1).values, b.sort(1).values) for a, b in zip(sampled, again))
+    row = int(inputs["attention_mask"].all(1).nonzero()[0])  # the longer prompt: no padding to strip alone
+    alone = kept({k: v[row:row + 1] for k, v in inputs.items()}, selection="sample")
+    assert all(set(a[row].tolist()) == set(b[0].tolist()) for a, b in zip(sampled, alone))
+    other_seed = kept(inputs, selection="sample", seed=1)
+    top = kept(inputs)
+    assert any(set(a[0].tolist()) != set(b[0].tolist()) for a, b in zip(sampled, other_seed))
+    assert any(set(a[0].tolist()) != set(b[0].tolist()) for a, b in zip(sampled, top))
+    with pytest.raises(ValueError, match=r"valid: \['topk', 'sample'\]"):
+        LVPruning(selection="top-k")
 
 
 @torch.no_grad()

@@ -142,6 +142,14 @@ def text_tokens(hidden: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor,
     return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), mask
 
 
+def sample_without_replacement(log_weights: torch.Tensor, k: int, uniform: torch.Tensor) -> torch.Tensor:
+    """[batch, k] indices drawn without replacement, each draw picking i with probability
+    w_i / sum of the w_j not yet drawn, w = exp(log_weights) (Gumbel-top-k: the top k of
+    log w_i + G_i with G_i = -log(-log u_i) standard Gumbel, u = ``uniform`` in (0, 1))."""
+    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
+    return (log_weights + gumbel).topk(k, dim=-1, sorted=False).indices
+
+
 def decision_flops(width: int, n_text: int, n_visual: int, blocks: int = 2) -> float:
     """Multiply-adds x 2 of one decision module over n_visual queries and n_text keys."""
     c = width
@@ -157,13 +165,24 @@ class LVPruning(PruningMethod):
         keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative).
         offsets: the per-stage reductions (default (0, 0.2, 0.4)); (0, 0, 0) with keep=1 keeps all.
         path: folder of trained modules (default: ``lvpruning/`` beside the model's weights).
+        selection: ``"topk"`` (default, paper 3.3: the highest keep probabilities) or ``"sample"``: k
+            tokens drawn without replacement with weights = keep odds p / (1 - p) (Gumbel-top-k), close to
+            training's independent keep decisions given their count. Not in the paper; on the bundled
+            model top-k keeps one blob of near-copies and flips about 4x as many answers (benchmarks/).
+        seed: with ``selection="sample"``, the run's seed; each sample and stage draws from its own
+            generator, so a sample keeps the same tokens alone or in any batch.
     """
 
     name = "lvpruning"
 
+    SELECTIONS = ("topk", "sample")
+
     def __init__(self, keep: float = 0.5, layer: int | None = None, offsets=(0.0, 0.2, 0.4),
-                 path: str | Path | None = None):
+                 path: str | Path | None = None, selection: str = "topk", seed: int = 0):
         super().__init__(keep, layer if layer is not None else 1)
+        if selection not in self.SELECTIONS:
+            raise ValueError(f"unknown lvpruning selection {selection!r}; valid: {list(self.SELECTIONS)}")
+        self.selection, self.seed = selection, int(seed)
         if layer is not None:
             raise ValueError("lvpruning's layers are fixed by its trained modules; pass no layer")
         if len(offsets) != 3 or any(o < 0 for o in offsets):
@@ -200,19 +219,29 @@ class LVPruning(PruningMethod):
         return max(1, min(n_present, math.ceil(self.ratios()[stage] * n_visual - 1e-9)))
 
     @torch.no_grad()
-    def keep_scores(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
-        """[batch, n_present] keep probabilities of the present visual tokens."""
+    def keep_log_odds(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
+        """[batch, n_present] log(p / (1 - p)) of each present visual token's keep probability p (W_O's keep
+        logit minus its drop logit)."""
         width = hidden.shape[-1]
         visual_hidden = hidden.gather(1, visual[..., None].expand(-1, -1, width))
         text_hidden, text_mask = text_tokens(hidden, text)
-        logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask)
-        return logits.float().softmax(-1)[..., 0]
+        logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask).float()
+        return logits[..., 0] - logits[..., 1]
+
+    def keep_scores(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
+        """[batch, n_present] keep probabilities of the present visual tokens (softmax of the 2 logits)."""
+        return torch.sigmoid(self.keep_log_odds(stage, hidden, visual, text))
 
     def select(self, state: StageInput) -> torch.Tensor:
         if self.modules is None:
             self.bind(state.model)
-        scores = self.keep_scores(state.stage, state.hidden, state.visual, state.text)
-        return scores.topk(state.n_keep, dim=1, sorted=False).indices
+        scores = self.keep_log_odds(state.stage, state.hidden, state.visual, state.text)
+        if self.selection == "topk":
+            return scores.topk(state.n_keep, dim=1, sorted=False).indices
+        uniform = torch.stack([torch.rand(scores.shape[1], device=scores.device,
+                                          generator=state.generator(b, self.seed * 7919 + state.stage))
+                               for b in range(scores.shape[0])])
+        return sample_without_replacement(scores, state.n_keep, uniform)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         width = config.text_config.hidden_size
