@@ -168,7 +168,7 @@ class LVPruning(PruningMethod):
         selection: ``"topk"`` (default, paper 3.3: the highest keep probabilities) or ``"sample"``: k
             tokens drawn without replacement with weights = keep odds p / (1 - p) (Gumbel-top-k), close to
             training's independent keep decisions given their count. Not in the paper; on the bundled
-            model top-k keeps one blob of near-copies and flips about 4x as many answers (benchmarks/).
+            model top-k keeps one blob of near-copies and flips 2.7x as many answers (benchmarks/README.md).
         seed: with ``selection="sample"``, the run's seed; each sample and stage draws from its own
             generator, so a sample keeps the same tokens alone or in any batch.
     """
