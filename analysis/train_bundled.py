@@ -20,8 +20,9 @@ schedule and patch heads); the shipped model is five such stages, the later four
 curriculum with some question families weighted up (``--family-weights``): yes/no questions (stages 2
 and 3), which got existence off chance, then long stages with the families that find an object by its
 shape weighted up (4 and 5), which taught the language model to bind colour to shape. The run writes
-the checkpoint (safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput, periodic per-family val accuracy; a continued
-run prepends its checkpoint's log and numbers its steps on) and ``loss_curve.png``.
+the checkpoint (safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput,
+periodic per-family val accuracy; a continued run prepends its checkpoint's log and numbers its steps
+on) and ``loss_curve.png``.
 """
 
 from __future__ import annotations
