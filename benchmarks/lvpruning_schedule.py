@@ -223,7 +223,7 @@ def main(argv=None):
     vision = model.config.vision_config
     n_visual = (vision.image_size // vision.patch_size) ** 2
     sampled = LVPruning(keep=args.rho, path=args.path, selection="sample")
-    sampled.bind(model)
+    sampled.modules = lvpruning.modules  # the same trained modules, read from disk once
     choices = {"lvpruning": lvpruning, "lvpruning-sample": sampled,
                **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule) for rule in RULES}}
     answers, stats = compare_choices(model, processor, samples, choices)

@@ -228,10 +228,6 @@ class LVPruning(PruningMethod):
         logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask).float()
         return logits[..., 0] - logits[..., 1]
 
-    def keep_scores(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
-        """[batch, n_present] keep probabilities of the present visual tokens (softmax of the 2 logits)."""
-        return torch.sigmoid(self.keep_log_odds(stage, hidden, visual, text))
-
     def select(self, state: StageInput) -> torch.Tensor:
         if self.modules is None:
             self.bind(state.model)
