@@ -10,7 +10,8 @@ import torch
 import lofi
 from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
 from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops, masked_attention,
-                                    ratio_loss, sample_without_replacement, soft_pruning, stage_layers)
+                                    ratio_loss, sample_without_replacement, soft_pruning, stage_layers,
+                                    topk_decisions)
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +207,37 @@ def test_training_masks_equal_true_dropping_of_the_same_tokens(model, modules_di
     torch.testing.assert_close(dropped[valid], soft[valid], atol=1e-5, rtol=0)
 
 
+
+def test_topk_decisions_are_inferences_choice_with_a_straight_through_gradient():
+    torch.manual_seed(0)
+    odds = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
+    previous = torch.zeros(2, 10, dtype=torch.float64)
+    previous[0, :6] = previous[1, 4:] = 1
+    decision = topk_decisions(odds, 3, previous, tau=2.0)
+    for b in range(2):
+        present = previous[b].nonzero()[:, 0]
+        top = present[odds[b, present].argsort(descending=True)[:3]]
+        assert set(decision[b].detach().nonzero()[:, 0].tolist()) == set(top.tolist())
+    weights = torch.randn(2, 10, dtype=torch.float64)
+    (decision * weights).sum().backward()
+    sig = torch.sigmoid(odds.detach() / 2)
+    torch.testing.assert_close(odds.grad, weights * sig * (1 - sig) / 2)
+    noisy = topk_decisions(odds.detach(), 3, previous, noise=1.0)  # explores, still 3 among the present
+    assert noisy.sum(1).tolist() == [3, 3] and bool((noisy <= previous).all())
+
+
+@torch.no_grad()
+def test_topk_training_decisions_are_the_tokens_inference_keeps(model, modules_dir):
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))], seed=4)
+    inputs["position_ids"] = positions(inputs["attention_mask"])
+    with lofi.pruned(model, "lvpruning", keep=0.5, path=modules_dir) as handle:
+        model(**inputs, use_cache=False)
+    with soft_pruning(model, DecisionModules.load(modules_dir), topk=[0.5, 0.3, 0.1]) as state:
+        model(**inputs, use_cache=False)
+    for kept, decision in zip(handle.kept, state.decisions):
+        assert decision.shape == (2, N_VISUAL)
+        assert [set(d.nonzero()[:, 0].tolist()) for d in decision] == [set(k.tolist()) for k in kept]
+
 def test_decision_flops_are_counted():
     model = tiny_llava()
     method = LVPruning(keep=0.5, path=None)
@@ -262,7 +294,8 @@ def test_training_decisions_read_the_prompt_only_when_told(model, modules_dir):
     assert not torch.allclose(runs["all", 11], runs["all", 12])  # without it the answer leaks in
 
 
-def test_training_command_writes_modules_that_lofi_finds(tmp_path):
+@pytest.mark.parametrize("decisions", ["gumbel", "topk"])
+def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
     import json
 
     from analysis import datasets
@@ -276,14 +309,25 @@ def test_training_command_writes_modules_that_lofi_finds(tmp_path):
     train_bundled(model_dir, steps=1, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0,
                   config_overrides=tiny, progress=False)
     summary = train(model_dir, None, steps=2, batch_size=2, lr=1e-3, rho=0.5, lambda_ratio=1.0, seed=0,
-                    progress=False)
+                    progress=False, decisions=decisions)
     folder = model_dir / "lvpruning"
     log = [json.loads(line) for line in (folder / "training_log.jsonl").open()]
     assert [r["step"] for r in log] == [1, 2] and summary["layers"] == [1, 2, 3]
     assert all({"causal", "ratio", "kept"} <= set(r) and len(r["kept"]) == 3 for r in log)
+    if decisions == "topk":  # inference's exact counts, ceil([0.5, 0.3, 0.1] x 16) of 16, in training too
+        assert all(r["kept"] == [0.5, 0.3125, 0.125] for r in log) and summary["decisions"] == "topk"
     assert (folder / "loss_curve.png").is_file() and not (tmp_path / "tiny-llava" / "lvpruning.partial").exists()
     model, processor = load_model(model_dir)
     samples = datasets.load_split("val", limit=2)
     with lofi.pruned(model, "lvpruning", keep=0.5) as handle:  # found beside the weights
         assert len(answer(model, processor, samples, progress=False)) == 2
     assert [k.shape[1] for k in handle.kept] == [8, 5, 2]  # ceil([0.5, 0.3, 0.1] x 16)
+
+
+def test_training_rejects_unknown_labels_and_decisions(tmp_path):
+    from analysis.train_lvpruning import train
+    common = dict(out=None, steps=1, batch_size=1, lr=1e-3, rho=0.5, lambda_ratio=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"unknown labels 'gold'; valid: \['dataset', 'model'\]"):
+        train(tmp_path, labels="gold", **common)
+    with pytest.raises(ValueError, match=r"unknown decisions 'soft'; valid: \['gumbel', 'topk'\]"):
+        train(tmp_path, decisions="soft", **common)

@@ -308,9 +308,26 @@ def masked_attention(scores: torch.Tensor, m: torch.Tensor, value: torch.Tensor)
     return out, probs
 
 
+def topk_decisions(keep_log_odds: torch.Tensor, k: int, previous: torch.Tensor | None, tau: float = 1.0,
+                   noise: float = 0.0) -> torch.Tensor:
+    """Straight-through top-k: in value the 0/1 choice of inference (the k highest keep log-odds among
+    the tokens ``previous`` kept, nested as at inference), plus ``noise`` x standard Gumbel noise on
+    the scores (exploration; 1 draws the k without replacement with weights = keep odds, 0 is
+    inference's top-k); in gradient, that of the keep probability sigmoid(log-odds / tau)."""
+    soft = torch.sigmoid(keep_log_odds / tau)
+    scores = keep_log_odds.detach()
+    if noise > 0:
+        scores = scores - noise * torch.log(-torch.log(torch.rand_like(scores).clamp(1e-12, 1 - 1e-7)))
+    if previous is not None:
+        scores = scores.masked_fill(previous.detach() < 0.5, float("-inf"))
+    hard = torch.zeros_like(soft).scatter(1, scores.topk(k, dim=1).indices, 1.0)
+    return hard + soft - soft.detach()
+
+
 @contextmanager
 def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = None, tau: float = 1.0,
-                 fixed: list[torch.Tensor] | None = None, readable: torch.Tensor | None = None):
+                 fixed: list[torch.Tensor] | None = None, readable: torch.Tensor | None = None,
+                 topk: list[float] | None = None, noise: float = 0.0):
     """Train-time forward: decisions at each stage layer mask visual keys from that layer on.
 
     Yields the ``_SoftMaskState``; after a forward pass ``state.decisions`` holds each stage's
@@ -319,6 +336,8 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
     ``readable`` ([batch, seq] bool) limits the text tokens the modules read; pass the prompt: at
     inference they decide at prefill, before any answer token exists, and a teacher-forced answer in
     their keys would let them choose by the answer instead of the question.
+    ``topk`` (per-stage keep ratios) replaces the paper's independent Gumbel-Softmax decisions (eq. 5-6)
+    by inference's own choice, ``topk_decisions`` with ``noise``: exactly ceil(ratio x n) tokens.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -354,10 +373,17 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
                 visual_hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
                 text = valid & ~visual if readable is None else valid & ~visual & readable.to(valid.device)
                 text_hidden, text_mask = text_tokens(hidden, text)
-                logits = modules.stages[stage_of_layer[index]](visual_hidden, text_hidden, text_mask)
-                decision = F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 0]  # eq. 5-6
+                stage = stage_of_layer[index]
+                logits = modules.stages[stage](visual_hidden, text_hidden, text_mask)
+                if topk is not None:
+                    k = max(1, math.ceil(topk[stage] * n - 1e-9))
+                    odds = logits[..., 0].float() - logits[..., 1].float()
+                    previous = state.decisions[-1] if state.decisions else None
+                    decision = topk_decisions(odds, k, previous, tau, noise)
+                else:
+                    decision = F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 0]  # eq. 5-6
                 if fixed is not None:
-                    decision = fixed[stage_of_layer[index]].to(decision) + 0 * decision
+                    decision = fixed[stage].to(decision) + 0 * decision
                 if state.decisions:
                     decision = decision * state.decisions[-1]                          # eq. 10
                 state.decisions.append(decision)
