@@ -1,6 +1,6 @@
 """LVPruning at rho = 0.6 / 0.5 / 0.45 beside random and fastv at matched relative FLOPs.
 
-    python benchmarks/lvpruning_matched.py [--limit 0] [--out reports/lvpruning-matched]
+    python benchmarks/lvpruning_matched.py [--limit 0] [--out reports/lvpruning-matched] [--random-seeds 1]
 
 For each rho the whole-model relative FLOPs of LVPruning (its decision modules included) are computed
 with ``lofi.count_flops``; for random and fastv the keep fraction with the same relative FLOPs is found
@@ -8,6 +8,13 @@ by bisection. Two ``analysis.compare`` runs measure accuracy and flips against t
 LVPruning at every rho, then random and fastv at every matched keep (one baseline pass each; the
 deterministic baseline answers are the same in both, which the script checks). Prints one markdown
 table of the matched rows and writes it to ``<out>/matched.csv``.
+
+Two more tables put the comparison in scale. ``<out>/flops_share.csv`` (arithmetic only): the decision
+modules' share of the unpruned model's FLOPs, on the bundled model and at LLaVA-1.5-7B's shape (576
+visual, 30 text tokens), and the keep that buys ``random`` at matched FLOPs with and without it.
+``--random-seeds N`` reruns ``random`` at the matched keeps with seeds 1 .. N-1 (``<out>/random-seed<s>``)
+and writes ``<out>/random_seeds.csv``: its flip rate per seed, and per rho a paired exact (McNemar)
+test of LVPruning's flips against random's (seed 0) on the same questions.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lofi  # noqa: E402
 from analysis import bundled, compare  # noqa: E402
 from analysis.tables import relative_flops  # noqa: E402
 
@@ -34,6 +43,30 @@ def matched_keep(config, method: str, target: float, n_text: int, n_visual: int)
     return round((low + high) / 2, 4)
 
 
+def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int) -> list[dict]:
+    """Per rho: the decision modules' share of the unpruned FLOPs and what keep it buys ``random``."""
+    rows = []
+    for rho in rhos:
+        instance = lofi.build("lvpruning", keep=rho)
+        schedule = instance.schedule(config.text_config.num_hidden_layers, n_visual)
+        present = [n_visual] + [n for _, n in schedule[:-1]]
+        decision = instance.decision_flops(config, n_text, present)
+        base = lofi.count_flops(config, n_text, n_visual).total
+        rel = lofi.count_flops(config, n_text, n_visual, schedule, decision=decision).total / base
+        keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
+                           for target in (rel, rel - decision / base))
+        rows.append({"model": name, "rho": rho, "decision_share": decision / base, "rel_flops": rel,
+                     "random_keep": keep, "random_tokens": round(keep * n_visual),
+                     "random_keep_if_free": keep_free, "random_tokens_if_free": round(keep_free * n_visual)})
+    return rows
+
+
+def mcnemar(a: pd.Series, b: pd.Series) -> float:
+    """Two-sided exact McNemar p-value of paired 0/1 outcomes: a binomial test of the discordant pairs."""
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    return 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b).pvalue
+
+
 def run(arguments: list[str]) -> None:
     if compare.main(arguments) != 0:
         raise SystemExit(f"analysis.compare {' '.join(arguments)} failed")
@@ -45,10 +78,19 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=0)
     parser.add_argument("--out", type=Path, default=bundled.REPO_ROOT / "reports" / "lvpruning-matched")
     parser.add_argument("--n-text", type=int, default=12, help="typical text tokens of a bundled prompt")
+    parser.add_argument("--random-seeds", type=int, default=1,
+                        help="run random at the matched keeps with this many seeds (0 .. N-1)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig
+
+    from prefill import N_TEXT as N_TEXT_7B, shape_config
     config = AutoConfig.from_pretrained(bundled.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    share = pd.DataFrame(flops_share(config, "bundled", args.rho, args.n_text, n_visual)
+                         + flops_share(shape_config("llava-7b"), "llava-1.5-7b shape", args.rho, N_TEXT_7B, 576))
+    print(share.to_markdown(index=False, floatfmt=".3g"))
+    share.to_csv(args.out / "flops_share.csv", index=False)
     common = ["--limit", str(args.limit), "--no-progress", "--spectrum-layers", "headline"]
     run(["--methods", "lvpruning", "--keep", *map(str, args.rho),
          "--out", str(args.out / "lvpruning"), *common])
@@ -72,6 +114,34 @@ def main(argv=None):
     table[["baseline_accuracy", "accuracy", "flip_rate"]] *= 100
     print(table.to_markdown(index=False, floatfmt=".3g"))
     table.to_csv(args.out / "matched.csv", index=False)
+    if args.random_seeds > 1:
+        seeds(args, matched, common)
+
+
+def seeds(args, matched: dict, common: list[str]) -> None:
+    """Random's flip rate per seed at the matched keeps, and LVPruning's flips against seed 0's."""
+    keeps = sorted({keep for (method, keep) in matched if method == "random"}, reverse=True)
+    frames = [pd.read_parquet(args.out / "baselines" / "samples.parquet").assign(seed=0)]
+    for seed in range(1, args.random_seeds):
+        folder = args.out / f"random-seed{seed}"
+        run(["--methods", "random", "--keep", *map(str, keeps), "--seed", str(seed), "--out", str(folder), *common])
+        frames.append(pd.read_parquet(folder / "samples.parquet").assign(seed=seed))
+    samples = pd.concat(frames, ignore_index=True)
+    random = samples[samples["method"].eq("random") & samples["keep"].isin(keeps)]
+    lvpruning = pd.read_parquet(args.out / "lvpruning" / "samples.parquet")
+    rows = []
+    for keep in keeps:
+        rho = matched["random", keep]
+        ours = lvpruning[lvpruning["method"].eq("lvpruning") & (lvpruning["keep"] == rho)].set_index("sample_id")
+        rates = random[random["keep"] == keep].groupby("seed")["flip"].mean() * 100
+        first = random[(random["keep"] == keep) & (random["seed"] == 0)].set_index("sample_id")["flip"]
+        rows.append({"rho": rho, "random_keep": keep, "lvpruning_flip_rate": ours["flip"].mean() * 100,
+                     **{f"random_seed{s}": r for s, r in rates.items()},
+                     "random_mean": rates.mean(), "random_min": rates.min(), "random_max": rates.max(),
+                     "mcnemar_p": mcnemar(ours["flip"].astype(bool), first.loc[ours.index].astype(bool))})
+    table = pd.DataFrame(rows)
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    table.to_csv(args.out / "random_seeds.csv", index=False)
 
 
 if __name__ == "__main__":

@@ -39,11 +39,15 @@ SHAPES = {
 N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+def shape_config(shape: str) -> LlavaConfig:
     spec = SHAPES[shape]
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **spec["text"])
     vision = CLIPVisionConfig(image_size=336, patch_size=14, **spec["vision"])
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2)
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
+    config = shape_config(shape)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
