@@ -1,6 +1,6 @@
 """What choices on LVPruning's own schedule can achieve: trained modules vs random and ground truth.
 
-    python benchmarks/lvpruning_schedule.py [--limit 0] [--rho 0.5] [--path FOLDER] [--drop-asked]
+    python benchmarks/lvpruning_schedule.py [--limit 0] [--rho 0.5] [--path FOLDER] [--seeds 1] [--drop-asked]
 
 Every row keeps the same visual tokens per stage as LVPruning at ``rho`` (stages at its trained layers,
 ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choice differs:
@@ -21,6 +21,9 @@ on what a module could choose); their FLOPs equal LVPruning's with free decision
 greedy answers on the same questions) in %, with the flips per question family. ``kept_cosine`` and
 ``kept_spread``: of the tokens kept after the last stage, the mean pairwise cosine of their language-
 model input features (redundancy) and their mean pairwise distance in patches (spatial spread).
+
+``--seeds N`` reruns the seeded choices (``lvpruning-sample`` and the ``schedule-`` rows but ``lofi``) with
+seeds 1 .. N-1 and prints their flip rate per seed, with mean, min and max.
 
 ``--drop-asked`` instead asks where colour answers are read: one question at a time, it drops from
 layer L on only the patches under the asked object and their 8 neighbours (or as many random
@@ -73,9 +76,9 @@ class ScheduleChoice(PruningMethod):
 
     name = "schedule"
 
-    def __init__(self, schedule: LVPruning, layers: list[int], rule: str = "random"):
+    def __init__(self, schedule: LVPruning, layers: list[int], rule: str = "random", seed: int = 0):
         super().__init__(schedule.keep)
-        self.schedule, self.layers, self.rule = schedule, layers, rule
+        self.schedule, self.layers, self.rule, self.seed = schedule, layers, rule, seed
         self.leverage = LoFi() if rule == "lofi" else None
         self.priority: list[torch.Tensor] = []
         self.present: list[torch.Tensor] = []
@@ -94,7 +97,7 @@ class ScheduleChoice(PruningMethod):
             return self.leverage.scores(hidden).topk(state.n_keep, dim=1).indices
         chosen = []
         for row, present in enumerate(self.present):
-            ties = torch.rand(len(present), generator=state.generator(row), dtype=torch.float64)
+            ties = torch.rand(len(present), generator=state.generator(row, self.seed), dtype=torch.float64)
             index = (self.priority[row][present] + 0.5 * ties).topk(state.n_keep).indices.sort().values
             chosen.append(index)
             self.present[row] = present[index]
@@ -208,6 +211,7 @@ def main(argv=None):
     parser.add_argument("--rho", type=float, default=0.5)
     parser.add_argument("--limit", type=int, default=0, help="first N test questions (0: all 1,200)")
     parser.add_argument("--path", type=Path, help="decision modules (default: the bundled model's)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the seeded choices (0 .. N-1)")
     parser.add_argument("--drop-asked", action="store_true",
                         help="instead: colour answers changed by dropping only the asked object's patches")
     args = parser.parse_args(argv)
@@ -222,12 +226,24 @@ def main(argv=None):
     layers = lvpruning.stages(num_layers)
     vision = model.config.vision_config
     n_visual = (vision.image_size // vision.patch_size) ** 2
-    sampled = LVPruning(keep=args.rho, path=args.path, selection="sample")
-    sampled.modules = lvpruning.modules  # the same trained modules, read from disk once
-    choices = {"lvpruning": lvpruning, "lvpruning-sample": sampled,
-               **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule) for rule in RULES}}
+
+    def seeded(seed: int) -> dict[str, PruningMethod]:
+        sampled = LVPruning(keep=args.rho, path=args.path, selection="sample", seed=seed)
+        sampled.modules = lvpruning.modules  # the same trained modules, read from disk once
+        return {"lvpruning-sample": sampled, **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule, seed)
+                                                for rule in RULES if rule != "lofi"}}
+
+    first = seeded(0)
+    choices = {"lvpruning": lvpruning, "lvpruning-sample": first.pop("lvpruning-sample"), **first,
+               "schedule-lofi": ScheduleChoice(lvpruning, layers, "lofi")}
     answers, stats = compare_choices(model, processor, samples, choices)
     baseline = answers["baseline"]
+    rates = {name: [100 * np.mean([a != b for a, b in zip(answers[name], baseline)])] for name in seeded(0)}
+    for seed in range(1, args.seeds):
+        again, _ = compare_choices(model, processor, samples, seeded(seed))
+        for name, given in again.items():
+            if name != "baseline":
+                rates[name].append(100 * np.mean([a != b for a, b in zip(given, baseline)]))
     families = sorted({s.family for s in samples})
     table = []
     for name, given in answers.items():
@@ -247,6 +263,12 @@ def main(argv=None):
     kept_columns = ["kept_cosine", "kept_spread"]
     table[kept_columns] = table[kept_columns].astype(object).where(table[kept_columns].notna(), "-")
     print(table.to_markdown(index=False, floatfmt="g"))
+    if args.seeds > 1:
+        spread = pd.DataFrame([{"choice": name, **{f"seed{i}": r for i, r in enumerate(values)},
+                                "mean": np.mean(values), "min": min(values), "max": max(values)}
+                               for name, values in rates.items()])
+        print(f"\nflip rate (%) of the seeded choices over seeds 0 .. {args.seeds - 1}")
+        print(spread.to_markdown(index=False, floatfmt=".3g"))
 
 
 if __name__ == "__main__":
