@@ -20,6 +20,7 @@ test of LVPruning's flips against random's (seed 0) on the same questions.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +34,11 @@ from analysis.tables import relative_flops  # noqa: E402
 
 
 def matched_keep(config, method: str, target: float, n_text: int, n_visual: int) -> float:
+    """The keep at which ``method`` costs ``target`` relative FLOPs (bisection); NaN where even one token
+    costs more."""
     low, high = 1.0 / n_visual, 1.0
+    if relative_flops(config, method, low, n_text, n_visual)[0] > target:
+        return float("nan")
     for _ in range(40):
         mid = (low + high) / 2
         if relative_flops(config, method, mid, n_text, n_visual)[0] < target:
@@ -56,8 +61,8 @@ def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int
         keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
                            for target in (rel, rel - decision / base))
         rows.append({"model": name, "rho": rho, "decision_share": decision / base, "rel_flops": rel,
-                     "random_keep": keep, "random_tokens": round(keep * n_visual),
-                     "random_keep_if_free": keep_free, "random_tokens_if_free": round(keep_free * n_visual)})
+                     "random_keep": keep, "random_tokens": keep * n_visual,
+                     "random_keep_if_free": keep_free, "random_tokens_if_free": keep_free * n_visual})
     return rows
 
 
@@ -89,7 +94,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     share = pd.DataFrame(flops_share(config, "bundled", args.rho, args.n_text, n_visual)
                          + flops_share(shape_config("llava-7b"), "llava-1.5-7b shape", args.rho, N_TEXT_7B, 576))
-    print(share.to_markdown(index=False, floatfmt=".3g"))
+    print(share.round({"random_tokens": 0, "random_tokens_if_free": 0}).to_markdown(index=False, floatfmt=".3g"))
     share.to_csv(args.out / "flops_share.csv", index=False)
     common = ["--limit", str(args.limit), "--no-progress", "--spectrum-layers", "headline"]
     run(["--methods", "lvpruning", "--keep", *map(str, args.rho),
@@ -99,7 +104,10 @@ def main(argv=None):
     for rho in args.rho:
         target = relative_flops(config, "lvpruning", rho, args.n_text, n_visual)[0]
         for method in ("random", "fastv"):
-            matched[method, matched_keep(config, method, target, args.n_text, n_visual)] = rho
+            keep = matched_keep(config, method, target, args.n_text, n_visual)
+            if math.isnan(keep):
+                raise SystemExit(f"{method} at one visual token already costs more than lvpruning at rho {rho}")
+            matched[method, keep] = rho
     keeps = sorted({keep for _, keep in matched}, reverse=True)
     run(["--methods", "random", "fastv", "--keep", *map(str, keeps),
          "--out", str(args.out / "baselines"), *common])
