@@ -1,5 +1,5 @@
-"""LVPruning: decision modules, training touches only them, kept counts, keep-all, save/load, and the
-training-time masks equal true dropping of the same tokens."""
+"""LVPruning: decision modules, training touches only them, kept counts, keep-all, save/load, the
+training-time masks equal true dropping of the same tokens, and top-k training decides as inference."""
 
 import math
 
@@ -207,7 +207,6 @@ def test_training_masks_equal_true_dropping_of_the_same_tokens(model, modules_di
     torch.testing.assert_close(dropped[valid], soft[valid], atol=1e-5, rtol=0)
 
 
-
 def test_topk_decisions_are_inferences_choice_with_a_straight_through_gradient():
     torch.manual_seed(0)
     odds = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
@@ -237,6 +236,7 @@ def test_topk_training_decisions_are_the_tokens_inference_keeps(model, modules_d
     for kept, decision in zip(handle.kept, state.decisions):
         assert decision.shape == (2, N_VISUAL)
         assert [set(d.nonzero()[:, 0].tolist()) for d in decision] == [set(k.tolist()) for k in kept]
+
 
 def test_decision_flops_are_counted():
     model = tiny_llava()
