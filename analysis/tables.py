@@ -48,14 +48,20 @@ def _read(work: Path, kind: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int) -> tuple[float, float]:
-    """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
+def pruned_flops(model_config, method: str, keep: float, n_text: int, n_visual: int):
+    """(pruned, unpruned) ``lofi.Flops`` of one prompt; the pruned count includes the method's decision modules."""
     base = lofi.count_flops(model_config, n_text, n_visual)
     instance = lofi.build(method, keep=keep)
     schedule = instance.schedule(model_config.text_config.num_hidden_layers, n_visual)
     present = [n_visual] + [n for _, n in schedule[:-1]]
     pruned = lofi.count_flops(model_config, n_text, n_visual, schedule,
                               decision=instance.decision_flops(model_config, n_text, present))
+    return pruned, base
+
+
+def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int) -> tuple[float, float]:
+    """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
+    pruned, base = pruned_flops(model_config, method, keep, n_text, n_visual)
     return pruned.total / base.total, pruned.llm / base.llm
 
 

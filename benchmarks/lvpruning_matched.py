@@ -28,9 +28,8 @@ import pandas as pd
 from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lofi  # noqa: E402
 from analysis import bundled, compare  # noqa: E402
-from analysis.tables import relative_flops  # noqa: E402
+from analysis.tables import pruned_flops, relative_flops  # noqa: E402
 
 
 def matched_keep(config, method: str, target: float, n_text: int, n_visual: int) -> float:
@@ -52,15 +51,11 @@ def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int
     """Per rho: the decision modules' share of the unpruned FLOPs and what keep it buys ``random``."""
     rows = []
     for rho in rhos:
-        instance = lofi.build("lvpruning", keep=rho)
-        schedule = instance.schedule(config.text_config.num_hidden_layers, n_visual)
-        present = [n_visual] + [n for _, n in schedule[:-1]]
-        decision = instance.decision_flops(config, n_text, present)
-        base = lofi.count_flops(config, n_text, n_visual).total
-        rel = lofi.count_flops(config, n_text, n_visual, schedule, decision=decision).total / base
+        pruned, base = pruned_flops(config, "lvpruning", rho, n_text, n_visual)
+        rel, share = pruned.total / base.total, pruned.decision / base.total
         keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
-                           for target in (rel, rel - decision / base))
-        rows.append({"model": name, "rho": rho, "decision_share": decision / base, "rel_flops": rel,
+                           for target in (rel, rel - share))
+        rows.append({"model": name, "rho": rho, "decision_share": share, "rel_flops": rel,
                      "random_keep": keep, "random_tokens": keep * n_visual,
                      "random_keep_if_free": keep_free, "random_tokens_if_free": keep_free * n_visual})
     return rows

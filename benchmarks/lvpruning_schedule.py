@@ -234,11 +234,10 @@ def main(argv=None):
                                                 for rule in RULES if rule != "lofi"}}
 
     first = seeded(0)
-    choices = {"lvpruning": lvpruning, "lvpruning-sample": first.pop("lvpruning-sample"), **first,
-               "schedule-lofi": ScheduleChoice(lvpruning, layers, "lofi")}
+    choices = {"lvpruning": lvpruning, **first, "schedule-lofi": ScheduleChoice(lvpruning, layers, "lofi")}
     answers, stats = compare_choices(model, processor, samples, choices)
     baseline = answers["baseline"]
-    rates = {name: [100 * np.mean([a != b for a, b in zip(answers[name], baseline)])] for name in seeded(0)}
+    rates = {name: [100 * np.mean([a != b for a, b in zip(answers[name], baseline)])] for name in first}
     for seed in range(1, args.seeds):
         again, _ = compare_choices(model, processor, samples, seeded(seed))
         for name, given in again.items():

@@ -142,12 +142,16 @@ def text_tokens(hidden: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor,
     return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), mask
 
 
+def standard_gumbel(uniform: torch.Tensor) -> torch.Tensor:
+    """G = -log(-log u): standard Gumbel noise from uniform draws u in (0, 1)."""
+    return -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
+
+
 def sample_without_replacement(log_weights: torch.Tensor, k: int, uniform: torch.Tensor) -> torch.Tensor:
     """[batch, k] indices drawn without replacement, each draw picking i with probability
     w_i / sum of the w_j not yet drawn, w = exp(log_weights) (Gumbel-top-k: the top k of
-    log w_i + G_i with G_i = -log(-log u_i) standard Gumbel, u = ``uniform`` in (0, 1))."""
-    gumbel = -torch.log(-torch.log(uniform.clamp(1e-12, 1 - 1e-7)))
-    return (log_weights + gumbel).topk(k, dim=-1, sorted=False).indices
+    log w_i + G_i, G = ``standard_gumbel(uniform)``)."""
+    return (log_weights + standard_gumbel(uniform)).topk(k, dim=-1, sorted=False).indices
 
 
 def decision_flops(width: int, n_text: int, n_visual: int, blocks: int = 2) -> float:
@@ -317,7 +321,7 @@ def topk_decisions(keep_log_odds: torch.Tensor, k: int, previous: torch.Tensor |
     soft = torch.sigmoid(keep_log_odds / tau)
     scores = keep_log_odds.detach()
     if noise > 0:
-        scores = scores - noise * torch.log(-torch.log(torch.rand_like(scores).clamp(1e-12, 1 - 1e-7)))
+        scores = scores + noise * standard_gumbel(torch.rand_like(scores))
     if previous is not None:
         scores = scores.masked_fill(previous.detach() < 0.5, float("-inf"))
     hard = torch.zeros_like(soft).scatter(1, scores.topk(k, dim=1).indices, 1.0)
