@@ -3,16 +3,30 @@
 Condition level: one point per condition (method, setting); x = mean Delta IPR, y = a consistency
 measure (flip rate, Flips, mean KL, ...). The bootstrap resamples *samples* (the same resampled ids
 for every condition) and recomputes every condition mean, so the interval reflects the finite
-benchmark. Sample level: pooled |Delta IPR| against per-sample KL over all conditions.
+benchmark -- not the choice of conditions. Whether the conditions show a relation at all is what the
+permutation test answers: it re-pairs the condition means at random, and with k conditions its
+smallest attainable two-sided p-value is about 2 / k! (1/3 for 3 conditions), so few conditions can
+never support a claim, however tight the bootstrap interval. Sample level: pooled |Delta IPR|
+against per-sample KL over all conditions (no p-value: pooled rows of one sample are not independent).
+
+All resamples are computed at once (one array per bootstrap, ranks with ``scipy.stats.rankdata``);
+the draws are those of one ``numpy.random.default_rng(seed)`` stream, resample after resample.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import stats
+
+MIN_POINTS = 3                 # fewer points: every correlation is NaN
+EXACT_PERMUTATIONS = 9         # up to 9 conditions (362,880 pairings) the permutation test is exact
+PERMUTATION_RESAMPLES = 9999   # above that, a seeded Monte Carlo test
+CHUNK_VALUES = 1 << 22          # bootstrap values computed at once at the sample level
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,8 @@ class Correlation:
         pearson, pearson_low, pearson_high: r and its 95% CI.
         spearman, spearman_low, spearman_high: rho and its 95% CI.
         resamples: bootstrap resamples that produced a defined value (constant resamples are skipped).
+        pearson_p, spearman_p: two-sided permutation p-values across the points (condition level only;
+            NaN at the sample level or with fewer than 3 points).
     """
 
     n: int
@@ -34,29 +50,73 @@ class Correlation:
     spearman_low: float
     spearman_high: float
     resamples: int
+    pearson_p: float = float("nan")
+    spearman_p: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(stats.pearsonr(x, y).statistic)
+def pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row pair of ``x`` and ``y`` [..., n]: sum(x'y') / sqrt(sum x'^2 sum y'^2) with
+    x' = x - mean(x); NaN where a row has fewer than 3 points or is constant (as ``scipy.stats.pearsonr``
+    refuses). Rows must be finite."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    xc, yc = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+    defined = (np.ptp(x, -1) > 0) & (np.ptp(y, -1) > 0) & (x.shape[-1] >= MIN_POINTS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xn = xc / np.linalg.norm(xc, axis=-1, keepdims=True)
+        yn = yc / np.linalg.norm(yc, axis=-1, keepdims=True)
+        r = np.clip((xn * yn).sum(-1), -1.0, 1.0)
+    return np.where(defined, r, np.nan)
 
 
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return float("nan")
-    return float(stats.spearmanr(x, y).statistic)
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman rho of each row pair: the Pearson r of the ranks (ties get their average rank)."""
+    return pearson_rows(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1))
 
 
-def _interval(values: list[float]) -> tuple[float, float]:
-    finite = np.asarray([v for v in values if np.isfinite(v)])
+def _finite_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pearson, spearman) per row, each row restricted to its positions where both are finite."""
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.all():
+        return pearson_rows(x, y), spearman_rows(x, y)
+    pearson, spearman = np.full(len(x), np.nan), np.full(len(x), np.nan)
+    full = ok.all(-1)
+    pearson[full], spearman[full] = pearson_rows(x[full], y[full]), spearman_rows(x[full], y[full])
+    for i in np.flatnonzero(~full):  # rare: a condition with no defined value in this resample
+        pearson[i] = pearson_rows(x[i, ok[i]], y[i, ok[i]])
+        spearman[i] = spearman_rows(x[i, ok[i]], y[i, ok[i]])
+    return pearson, spearman
+
+
+def _interval(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
     if not len(finite):
         return float("nan"), float("nan")
     low, high = np.percentile(finite, [2.5, 97.5])
     return float(low), float(high)
+
+
+def permutation_p(x: np.ndarray, y: np.ndarray, statistic=pearson_rows, seed: int = 0) -> float:
+    """Two-sided p-value P(|statistic| >= |observed|) over every re-pairing of x with y (exact up to
+    ``EXACT_PERMUTATIONS`` points, else ``PERMUTATION_RESAMPLES`` seeded random pairings); NaN when the
+    statistic is undefined."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < MIN_POINTS or not np.isfinite(statistic(x, y)):
+        return float("nan")
+    exact = len(x) <= EXACT_PERMUTATIONS
+    result = stats.permutation_test(  # permuting x alone visits every pairing once; p = P(|r*| >= |r|)
+        (x,), lambda a, axis=-1: np.abs(statistic(a, np.broadcast_to(y, a.shape))), permutation_type="pairings",
+        vectorized=True,
+        n_resamples=math.factorial(len(x)) if exact else PERMUTATION_RESAMPLES, batch=20_000,
+        alternative="greater", rng=np.random.default_rng(seed))
+    return float(result.pvalue)
+
+
+def smallest_p(n_points: int) -> float:
+    """The smallest two-sided permutation p-value ``n_points`` distinct pairs can reach: 2 / n! (max 1)."""
+    return min(1.0, 2 / math.factorial(n_points)) if n_points >= 1 else 1.0
 
 
 def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("method", "keep"),
@@ -65,26 +125,26 @@ def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("me
 
     ``frame`` has one row per (sample, condition). Bootstrap: draw samples with replacement, take every
     condition's mean over the drawn samples (duplicates counted), correlate; 95% percentile interval.
+    The permutation p-values test the full-data r and rho across the conditions.
     """
     condition = list(condition)
     wide_x = frame.pivot_table(index=sample, columns=condition, values=x, aggfunc="mean")
     wide_y = frame.pivot_table(index=sample, columns=condition, values=y, aggfunc="mean")
     wide_x, wide_y = wide_x.align(wide_y, join="inner")
     X, Y = wide_x.to_numpy(float), wide_y.to_numpy(float)
-
-    def correlate(rows: np.ndarray) -> tuple[float, float]:
-        mx, my = np.nanmean(X[rows], axis=0), np.nanmean(Y[rows], axis=0)
+    with warnings.catch_warnings():  # a condition with no value in a resample is NaN, not a warning
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mx, my = np.nanmean(X, 0), np.nanmean(Y, 0)
         keep = np.isfinite(mx) & np.isfinite(my)
-        return _pearson(mx[keep], my[keep]), _spearman(mx[keep], my[keep])
-
-    everything = np.arange(len(X))
-    pearson, spearman = correlate(everything)
-    rng = np.random.default_rng(seed)
-    draws = [correlate(rng.integers(0, len(X), len(X))) for _ in range(n_boot)]
-    p_low, p_high = _interval([d[0] for d in draws])
-    s_low, s_high = _interval([d[1] for d in draws])
-    return Correlation(X.shape[1], pearson, p_low, p_high, spearman, s_low, s_high,
-                       sum(np.isfinite(d[0]) for d in draws))
+        pearson, spearman = (float(v) for v in (pearson_rows(mx[keep], my[keep]),
+                                                spearman_rows(mx[keep], my[keep])))
+        draws = np.random.default_rng(seed).integers(0, len(X), (n_boot, len(X)))
+        boot_x, boot_y = np.nanmean(X[draws], 1), np.nanmean(Y[draws], 1)  # [n_boot, conditions]
+    boot_pearson, boot_spearman = _finite_rows(boot_x, boot_y)
+    return Correlation(X.shape[1], pearson, *_interval(boot_pearson), spearman, *_interval(boot_spearman),
+                       int(np.isfinite(boot_pearson).sum()),
+                       permutation_p(mx[keep], my[keep], pearson_rows, seed),
+                       permutation_p(mx[keep], my[keep], spearman_rows, seed))
 
 
 def sample_correlation(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> Correlation:
@@ -92,12 +152,11 @@ def sample_correlation(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        rows = rng.integers(0, len(x), len(x))
-        draws.append((_pearson(x[rows], y[rows]), _spearman(x[rows], y[rows])))
-    p_low, p_high = _interval([d[0] for d in draws])
-    s_low, s_high = _interval([d[1] for d in draws])
-    return Correlation(len(x), _pearson(x, y), p_low, p_high, _spearman(x, y), s_low, s_high,
-                       sum(np.isfinite(d[0]) for d in draws))
+    draws = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
+    chunk = max(1, CHUNK_VALUES // max(1, len(x)))  # memory: a few arrays of CHUNK_VALUES floats
+    boot_pearson = np.concatenate([pearson_rows(x[d], y[d]) for d in np.split(draws, range(chunk, n_boot, chunk))])
+    boot_spearman = np.concatenate([spearman_rows(x[d], y[d]) for d in np.split(draws, range(chunk, n_boot, chunk))])
+    return Correlation(len(x), float(pearson_rows(x, y)), *_interval(boot_pearson),
+                       float(spearman_rows(x, y)), *_interval(boot_spearman),
+                       int(np.isfinite(boot_pearson).sum()))
+

@@ -4,7 +4,7 @@
 (method, keep) over every sample, in batches. For each batch it greedily generates under
 ``lofi.pruned`` with ``analysis.capture.Capture`` active (the prompt's forward pass is captured once),
 keeps the first-answer-position logits, and for pruned conditions teacher-forces the baseline's answer
-to get the forced KL. Everything returned is small: per-sample rows and per-layer statistics.
+under the very kept sets the answer was generated with (``handle.replay()``) to get the forced KL. Everything returned is small: per-sample rows and per-layer statistics.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
             batch_answers = tokenizer.batch_decode(new, skip_special_tokens=True)
             step_logits = torch.stack(out.logits, 1).float()  # [B, steps, vocab]
             if handle is not None:
+                replay = handle.replay()  # the forced pass must see the tokens the answer was made with
                 for stage, kept in enumerate(handle.kept):
                     for b, s in enumerate(batch):
                         kept_rows.append({"sample_id": s.question_id, "method": method, "keep": keep,
@@ -91,11 +92,9 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
                     lengths.append(length)
                     forced.append(step_logits[b, :length].cpu())
             if baseline is not None:
-                index = range(start, start + len(batch))
                 with capture.paused():
-                    forced += _forced_logits(model, processor, [baseline.sequences[i] for i in index],
-                                             [baseline.answer_lengths[i] for i in index],
-                                             inputs["pixel_values"], method, options)
+                    forced += _forced_logits(model, processor, batch, baseline, range(start, start + len(batch)),
+                                             new, step_logits, replay)
     first = torch.stack(first_logits)
     if baseline is None:
         result = BaselineOutputs(answers, first, sequences, lengths, forced)
@@ -125,22 +124,43 @@ def _row(sample, method, keep, answer, baseline_answer) -> dict:
             "flip": norm(answer) != norm(baseline_answer), "kl": 0.0, "forced_kl": 0.0, "js": 0.0}
 
 
-def _forced_logits(model, processor, sequences, lengths, pixel_values, method, options) -> list[torch.Tensor]:
-    """Teacher-force the baseline's answer under pruning; logits predicting each answer token."""
-    pad = processor.tokenizer.pad_token_id
-    width = max(map(len, sequences))
-    device = pixel_values.device
-    ids = torch.full((len(sequences), width), pad, device=device)
-    mask = torch.zeros_like(ids)
-    for b, seq in enumerate(sequences):
-        ids[b, width - len(seq):] = torch.tensor(seq, device=device)
-        mask[b, width - len(seq):] = 1
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    with lofi.pruned(model, method, **options):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, pixel_values=pixel_values,
-                       use_cache=False).logits.float()
-    out = []
-    for b, n in enumerate(lengths):
-        # the last n+1 positions: prompt end and answer tokens; each predicts the next answer token
-        out.append(logits[b, logits.shape[1] - n - 1: logits.shape[1] - 1].cpu() if n else logits[b, :0].cpu())
+def _forced_logits(model, processor, batch, baseline, index, generated, step_logits, replay) -> list[torch.Tensor]:
+    """Per sample, [n, vocab]: the pruned model's logits predicting each of the n tokens of the baseline's
+    answer, read with the kept sets the answer was generated with.
+
+    Position j depends on the answer tokens before j only. Where the generation itself produced the
+    baseline's first n-1 tokens, its step logits are exactly these. Otherwise the baseline's answer is
+    teacher-forced after a replayed prefill (``replay``: pruning again on prompt + answer would choose
+    from the answer too). Position 0, the distribution after the prompt, is always the generation's.
+    """
+    out, redo = [], []
+    for b, i in enumerate(index):
+        n = baseline.answer_lengths[i]
+        answer = baseline.sequences[i][len(baseline.sequences[i]) - n:]
+        out.append(step_logits[b, :n].cpu())
+        if n > 1 and generated[b, :n - 1].tolist() != answer[:n - 1]:
+            redo.append((b, answer))
+    if redo:
+        rows = [b for b, _ in redo]
+        continued = _teacher_forced(model, processor, [batch[b] for b in rows], [a[:-1] for _, a in redo],
+                                    replay.subset(rows))
+        for (b, answer), logits in zip(redo, continued):
+            out[b] = torch.cat([step_logits[b, :1].cpu(), logits[:len(answer) - 1].cpu()])
     return out
+
+
+def _teacher_forced(model, processor, samples, continuations, replay) -> torch.Tensor:
+    """[batch, max length, vocab]: logits after each token of ``continuations`` (right-padded), read
+    after the samples' prompts under ``replay``'s kept sets."""
+    device = next(model.parameters()).device
+    inputs = _prompt_inputs(processor, samples, device)
+    width = max(map(len, continuations))
+    ids = torch.full((len(samples), width), processor.tokenizer.pad_token_id or 0, device=device)
+    mask = torch.zeros_like(ids)
+    for b, tokens in enumerate(continuations):
+        ids[b, :len(tokens)] = torch.tensor(tokens, device=device)
+        mask[b, :len(tokens)] = 1
+    with lofi.pruned(model, replay):
+        prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+        return model(input_ids=ids, attention_mask=torch.cat([inputs["attention_mask"], mask], 1),
+                     past_key_values=prefill.past_key_values, use_cache=True).logits.float()

@@ -27,6 +27,7 @@ class StageInput:
         stage: 0-based index of this pruning stage.
         hidden: [batch, n, d] hidden states entering ``layer`` (the sequence as it is now).
         visual: [batch, n_present] positions, within ``hidden``'s sequence, of the visual tokens present.
+        visual_index: [batch, n_present] their original visual-token indices (0 .. n_visual-1, increasing).
         text: [batch, n] bool, true at real (non-padding) text tokens.
         valid: [batch, n] bool, true at real (non-padding) tokens.
         n_keep: how many of the present visual tokens to keep, per sample.
@@ -45,6 +46,7 @@ class StageInput:
     attention: Callable[[], torch.Tensor] | None
     generator: Callable[[int], torch.Generator]
     model: torch.nn.Module | None = None
+    visual_index: torch.Tensor | None = None
 
 
 class PruningMethod(ABC):

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 
 from lofi import architecture as arch
+from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, StageInput, build
 
 
@@ -57,6 +58,13 @@ class PruningHandle:
         if not self._index:
             return None
         return self._index[min(len(self._index) - 1, sum(layer >= k for k in self.stages))]
+
+    def replay(self) -> "Replay":
+        """A method that keeps exactly the tokens of the latest prompt's ``kept``, for later passes over
+        the same samples (``lofi.pruned(model, handle.replay())``: teacher forcing, rescoring)."""
+        if not self.kept:
+            raise RuntimeError("nothing to replay: no prompt with image tokens has run inside this block")
+        return Replay(self.stages, self.kept)
 
 
 @dataclass
@@ -147,14 +155,14 @@ class _Runtime:
         self._captured.clear()
         embeds = kwargs.get("inputs_embeds")
         batch, length = embeds.shape[:2]
-        mask2d = kwargs.get("attention_mask")
-        if mask2d is not None and mask2d.ndim != 2:
-            raise ValueError("lofi.pruned builds the attention masks itself: pass a 2D attention_mask "
-                             "(or none), not a 4D one")
         cache = kwargs.get("past_key_values")
         if cache is not None and getattr(cache, "is_compileable", False):
             raise ValueError("lofi.pruned needs a dynamic KV cache (layers hold different token counts); "
                              "do not pass a static cache or cache_implementation='static'")
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and mask2d.ndim != 2:
+            raise ValueError("lofi.pruned builds the attention masks itself: pass a 2D attention_mask "
+                             "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
         is_visual = None if input_ids is None else input_ids == self.image_token_id
         if is_visual is not None and is_visual.any():
@@ -242,9 +250,10 @@ class _Runtime:
         n_present = int(is_visual[0].sum())
         visual = is_visual.nonzero()[:, 1].view(len(current), n_present)
         n_keep = self.method.n_keep(stage - 1, self.handle.n_visual, n_present)
+        visual_index = seq.visual_rank.gather(1, current).gather(1, visual)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=visual, text=valid & ~is_visual,
-            valid=valid, n_keep=n_keep, generator=self._generator, model=self.model,
+            valid=valid, n_keep=n_keep, generator=self._generator, model=self.model, visual_index=visual_index,
             attention=(lambda: self._attention_received(layer - 1, current, valid))
             if self.method.attention_queries else None)
         chosen = self.method.select(state)
@@ -352,6 +361,9 @@ def pruned(model: torch.nn.Module, method: str | PruningMethod, keep: float = 0.
         >>> with lofi.pruned(model, "fastv", keep=0.5, layer=2) as handle:  # doctest: +SKIP
         ...     ids = model.generate(**inputs, max_new_tokens=8)
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"lofi.pruned needs the model (a torch.nn.Module such as LlavaForConditionalGeneration), "
+                        f"got {type(model).__name__}")
     if isinstance(method, PruningMethod):
         instance = build(method, **options)
     else:

@@ -10,22 +10,7 @@ import torch
 
 from analysis import compare, report, runner
 from analysis.evaluate import load_model
-from analysis.train_bundled import train
 from lofi.methods.lvpruning import DecisionModules
-
-TINY = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-        "vision_width": 32, "image_size": 24, "patch_size": 6}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("models") / "tiny-llava"
-    train(out, steps=2, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0, config_overrides=TINY,
-          progress=False)
-    model, _ = load_model(out)
-    DecisionModules.for_model(model).save(out / "lvpruning")
-    return out
-
 
 def _args(model, out, *extra):
     return ["--methods", "lofi", "lvpruning", "fastv", "--keep", "0.5", "0.25", "--model", str(model),

@@ -233,3 +233,41 @@ def test_random_is_seeded_and_fastv_ranks_by_attention(model):
         eager(**inputs)
     assert torch.equal(handle.kept[0][0], expected)
     assert model.config.text_config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", METHODS)
+def test_replay_keeps_the_recorded_tokens_when_the_prompt_grows(model, method):
+    """A pass over prompt + answer re-pruned would rank by the answer (fastv) or draw again (random);
+    ``handle.replay()`` applies the prompt's own choice."""
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))], seed=2)
+    with lofi.pruned(model, method, keep=0.25, layer=2) as handle:
+        prompt_logits = model(**with_positions(inputs)).logits
+    grown = {"input_ids": torch.cat([inputs["input_ids"], torch.tensor([[40, 41], [42, 43]])], 1),
+             "attention_mask": torch.cat([inputs["attention_mask"], torch.ones(2, 2, dtype=torch.long)], 1),
+             "pixel_values": inputs["pixel_values"]}
+    with lofi.pruned(model, handle.replay()) as again:
+        logits = model(**with_positions(grown)).logits
+    assert all(torch.equal(a, b) for a, b in zip(again.kept, handle.kept))
+    torch.testing.assert_close(logits[:, :-2], prompt_logits, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="batch of 2"):
+        with lofi.pruned(model, handle.replay()):
+            model(**make_inputs())
+    with pytest.raises(ValueError, match="not present"):
+        with lofi.pruned(model, lofi.Replay([2], [torch.tensor([[0, N_VISUAL + 3]])])):  # no such token
+            model(**make_inputs())
+    with pytest.raises(RuntimeError, match="nothing to replay"):
+        with lofi.pruned(model, "random", keep=0.5) as empty:
+            empty.replay()
+
+
+def test_pruned_refuses_a_missing_model_and_a_static_cache(model):
+    with pytest.raises(TypeError, match="needs the model"):
+        with lofi.pruned(None, "lofi", keep=0.5):
+            pass
+    from transformers import StaticCache
+    inputs = make_inputs()
+    cache = StaticCache(config=model.config.text_config, max_cache_len=64)
+    with pytest.raises(ValueError, match="dynamic KV cache"):
+        with lofi.pruned(model, "lofi", keep=0.5), torch.no_grad():
+            model(**inputs, past_key_values=cache, use_cache=True)
