@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -28,7 +31,8 @@ import torch
 
 import lofi
 from analysis import bundled, tables
-from analysis.datasets import DatasetError, load_split, verify_images
+from analysis.datasets import DatasetError, check_questions, load_split, verify_images
+from analysis.evaluate import ModelError, check_model, load_model
 from analysis.runner import BaselineOutputs, run_condition
 
 DEFAULT_LIMIT = 150
@@ -61,7 +65,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _validate(args) -> list:
+def _validate(args):
+    """Every check that can fail, before any file is written or weights are read: (samples, processor)."""
     valid = lofi.available()
     unknown = [m for m in args.methods if m not in valid]
     if unknown:
@@ -70,22 +75,42 @@ def _validate(args) -> list:
     bad = [k for k in args.keep if not 0 < k <= 1]
     if bad:
         raise UsageError(f"--keep values must be in (0, 1], got {bad}")
-    if args.limit < 0:
-        raise UsageError("--limit must be >= 0 (0 means the whole split)")
-    model_path = Path(args.model)
-    if not (model_path / "config.json").is_file():
-        raise UsageError(f"no model at {args.model}: give a local Hugging Face LLaVA folder "
-                         "(default: data/shapes-llava)")
+    for flag, value, minimum, meaning in (("--limit", args.limit, 0, "0 means the whole split"),
+                                          ("--batch-size", args.batch_size, 1, "questions per forward pass"),
+                                          ("--max-new-tokens", args.max_new_tokens, 1, "the answer's length")):
+        if value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum} ({meaning}), got {value}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu or auto")
     try:
+        _, processor = check_model(args.model)
+    except ModelError as e:
+        raise UsageError(str(e)) from None
+    try:
         samples = load_split(args.dataset, limit=args.limit or None)
         verify_images(samples)
+        check_questions(samples, getattr(processor, "image_token", None) or "<image>")
     except DatasetError as e:
         raise UsageError(str(e)) from None
     if not samples:
         raise UsageError(f"dataset {args.dataset} has no questions")
-    return samples
+    return samples, processor
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` must be new, an empty folder, or a run folder of this command, in a writable place;
+    nothing that is there is ever deleted."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"--out {out} is a file; give a folder path")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise UsageError(f"--out {out} is a folder with other files in it, not a run folder of "
+                         "analysis.compare; choose a new or empty folder (nothing was deleted)")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    try:  # a real probe: permissions alone say nothing for root or on read-only mounts
+        os.rmdir(tempfile.mkdtemp(prefix=".lofi-probe-", dir=existing))
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be written ({existing}: {e.strerror or e}); "
+                         "choose another --out") from None
 
 
 def _config(args, samples, device) -> dict:
@@ -170,17 +195,28 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+def default_out(args, n_samples: int) -> Path:
+    """reports/<model>_<methods>_<dataset>_n<N>_seed<S>: one folder name, whatever the dataset path."""
+    dataset = Path(str(args.dataset)).stem if str(args.dataset) not in ("test", "val") else str(args.dataset)
+    dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset)[:40] or "data"
+    return bundled.REPO_ROOT / "reports" / (
+        f"{Path(args.model).name}_{'-'.join(args.methods)}_{dataset}_n{n_samples}_seed{args.seed}")
+
+
 def run(args) -> Path:
-    samples = _validate(args)
+    samples, processor = _validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    out = args.out or bundled.REPO_ROOT / "reports" / (
-        f"{Path(args.model).name}_{'-'.join(args.methods)}_{args.dataset if len(str(args.dataset)) < 20 else 'data'}"
-        f"_n{len(samples)}_seed{args.seed}")
+    out = args.out or default_out(args, len(samples))
+    _check_out(out)
     config = _config(args, samples, device)
     if (out / "report.html").is_file():
         _refuse_another_run(out, config, "a finished", "choose another --out or delete it")
+        shutil.rmtree(out / "shards", ignore_errors=True)  # left only if a run stopped right after its rename
         print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
         return out
+    if out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--out {out} holds an unfinished or damaged run (no report.html); delete it or "
+                         "choose another --out")
     work = out.with_name(out.name + ".partial")
     _refuse_another_run(work, config, "an unfinished", "delete it or use another --out")
     (work / "shards").mkdir(parents=True, exist_ok=True)
@@ -188,7 +224,6 @@ def run(args) -> Path:
     print(f"compare: {len(samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
           f"methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}", flush=True)
 
-    from analysis.evaluate import load_model
     model, processor = load_model(args.model, device)
     torch.manual_seed(args.seed)
     capture = {"center": args.center, "leverage_layers": [0, 2], "spectrum_layers": "all"}
@@ -199,18 +234,18 @@ def run(args) -> Path:
                   capture_options=capture, progress=not args.no_progress)
     started = time.time()
     baseline_file = work / "shards" / "baseline.pt"
-    if baseline_file.is_file():
+    if baseline_file.is_file() and _condition_done(work, "baseline", 1.0):
         baseline = BaselineOutputs(**torch.load(baseline_file))
     else:
         rows, spectra, _, baseline = run_condition(model, processor, samples, method=None, keep=1.0,
                                                    baseline=None, desc="baseline", **common)
-        _save_condition(work, "baseline", 1.0, rows, spectra, [])
         tmp = baseline_file.with_suffix(".tmp")
         torch.save(vars(baseline), tmp)
         tmp.replace(baseline_file)
+        _save_condition(work, "baseline", 1.0, rows, spectra, [])
     for method in args.methods:
         for keep in args.keep:
-            if _shard(work, method, keep, "samples").is_file():
+            if _condition_done(work, method, keep):
                 continue
             rows, spectra, kept, _ = run_condition(model, processor, samples, method=method, keep=keep,
                                                    baseline=baseline, desc=f"{method} keep={keep}", **common)
@@ -219,23 +254,25 @@ def run(args) -> Path:
     tables.assemble(work, model.config, baseline, samples)
     from analysis import report
     report.render(work)
-    shutil.rmtree(work / "shards")  # the resume state; the tables now hold everything
-    shutil.rmtree(out, ignore_errors=True)
-    work.rename(out)
+    if out.is_dir():
+        out.rmdir()  # empty (checked above): the finished folder takes its place
+    work.rename(out)  # the run folder appears complete, or not at all
+    shutil.rmtree(out / "shards")  # the resume state; the tables now hold everything
     return out
 
 
-def _shard(work: Path, method: str, keep: float, kind: str) -> Path:
-    return work / "shards" / f"{method}__{keep:g}__{kind}.parquet"
+def _condition_done(work: Path, method: str, keep: float) -> bool:
+    """A condition is finished only when every one of its shards is on disk."""
+    return all(tables.shard_path(work, method, keep, kind).is_file() for kind in tables.SHARDS)
 
 
 def _save_condition(work, method, keep, rows, spectra, kept) -> None:
     spectra_frame = pd.DataFrame([{k: v for k, v in vars(r).items() if k not in ("row", "call")}
                                   for r in spectra]).assign(method=method, keep=keep)
-    _write_parquet(spectra_frame, _shard(work, method, keep, "spectra"))
+    _write_parquet(spectra_frame, tables.shard_path(work, method, keep, "spectra"))
     _write_parquet(pd.DataFrame(kept, columns=["sample_id", "method", "keep", "stage", "layer", "kept",
-                                               "n_visual"]), _shard(work, method, keep, "kept"))
-    _write_parquet(pd.DataFrame(rows), _shard(work, method, keep, "samples"))  # last: marks it complete
+                                               "n_visual"]), tables.shard_path(work, method, keep, "kept"))
+    _write_parquet(pd.DataFrame(rows), tables.shard_path(work, method, keep, "samples"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ class Sample:
                 return im.convert("RGB")
         except FileNotFoundError:
             raise DatasetError(f"image {self.image} of question {self.question_id} is missing; "
-                               f"regenerate the bundled split with `python -m analysis.shapes`") from None
+                               f"{_restore_hint(self.image)}") from None
         except OSError as e:
             raise DatasetError(f"image {self.image} of question {self.question_id} cannot be read "
                                f"({e}); replace or remove it") from None
@@ -111,6 +111,9 @@ def _parse(row: dict, path: Path, lineno: int, image_root: Path, gold: dict) -> 
     missing = [k for k in ("question_id", "image") if k not in row]
     if missing:
         raise DatasetError(f"{path}:{lineno} lacks the field(s) {missing}")
+    if not isinstance(question, str) or not question.strip():
+        raise DatasetError(f"{path}:{lineno}: question {row.get('question_id')!r} has no question text "
+                           f"(got {question!r}); every line needs a non-empty string")
     known = {"question_id", "image", "question", "answer", "family", "text", "label", "category"}
     extra = {k: v for k, v in row.items() if k not in known}
     return Sample(str(row["question_id"]), image_root / row["image"], question,
@@ -121,28 +124,55 @@ def load_split(name_or_path: str | Path, limit: int | None = None, check_images:
                image_folder: str | Path | None = None, answers: str | Path | None = None) -> list[Sample]:
     """Read a split; with ``check_images`` every referenced image must exist before anything runs.
 
+    ``limit``: the first ``limit`` questions (0: none; None: all). Question ids must be unique and every
+    question a non-empty string; anything else is a ``DatasetError`` naming the line.
+
     Accepts the JSONL of SPEC section 7, the LLaVA evaluation format (``question_id, image, text``;
     answers from ``answers`` or ``<name>_answers.jsonl`` / ``answers.jsonl`` beside it) and POPE's
     (``question_id, image, text, label``). Images are relative to ``image_folder`` (default: the
     file's folder).
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None (the whole split) or an int >= 0, got {limit!r}")
     path = resolve_split(name_or_path)
     image_root = Path(image_folder) if image_folder else path.parent
     samples: list[Sample] = []
     gold: dict | None = None
+    first_line: dict[str, int] = {}
     for lineno, row in _rows(path):
+        if limit is not None and len(samples) >= limit:
+            break
         if gold is None:
             gold = _answers_file(path, Path(answers) if answers else None) if (
                 "text" in row and "label" not in row) else {}
-        samples.append(_parse(row, path, lineno, image_root, gold))
-        if limit is not None and len(samples) >= limit:
-            break
+        sample = _parse(row, path, lineno, image_root, gold)
+        if sample.question_id in first_line:
+            raise DatasetError(f"{path}:{lineno} repeats question_id {sample.question_id!r} (first on line "
+                               f"{first_line[sample.question_id]}); question ids must be unique")
+        first_line[sample.question_id] = lineno
+        samples.append(sample)
     if check_images:
         absent = [s for s in samples if not s.image.is_file()]
         if absent:
             raise DatasetError(f"{len(absent)} image(s) of {path} are missing, first {absent[0].image}; "
-                               "regenerate the bundled split with `python -m analysis.shapes`")
+                               f"{_restore_hint(absent[0].image)}")
     return samples
+
+
+def _restore_hint(image: Path) -> str:
+    """What to do about a missing image: regenerate the bundled benchmark, or fix one's own split."""
+    if BUNDLED_BENCHMARK.resolve() in Path(image).resolve().parents:
+        return "regenerate the bundled split with `python -m analysis.shapes`"
+    return "check the split's image paths (relative to its file, or to image_folder=)"
+
+
+def check_questions(samples: list[Sample], image_token: str) -> None:
+    """Refuse questions that contain the model's image token: the processor would expand it into image
+    features the sample does not have, or count the image twice."""
+    for s in samples:
+        if image_token and image_token in s.question:
+            raise DatasetError(f"question {s.question_id} contains the image token {image_token!r}; the prompt "
+                               "adds the image itself: remove it from the question text")
 
 
 def verify_images(samples: list[Sample]) -> None:

@@ -62,26 +62,59 @@ def accuracy_table(samples: Sequence[Sample], answers: Sequence[str]) -> pd.Data
     return table
 
 
+class ModelError(ValueError):
+    """A model folder that cannot be used; the message names what is missing or supported."""
+
+
+def check_model(path: str | Path = bundled.BUNDLED_MODEL):
+    """(config, processor) of a model folder, checked before any weights are read: a supported VLM
+    family (``lofi.architecture.SUPPORTED_MODELS``) with an image processor and a tokenizer."""
+    from transformers import AutoConfig, AutoProcessor
+    from lofi.architecture import UnsupportedModelError, check_supported
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"no model at {path}: expected a Hugging Face model folder with config.json "
+                         "(the bundled one is data/shapes-llava, restored by git)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"{folder / 'config.json'} is not a transformers configuration ({e})") from None
+    try:
+        check_supported(config)
+    except UnsupportedModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except Exception as e:  # transformers raises many types here; all mean the same to the user
+        raise ModelError(f"{path} has no usable processor ({type(e).__name__}: {str(e).splitlines()[0]}); the "
+                         "folder needs the processor files save_pretrained writes (processor_config.json or "
+                         "preprocessor_config.json, and the tokenizer's)") from None
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        raise ModelError(f"{path} has a {type(processor).__name__}, not an image-and-text processor; save the "
+                         "model's processor (e.g. LlavaProcessor.save_pretrained) into the folder")
+    return config, processor
+
+
 def load_model(path: str | Path = bundled.BUNDLED_MODEL, device: str = "cpu"):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-    path = Path(path) if Path(path).exists() else path
-    if isinstance(path, Path) and not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {path}: expected a Hugging Face LLaVA folder with config.json"
-                                " (the bundled one is data/shapes-llava, restored by git)")
+    """(model, processor) of a checked model folder (``check_model``), float32, in eval mode."""
+    from transformers import LlavaForConditionalGeneration
+    _, processor = check_model(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, AutoProcessor.from_pretrained(path)
+    return model, processor
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(bundled.BUNDLED_MODEL))
     parser.add_argument("--dataset", default="test")
-    parser.add_argument("--limit", type=int)
+    parser.add_argument("--limit", type=int, default=0, help="first N questions (0: all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write both tables here")
     args = parser.parse_args(argv)
+    if args.limit < 0:
+        parser.error("--limit must be >= 0 (0: the whole split)")
     model, processor = load_model(args.model)
-    samples = load_split(args.dataset, limit=args.limit)
+    samples = load_split(args.dataset, limit=args.limit or None)
     tables = {}
     for blank in (False, True):
         tables["blank" if blank else "image"] = accuracy_table(

@@ -32,6 +32,14 @@ from analysis.correlation import condition_correlation, sample_correlation
 MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
 
 
+SHARDS = ("spectra", "kept", "samples")  # one parquet file each per finished condition
+
+
+def shard_path(work: Path, method: str, keep: float, kind: str) -> Path:
+    """Where a condition's ``kind`` shard lives in a run's work folder (the resume state)."""
+    return work / "shards" / f"{method}__{keep:g}__{kind}.parquet"
+
+
 def headline_layer(setting, last_layer: int) -> int:
     """The headline layer a run's ``headline["layer"]`` setting names: ``"last"`` or a number."""
     return last_layer if setting == "last" else int(setting)
@@ -67,6 +75,12 @@ def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual
 
 def assemble(work: Path, model_config, baseline, samples) -> None:
     config = json.loads((work / "config.json").read_text())
+    conditions = [("baseline", 1.0)] + [(m, k) for m in config["methods"] for k in config["keep"]]
+    missing = [p.name for m, k in conditions for kind in SHARDS
+               for p in [shard_path(work, m, k, kind)] if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"{work} lacks the shard(s) {missing}: those conditions are not finished; "
+                           "rerun the same command to compute them")
     rows = _read(work, "samples")
     spectra = _read(work, "spectra")
     kept = _read(work, "kept")

@@ -10,6 +10,20 @@ from __future__ import annotations
 from torch import nn
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_MODELS = {"llava": "LlavaForConditionalGeneration"}  # config.model_type -> model class
+
+
+class UnsupportedModelError(TypeError):
+    """A model (or config) of a family the runtime does not know; the message lists the supported ones."""
+
+
+def check_supported(config) -> None:
+    """Raise ``UnsupportedModelError`` unless ``config`` (a transformers config) is of a supported family."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODELS:
+        classes = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+        supported = ", ".join(f"{cls} (model_type {t!r})" for t, cls in SUPPORTED_MODELS.items())
+        raise UnsupportedModelError(f"this is a {model_type!r} model ({classes}); lofi supports {supported}")
 
 
 def multimodal_model(model: nn.Module) -> nn.Module:

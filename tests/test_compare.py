@@ -3,6 +3,7 @@ determinism, and re-rendering the report from the tables alone."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -60,6 +61,9 @@ def test_methods_list(capsys):
     (["--keep", "1.5"], "--keep values must be in (0, 1]"),
     (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
     (["--dataset", "/nonexistent.jsonl"], "not found"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--limit", "-1"], "--limit must be >= 0"),
 ])
 def test_bad_input_is_one_clear_line_and_no_folder(tiny_model, tmp_path, capsys, extra, message):
     out = tmp_path / "bad"
@@ -178,3 +182,119 @@ def test_spectrum_layers_headline_decomposes_only_the_headline_layer(tiny_model,
     assert spectra.ipr.notna().all() and (spectra.ipr > 0).all()
     assert json.loads((out / "config.json").read_text())["spectrum_layers"] == "headline"
     assert (out / "figures" / "singular_spectra.png").is_file()
+
+
+def _split(tmp_path, edit, n=3):
+    """A copy of the first ``n`` bundled test questions, passed through ``edit(rows)``."""
+    from analysis.datasets import BUNDLED_BENCHMARK
+    rows = [json.loads(line) for line in (BUNDLED_BENCHMARK / "test.jsonl").open()][:n]
+    (tmp_path / "images").mkdir(exist_ok=True)
+    for r in rows:
+        shutil.copy(BUNDLED_BENCHMARK / r["image"], tmp_path / r["image"])
+    rows = edit(rows)
+    split = tmp_path / "split.jsonl"
+    split.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return split
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda rows: rows + [rows[0]], "repeats question_id"),
+    (lambda rows: [{**rows[0], "question": None}] + rows[1:], "has no question text"),
+    (lambda rows: [{**rows[0], "question": "<image> " + rows[0]["question"]}] + rows[1:],
+     "contains the image token '<image>'"),
+])
+def test_a_bad_question_fails_before_any_work(tiny_model, tmp_path, capsys, monkeypatch, edit, message):
+    monkeypatch.setattr(compare, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    out = tmp_path / "run"
+    assert compare.main(_args(tiny_model, out, "--dataset", str(_split(tmp_path, edit)))) == 2
+    _one_line_error(capsys, message)
+    assert not out.exists() and not tmp_path.joinpath("run.partial").exists()
+
+
+def test_a_missing_image_of_ones_own_split_names_its_paths_not_the_bundled_generator(tiny_model, tmp_path, capsys):
+    split = _split(tmp_path, lambda rows: [{**rows[0], "image": "images/absent.png"}] + rows[1:])
+    assert compare.main(_args(tiny_model, tmp_path / "run", "--dataset", str(split))) == 2
+    err = _one_line_error(capsys, "absent.png")
+    assert "analysis.shapes" not in err and "image paths" in err
+
+
+def test_an_existing_folder_is_never_emptied(tiny_model, tmp_path, capsys):
+    thesis = tmp_path / "thesis"
+    (thesis / "figs").mkdir(parents=True)
+    (thesis / "chapter1.tex").write_text("\\chapter{One}")
+    assert compare.main(_args(tiny_model, thesis)) == 2
+    _one_line_error(capsys, "nothing was deleted")
+    assert (thesis / "chapter1.tex").read_text() == "\\chapter{One}" and (thesis / "figs").is_dir()
+    assert not tmp_path.joinpath("thesis.partial").exists()
+
+
+@pytest.mark.parametrize("where,message", [("file", "is a file"), ("under-file", "cannot be written"),
+                                           ("proc", "cannot be written")])
+def test_an_unusable_out_fails_before_any_work(tiny_model, tmp_path, capsys, monkeypatch, where, message):
+    monkeypatch.setattr(compare, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    (tmp_path / "notes.txt").write_text("keep me")
+    out = {"file": tmp_path / "notes.txt", "under-file": tmp_path / "notes.txt" / "run",
+           "proc": Path("/proc/lofi-run")}[where]
+    assert compare.main(_args(tiny_model, out)) == 2
+    _one_line_error(capsys, message)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_model_that_is_not_a_supported_vlm_is_refused_before_loading(tmp_path, capsys):
+    from transformers import GPT2Config
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
+    assert compare.main(_args(gpt2, tmp_path / "run")) == 2
+    err = _one_line_error(capsys, "'gpt2' model")
+    assert "LlavaForConditionalGeneration" in err
+    assert not list(tmp_path.glob("run*"))
+
+
+def test_a_model_folder_without_a_processor_is_refused(tiny_model, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(tiny_model / "config.json", bare / "config.json")
+    assert compare.main(_args(bare, tmp_path / "run")) == 2
+    _one_line_error(capsys, "has no usable processor")
+
+
+def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeypatch):
+    """Only a condition with all of its shards is finished; the tables never hold a half condition."""
+    out = tmp_path / "run"
+    from analysis import report as report_module
+    monkeypatch.setattr(report_module, "render", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        compare.main(_args(tiny_model, out))
+    work = tmp_path / "run.partial"
+    assert not out.exists() and len(list((work / "shards").glob("*.parquet"))) == 3 * 7  # nothing deleted
+    for kind in ("spectra", "kept"):
+        (work / "shards" / f"lofi__0.5__{kind}.parquet").unlink()
+    monkeypatch.undo()
+    calls = []
+    real = runner.run_condition
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append((k["method"], k["keep"])),
+                                                                    real(*a, **k))[1])
+    assert compare.main(_args(tiny_model, out)) == 0
+    assert calls == [("lofi", 0.5)]
+    spectra = pd.read_parquet(out / "spectra.parquet")
+    assert spectra.delta_ipr.notna().all()
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary.tokens_kept > 0).all()
+
+
+def test_the_default_run_folder_is_one_folder_whatever_the_dataset_path(tmp_path):
+    args = compare.parse_args(["--methods", "lofi", "--dataset", str(tmp_path / "a" / "b" / "pope.json")])
+    out = compare.default_out(args, 10)
+    assert out.parent.name == "reports" and "pope" in out.name and "/" not in out.name
+
+
+def test_load_split_limit_zero_is_no_question():
+    from analysis.datasets import load_split
+    assert load_split("test", limit=0) == [] and len(load_split("test", limit=2)) == 2
