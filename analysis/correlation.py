@@ -24,7 +24,7 @@ import pandas as pd
 from scipy import stats
 
 MIN_POINTS = 3                 # fewer points: every correlation is NaN
-EXACT_PERMUTATIONS = 9         # up to 9 conditions (362,880 pairings) the permutation test is exact
+EXACT_PERMUTATIONS = 7         # up to 7 conditions (5,040 pairings) the permutation test is exact
 PERMUTATION_RESAMPLES = 9999   # above that, a seeded Monte Carlo test
 CHUNK_VALUES = 1 << 22          # bootstrap values computed at once at the sample level
 
@@ -105,6 +105,8 @@ def permutation_p(x: np.ndarray, y: np.ndarray, statistic=pearson_rows, seed: in
     x, y = np.asarray(x, float), np.asarray(y, float)
     if len(x) < MIN_POINTS or not np.isfinite(statistic(x, y)):
         return float("nan")
+    if statistic is spearman_rows:  # re-pairing permutes the ranks too: rank once
+        x, y, statistic = stats.rankdata(x), stats.rankdata(y), pearson_rows
     exact = len(x) <= EXACT_PERMUTATIONS
     result = stats.permutation_test(  # permuting x alone visits every pairing once; p = P(|r*| >= |r|)
         (x,), lambda a, axis=-1: np.abs(statistic(a, np.broadcast_to(y, a.shape))), permutation_type="pairings",
@@ -138,8 +140,8 @@ def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("me
         keep = np.isfinite(mx) & np.isfinite(my)
         pearson, spearman = (float(v) for v in (pearson_rows(mx[keep], my[keep]),
                                                 spearman_rows(mx[keep], my[keep])))
-        draws = np.random.default_rng(seed).integers(0, len(X), (n_boot, len(X)))
-        boot_x, boot_y = np.nanmean(X[draws], 1), np.nanmean(Y[draws], 1)  # [n_boot, conditions]
+        counts = _draw_counts(np.random.default_rng(seed).integers(0, len(X), (n_boot, len(X))), len(X))
+        boot_x, boot_y = _resampled_means(counts, X), _resampled_means(counts, Y)  # [n_boot, conditions]
     boot_pearson, boot_spearman = _finite_rows(boot_x, boot_y)
     return Correlation(X.shape[1], pearson, *_interval(boot_pearson), spearman, *_interval(boot_spearman),
                        int(np.isfinite(boot_pearson).sum()),
@@ -148,15 +150,68 @@ def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("me
 
 
 def sample_correlation(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed: int = 0) -> Correlation:
-    """Correlate paired per-sample values (e.g. pooled |Delta IPR| and KL), bootstrapping the pairs."""
+    """Correlate paired per-sample values (e.g. pooled |Delta IPR| and KL), bootstrapping the pairs.
+
+    A resample is represented by how often it draws each pair (``counts``), so its Pearson r is a
+    count-weighted correlation and its Spearman rho the weighted correlation of the resample's own
+    average ranks (``_resample_ranks``): the same numbers as ranking every resample, at O(n) each.
+    """
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    draws = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
-    chunk = max(1, CHUNK_VALUES // max(1, len(x)))  # memory: a few arrays of CHUNK_VALUES floats
-    boot_pearson = np.concatenate([pearson_rows(x[d], y[d]) for d in np.split(draws, range(chunk, n_boot, chunk))])
-    boot_spearman = np.concatenate([spearman_rows(x[d], y[d]) for d in np.split(draws, range(chunk, n_boot, chunk))])
-    return Correlation(len(x), float(pearson_rows(x, y)), *_interval(boot_pearson),
+    n = len(x)
+    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    boot_pearson, boot_spearman = np.full(n_boot, np.nan), np.full(n_boot, np.nan)
+    chunk = max(1, CHUNK_VALUES // max(1, n))  # memory: a few [chunk, n] arrays
+    for start in range(0, n_boot, chunk):
+        rows = draws[start:start + chunk]
+        counts = _draw_counts(rows, n)
+        boot_pearson[start:start + chunk] = _weighted_pearson(counts, x, y)
+        boot_spearman[start:start + chunk] = _weighted_pearson(counts, _resample_ranks(counts, x),
+                                                               _resample_ranks(counts, y))
+    return Correlation(n, float(pearson_rows(x, y)), *_interval(boot_pearson),
                        float(spearman_rows(x, y)), *_interval(boot_spearman),
                        int(np.isfinite(boot_pearson).sum()))
 
+
+def _draw_counts(draws: np.ndarray, n: int) -> np.ndarray:
+    """[resamples, n] float: how often each resample (a row of ``draws``, indices < n) drew each item."""
+    rows = len(draws)
+    return np.bincount((draws + n * np.arange(rows)[:, None]).ravel(), minlength=rows * n).reshape(rows, n) * 1.0
+
+
+def _resampled_means(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[resamples, columns]: each column's mean over each resample's draws, NaN entries left out (NaN
+    where a resample drew no defined value), as ``np.nanmean(values[draws], 1)``."""
+    defined = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (counts @ np.where(defined, values, 0.0)) / (counts @ defined)
+
+
+def _weighted_pearson(counts: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each resample given by ``counts`` [resamples, n] over the values x, y ([n] or
+    [resamples, n]); NaN where a resample's x or y is constant, as ``pearson_rows`` gives."""
+    total = counts.sum(-1, keepdims=True)
+    xc = x - (counts * x).sum(-1, keepdims=True) / total
+    yc = y - (counts * y).sum(-1, keepdims=True) / total
+    sxx, syy = (counts * xc * xc).sum(-1), (counts * yc * yc).sum(-1)
+    drawn = counts > 0
+    spread_x = np.where(drawn, x, np.inf).min(-1) < np.where(drawn, x, -np.inf).max(-1)
+    spread_y = np.where(drawn, y, np.inf).min(-1) < np.where(drawn, y, -np.inf).max(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.clip((counts * xc * yc).sum(-1) / np.sqrt(sxx * syy), -1.0, 1.0)
+    return np.where(spread_x & spread_y & (x.shape[-1] >= MIN_POINTS), r, np.nan)
+
+
+def _resample_ranks(counts: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[resamples, n]: the average rank each value would get within each resample (equal values, and a
+    value drawn several times, share their mean rank), from the draw counts alone."""
+    order = np.argsort(values, kind="stable")
+    sorted_values = values[order]
+    starts = np.flatnonzero(np.r_[True, sorted_values[1:] != sorted_values[:-1]])  # groups of equal values
+    group = np.cumsum(np.r_[True, sorted_values[1:] != sorted_values[:-1]]) - 1
+    in_group = np.add.reduceat(counts[:, order], starts, axis=1)                  # [resamples, groups]
+    rank = np.cumsum(in_group, axis=1) - in_group + (in_group + 1) / 2
+    ranks = np.empty_like(counts)
+    ranks[:, order] = rank[:, group]
+    return ranks

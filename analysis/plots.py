@@ -82,8 +82,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-MEASURE_LABELS = {"flip_rate": "flip rate (AllFlips)", "mean_kl": "mean KL(base || pruned)",
-                  "dutta_flips": "Flips (C->I + I->C) / N", "mean_js": "mean JS", "accuracy": "accuracy"}
+MEASURE_LABELS = {"flip_rate": "flip rate (%)", "mean_kl": "mean KL(unpruned || pruned), nats",
+                  "dutta_flips": "Flips: (C->I + I->C) / N (%)", "mean_js": "mean JS, nats", "accuracy": "accuracy (%)",
+                  "mean_forced_kl": "mean forced KL, nats"}
+PERCENT = {"flip_rate", "dutta_flips", "accuracy", "baseline_accuracy"}  # fractions shown in percent
+
+
+def _shown(metric: str, values):
+    """Values as plotted: fractions in percent (as the report's tables print them)."""
+    return 100 * np.asarray(values, float) if metric in PERCENT else np.asarray(values, float)
 
 
 def _palette(methods):
@@ -96,12 +103,12 @@ def delta_ipr_vs_consistency(summary: pd.DataFrame, correlation: pd.DataFrame, m
     fig, ax = _axes(ax, (5, 4))
     palette = _palette(summary["method"].unique())
     for method, part in summary.groupby("method"):
-        ax.scatter(part["mean_delta_ipr"], part[measure], color=palette[method], s=30 + 120 * part["keep"],
+        ys = _shown(measure, part[measure])
+        ax.scatter(part["mean_delta_ipr"], ys, color=palette[method], s=30 + 120 * part["keep"],
                    label=method, edgecolor="black", linewidth=0.5, zorder=3)
-        for _, r in part.iterrows():
-            ax.annotate(f"{r['keep']:g}", (r["mean_delta_ipr"], r[measure]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-    x, y = summary["mean_delta_ipr"].to_numpy(float), summary[measure].to_numpy(float)
+        for keep, x, y in zip(part["keep"], part["mean_delta_ipr"], ys):
+            ax.annotate(f"{keep:g}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    x, y = summary["mean_delta_ipr"].to_numpy(float), _shown(measure, summary[measure])
     ok = np.isfinite(x) & np.isfinite(y)
     row = correlation[(correlation.level == "condition") & (correlation.layer == layer) &
                       (correlation.group == group) & (correlation.measure == _measure_column(measure))]
@@ -114,9 +121,17 @@ def delta_ipr_vs_consistency(summary: pd.DataFrame, correlation: pd.DataFrame, m
             label = f"fit: r = {r.pearson:.2f} [{r.pearson_low:.2f}, {r.pearson_high:.2f}]"
         ax.plot(grid, slope * grid + intercept, color="gray", ls="--", label=label, zorder=2)
     ax.axvline(0, color="lightgray", lw=0.8, zorder=1)
-    ax.set_xlabel(f"mean Delta IPR (layer {layer}, {group} tokens)")
+    ax.set_xlabel(f"mean \u0394IPR (layer {layer}, {group} tokens)")
     ax.set_ylabel(MEASURE_LABELS.get(measure, measure))
     ax.legend(fontsize=7)
+    return fig
+
+
+def consistency_panels(summary: pd.DataFrame, correlation: pd.DataFrame, layer: int, group: str):
+    """``delta_ipr_vs_consistency`` for flip rate, mean KL and Flips, side by side."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
+    for ax, measure in zip(axes, ("flip_rate", "mean_kl", "dutta_flips")):
+        delta_ipr_vs_consistency(summary, correlation, measure, layer, group, ax=ax)
     return fig
 
 
@@ -125,8 +140,9 @@ def _measure_column(summary_column: str) -> str:
             "mean_forced_kl": "forced_kl"}.get(summary_column, summary_column)
 
 
-def ipr_per_layer(spectra: pd.DataFrame, group: str, ax=None):
-    """Mean IPR per layer: the baseline (black) and every condition (colour = method, style = keep)."""
+def ipr_per_layer(spectra: pd.DataFrame, group: str, ax=None, legend: bool = True):
+    """Mean IPR per layer: the baseline (black) and every condition (colour = method, style = keep); the
+    legend, if drawn, sits outside the axes, where it hides no line."""
     fig, ax = _axes(ax, (6, 4))
     part = spectra[spectra.group == group]
     means = part.groupby(["method", "keep", "layer"])["ipr"].mean().reset_index()
@@ -140,7 +156,19 @@ def ipr_per_layer(spectra: pd.DataFrame, group: str, ax=None):
                     label=f"{method} keep={keep:g}")
     ax.set_xlabel("layer (0 = input embeddings)")
     ax.set_ylabel(f"mean IPR ({group} tokens)")
-    ax.legend(fontsize=6, ncol=2)
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), frameon=False)
+    return fig
+
+
+def ipr_panels(spectra: pd.DataFrame):
+    """``ipr_per_layer`` for the visual and all-token groups, with one legend beside both."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), layout="constrained")
+    for ax, group in zip(axes, ("visual", "all")):
+        ipr_per_layer(spectra, group, ax=ax, legend=False)
+        ax.set_title(f"{group} tokens", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7, frameon=False)
     return fig
 
 
@@ -164,30 +192,52 @@ def singular_spectra(spectra: pd.DataFrame, layer: int, group: str, keep: float,
     return fig
 
 
+def spectra_panels(spectra: pd.DataFrame, layer: int, group: str, keeps):
+    """``singular_spectra`` at one layer, one panel per keep level."""
+    fig, axes = plt.subplots(1, len(keeps), figsize=(4.8 * len(keeps), 4), squeeze=False, layout="constrained")
+    for ax, keep in zip(axes[0], keeps):
+        singular_spectra(spectra, layer, group, keep, ax=ax)
+    return fig
+
+
 def metric_against(summary: pd.DataFrame, metric: str, x: str, baseline: float | None = None, ax=None):
     """A summary metric against ``keep`` or ``rel_flops``, one line per method."""
     fig, ax = _axes(ax, (4.5, 3.5))
     palette = _palette(summary["method"].unique())
     for method, frame in summary.groupby("method"):
         frame = frame.sort_values(x)
-        ax.plot(frame[x], frame[metric], "o-", color=palette[method], label=method)
+        ax.plot(_shown(x, frame[x]), _shown(metric, frame[metric]), "o-", color=palette[method], label=method)
     if baseline is not None:
-        ax.axhline(baseline, color="black", lw=1, ls="--", label="baseline")
+        ax.axhline(float(_shown(metric, baseline)), color="black", lw=1, ls="--", label="unpruned")
     ax.set_xlabel({"keep": "keep (fraction of visual tokens)", "rel_flops": "relative FLOPs (whole model)"}[x])
     ax.set_ylabel(MEASURE_LABELS.get(metric, metric))
     ax.legend(fontsize=7)
     return fig
 
 
+def metric_panels(summary: pd.DataFrame):
+    """Accuracy, flip rate and mean KL (columns) against keep and relative FLOPs (rows)."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), layout="constrained")
+    baseline_accuracy = summary["baseline_accuracy"].iloc[0] if len(summary) else None
+    for col, metric in enumerate(("accuracy", "flip_rate", "mean_kl")):
+        for row, x in enumerate(("keep", "rel_flops")):
+            metric_against(summary, metric, x, baseline_accuracy if metric == "accuracy" else None, ax=axes[row, col])
+    return fig
+
+
 def kept_token_map(image, kept: list[int] | None, grid: int, values: list[float] | None = None,
-                   title: str = "", ax=None):
-    """The image with its patch grid: dropped patches dimmed, or a heat map of ``values`` per patch."""
+                   title: str = "", ax=None, colorbar_label: str = "leverage score"):
+    """The image with its patch grid: dropped patches dimmed, or a heat map of ``values`` per patch with
+    its colour scale."""
     fig, ax = _axes(ax, (2.2, 2.2))
     array = np.asarray(image.convert("RGB"), dtype=float) / 255
     ax.imshow(array, extent=(0, grid, grid, 0), interpolation="nearest")
     if values is not None:
         heat = np.asarray(values, float).reshape(grid, grid)
-        ax.imshow(heat, extent=(0, grid, grid, 0), cmap="magma", alpha=0.6, interpolation="nearest")
+        shown = ax.imshow(heat, extent=(0, grid, grid, 0), cmap="magma", alpha=0.6, interpolation="nearest")
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(colorbar_label, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
     if kept is not None:
         mask = np.ones(grid * grid, bool)
         mask[np.asarray(kept, int)] = False

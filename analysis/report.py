@@ -2,28 +2,98 @@
 
 This module owns presentation: it never loads a model. It reads ``config.json``, ``summary.csv``,
 ``correlation.csv``, ``spectra.parquet``, ``kept.parquet`` and ``leverage.parquet``, writes
-``figures/*.png`` and one self-contained ``report.html`` (figures embedded as data URIs) with the
-tables and a short reading of the results written from the numbers.
+``figures/*.png`` and one self-contained ``report.html`` (the ``templates/report.html.j2`` page, figures
+embedded as data URIs) with the tables, the definitions of their columns and a short reading of the
+results written from the numbers -- which claims a relation only where the permutation test across
+conditions can support one.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import html
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
+from markupsafe import Markup, escape
 
 from analysis import plots
+from analysis.correlation import smallest_p
 from analysis.datasets import load_split
 from analysis.tables import headline
 
-FIGURES = ("delta_ipr_vs_consistency", "ipr_per_layer", "singular_spectra", "accuracy_flips_kl",
-           "kept_token_maps")
+MIN_CONDITIONS = 5  # fewer: even a perfect correlation has permutation p >= 2/5! = 0.017 (4: 0.083)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure of the report: its file stem, heading and caption."""
+
+    name: str
+    title: str
+    caption: str
+
+
+FIGURES = (
+    Figure("delta_ipr_vs_consistency", "Delta IPR against consistency",
+           "One point per condition (label: keep; larger points keep more). x: the mean change of the "
+           "inverse participation ratio of the hidden states against the unpruned model, same questions; y: "
+           "how far the answers moved. Dashed: least-squares fit, with Pearson r and its bootstrap interval."),
+    Figure("ipr_per_layer", "IPR per layer",
+           "Mean IPR of the hidden states entering each layer (the last point: the last layer's output), "
+           "unpruned (black) and under each condition (colour: method; line style: keep)."),
+    Figure("singular_spectra", "Singular spectra at the headline layer",
+           "Mean normalised singular values s_i / s_1 of the hidden states (top 32), unpruned against each "
+           "method, one panel per keep level."),
+    Figure("accuracy_flips_kl", "Accuracy, flip rate and KL against keep and FLOPs",
+           "Top row against the fraction of visual tokens kept, bottom row against the whole model's FLOPs "
+           "relative to the unpruned model (the fair axis: methods spend FLOPs differently)."),
+    Figure("kept_token_maps", "Kept visual tokens",
+           "First column: each visual token's leverage score in the unpruned model at layer 2 (what lofi ranks "
+           "by), over the image. Other columns: the tokens each method keeps at the middle keep level, "
+           "dropped patches dimmed."),
+)
+
+SUMMARY_COLUMNS = {  # column: (header, format, definition)
+    "method": ("method", "text", "the pruning method (python -m analysis.compare --methods list)"),
+    "keep": ("keep", "{:g}", "fraction of the visual tokens kept (LVPruning: rho, its first stage's fraction)"),
+    "n": ("n", "{:d}", "questions compared"),
+    "accuracy": ("accuracy (%)", "percent", "pruned answers equal to the ground truth, after normalisation"),
+    "baseline_accuracy": ("unpruned accuracy (%)", "percent", "the unpruned model's accuracy on the same questions"),
+    "flip_rate": ("flip rate (%)", "percent", "answers that differ from the unpruned model's (AllFlips)"),
+    "dutta_flips": ("Flips (%)", "percent", "(C\u2192I + I\u2192C) / n (Dutta et al. 2024): changes of correctness"),
+    "c_to_i": ("C\u2192I", "{:d}", "questions the unpruned model answered correctly and the pruned one does not"),
+    "i_to_c": ("I\u2192C", "{:d}", "questions the unpruned model answered wrongly and the pruned one correctly"),
+    "mean_kl": ("KL (nats)", "{:.3f}", "mean KL(P_unpruned || P_pruned) of the first answer token's distribution "
+                "(natural log)"),
+    "mean_js": ("JS (nats)", "{:.3f}", "mean Jensen-Shannon divergence of the same two distributions, in [0, ln 2]"),
+    "mean_forced_kl": ("forced KL (nats)", "{:.3f}", "mean over the unpruned answer's tokens of the KL, the pruned "
+                       "model reading that answer with the tokens it kept"),
+    "mean_delta_ipr": ("Delta IPR", "{:+.3f}", "mean IPR(pruned) - IPR(unpruned) of the hidden states at the "
+                       "headline layer and group (IPR = sum of squared energy fractions, in [1/r, 1])"),
+    "rel_flops": ("FLOPs (%)", "percent", "whole-model FLOPs (vision tower, projector, language model, LM head, "
+                  "decision modules) relative to the unpruned model"),
+    "rel_flops_llm": ("LLM FLOPs (%)", "percent", "the language model's decoder layers alone, relative"),
+    "tokens_kept": ("visual tokens kept", "{:.4g}", "mean number of visual tokens left after the last stage"),
+}
+MEASURE_NAMES = {"flip": "flip rate", "kl": "KL", "js": "JS", "forced_kl": "forced KL",
+                 "changed_correctness": "Flips (changed correctness)", "kl (|delta ipr|)": "KL vs |Delta IPR|"}
+CORRELATION_GLOSSARY = (
+    ("level", "condition: one point per (method, keep), means over questions; sample: every (question, "
+              "condition) pooled, |Delta IPR| against that question's KL"),
+    ("n", "points correlated: conditions, or pooled (question, condition) pairs"),
+    ("r, rho", "Pearson and Spearman correlation of mean Delta IPR with the measure"),
+    ("[95% CI]", "percentile bootstrap over questions (1,000 resamples, seeded): how much the value moves "
+                 "with the questions asked, not with the choice of conditions"),
+    ("p", "two-sided permutation p-value across the conditions (every re-pairing up to 7 conditions, 9,999 seeded random ones above); with "
+          "k conditions it cannot be below about 2/k!, so a few conditions never show a relation. Not given "
+          "at the sample level, whose pooled rows are not independent"),
+)
 
 
 def render(folder: str | Path) -> Path:
@@ -39,58 +109,22 @@ def render(folder: str | Path) -> Path:
     spectra = pd.read_parquet(folder / "spectra.parquet")
     layer, group = headline(spectra, config)
     (folder / "figures").mkdir(exist_ok=True)
-    figures = {
-        "delta_ipr_vs_consistency": _consistency_figure(summary, correlation, layer, group),
-        "ipr_per_layer": _ipr_figure(spectra),
-        "singular_spectra": _spectra_figure(spectra, layer, group, sorted(summary["keep"].unique(), reverse=True)),
-        "accuracy_flips_kl": _metrics_figure(summary),
+    drawn = {
+        "delta_ipr_vs_consistency": plots.consistency_panels(summary, correlation, layer, group),
+        "ipr_per_layer": plots.ipr_panels(spectra),
+        "singular_spectra": plots.spectra_panels(spectra, layer, group, sorted(summary["keep"].unique(), reverse=True)),
+        "accuracy_flips_kl": plots.metric_panels(summary),
         "kept_token_maps": _maps_figure(folder, config, summary),
     }
-    for name, fig in figures.items():
+    for name, fig in drawn.items():
         if fig is not None:
             fig.savefig(folder / "figures" / f"{name}.png", dpi=110, bbox_inches="tight")
             plots.plt.close(fig)
-    page = _html(folder, config, summary, correlation, layer, group)
+    page = page_html(folder, config, summary, correlation, layer, group)
     tmp = folder / "report.html.tmp"
     tmp.write_text(page)
     tmp.replace(folder / "report.html")
     return folder / "report.html"
-
-
-# ------------------------------------------------------------------------------------------ figures
-
-def _consistency_figure(summary, correlation, layer, group):
-    fig, axes = plots.plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, measure in zip(axes, ("flip_rate", "mean_kl", "dutta_flips")):
-        plots.delta_ipr_vs_consistency(summary, correlation, measure, layer, group, ax=ax)
-    fig.suptitle("Delta IPR against consistency with the unpruned model (one point per condition; label = keep)")
-    return fig
-
-
-def _ipr_figure(spectra):
-    fig, axes = plots.plt.subplots(1, 2, figsize=(13, 4.2))
-    for ax, group in zip(axes, ("visual", "all")):
-        plots.ipr_per_layer(spectra, group, ax=ax)
-        ax.set_title(f"{group} tokens")
-    return fig
-
-
-def _spectra_figure(spectra, layer, group, keeps):
-    fig, axes = plots.plt.subplots(1, len(keeps), figsize=(4.6 * len(keeps), 4), squeeze=False)
-    for ax, keep in zip(axes[0], keeps):
-        plots.singular_spectra(spectra, layer, group, keep, ax=ax)
-    return fig
-
-
-def _metrics_figure(summary):
-    fig, axes = plots.plt.subplots(2, 3, figsize=(14, 7.5))
-    baseline_accuracy = summary["baseline_accuracy"].iloc[0] if len(summary) else None
-    for col, metric in enumerate(("accuracy", "flip_rate", "mean_kl")):
-        for row, x in enumerate(("keep", "rel_flops")):
-            plots.metric_against(summary, metric, x, baseline_accuracy if metric == "accuracy" else None,
-                                 ax=axes[row, col])
-    fig.tight_layout()
-    return fig
 
 
 def _maps_figure(folder, config, summary, n_samples: int = 3):
@@ -115,7 +149,8 @@ def _maps_figure(folder, config, summary, n_samples: int = 3):
     if grid * grid != n_visual:
         return None
     columns = 1 + len(methods)
-    fig, axes = plots.plt.subplots(len(ids), columns, figsize=(2.3 * columns, 2.5 * len(ids)), squeeze=False)
+    fig, axes = plots.plt.subplots(len(ids), columns, figsize=(2.5 * columns, 2.6 * len(ids)), squeeze=False,
+                                   layout="constrained")
     for r, sample_id in enumerate(ids):
         image = samples[sample_id].load_image()
         lev = leverage[(leverage.sample_id == sample_id) & (leverage.layer == 2)] if len(leverage) else leverage
@@ -129,15 +164,14 @@ def _maps_figure(folder, config, summary, n_samples: int = 3):
             row = last[(last.sample_id == sample_id) & (last.method == method)]
             plots.kept_token_map(image, row.iloc[0]["kept"] if len(row) else [], grid,
                                  title=f"{method}, keep={keep:g}", ax=axes[r, c])
-    fig.suptitle("Kept visual tokens (dropped patches dimmed) and baseline leverage scores", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 # --------------------------------------------------------------------------------------------- page
 
-def reading(summary: pd.DataFrame, correlation: pd.DataFrame, layer: int, group: str) -> list[str]:
-    """A few sentences written from the numbers: most consistent method at matched FLOPs, correlation."""
+def reading(summary: pd.DataFrame, correlation: pd.DataFrame, layer: int, group: str) -> list[Markup]:
+    """A few sentences written from the numbers: the most consistent method at matched FLOPs, the largest
+    change, and what the correlation across conditions can and cannot say."""
     lines = []
     if len(summary):
         target = float(np.median(summary["rel_flops"]))
@@ -151,56 +185,99 @@ def reading(summary: pd.DataFrame, correlation: pd.DataFrame, layer: int, group:
             ranked = sorted(at_target.items(), key=lambda kv: kv[1])
             best = ranked[0]
             others = ", ".join(f"{m} {100 * v:.1f}%" for m, v in ranked[1:])
-            lines.append(f"At matched cost (about {100 * target:.0f}% of the unpruned model's FLOPs, interpolated "
-                         f"along each method's keep levels), <b>{html.escape(best[0])}</b> changes the fewest "
-                         f"answers: a flip rate of {100 * best[1]:.1f}%" + (f" against {others}." if others else "."))
+            lines.append(Markup("At matched cost (about {:.0f}% of the unpruned model's FLOPs, interpolated along "
+                                "each method's keep levels), <b>{}</b> changes the fewest answers: a flip rate of "
+                                "{:.1f}%{}").format(100 * target, best[0], 100 * best[1],
+                                                    f" against {others}." if others else "."))
         worst = summary.sort_values("flip_rate").iloc[-1]
-        lines.append(f"The largest change is {worst['method']} at keep={worst['keep']:g}: "
-                     f"{100 * worst['flip_rate']:.1f}% of answers flip while accuracy moves from "
-                     f"{100 * worst['baseline_accuracy']:.1f}% to {100 * worst['accuracy']:.1f}% "
-                     f"(C->I {int(worst['c_to_i'])}, I->C {int(worst['i_to_c'])}): accuracy hides part of the change.")
+        lines.append(escape(
+            f"The largest change is {worst['method']} at keep={worst['keep']:g}: {100 * worst['flip_rate']:.1f}% "
+            f"of answers flip while accuracy moves from {100 * worst['baseline_accuracy']:.1f}% to "
+            f"{100 * worst['accuracy']:.1f}% (C\u2192I {int(worst['c_to_i'])}, I\u2192C {int(worst['i_to_c'])}): "
+            "accuracy hides part of the change."))
     head = correlation[(correlation.level == "condition") & (correlation.layer == layer) &
                        (correlation.group == group)]
     for measure, label in (("flip", "flip rate"), ("kl", "mean KL")):
         row = head[head.measure == measure]
         if len(row):
-            r = row.iloc[0]
-            sign = "excludes" if (r.pearson_low > 0 or r.pearson_high < 0) else "includes"
-            lines.append(f"Across {int(r.n)} conditions, mean Delta IPR at layer {layer} ({group} tokens) "
-                         f"correlates with {label} at Pearson r = {r.pearson:.2f} (95% bootstrap CI "
-                         f"[{r.pearson_low:.2f}, {r.pearson_high:.2f}], which {sign} 0) and Spearman rho = "
-                         f"{r.spearman:.2f} [{r.spearman_low:.2f}, {r.spearman_high:.2f}].")
+            lines.append(escape(_correlation_sentence(row.iloc[0], label, layer, group)))
     return lines
 
 
-def _image_tag(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+def _correlation_sentence(r, label: str, layer: int, group: str) -> str:
+    n = int(r.n)
+    where = f"mean Delta IPR at layer {layer} ({group} tokens)"
+    if n < MIN_CONDITIONS or not np.isfinite(r.pearson):
+        return (f"This run has {n} conditions: even a perfect correlation across them would have a permutation "
+                f"p-value of {smallest_p(n):.2g}, so it cannot show whether {where} tracks {label} (Pearson r = "
+                f"{r.pearson:.2f}, for the record). Add keep levels or methods.")
+    verdict = ("unlikely to be chance (p < 0.05)" if r.pearson_p < 0.05 else
+               "not distinguishable from chance at this number of conditions (p >= 0.05)")
+    return (f"Across {n} conditions, {where} correlates with {label} at Pearson r = {r.pearson:.2f} (permutation "
+            f"p = {r.pearson_p:.2g}) and Spearman rho = {r.spearman:.2f} (p = {r.spearman_p:.2g}): {verdict}. "
+            f"Resampling the questions moves r within [{r.pearson_low:.2f}, {r.pearson_high:.2f}] (95%), which "
+            "reflects the questions asked, not the choice of conditions.")
 
 
-def _html(folder, config, summary, correlation, layer, group) -> str:
-    fmt = {c: "{:.3f}".format for c in summary.columns if summary[c].dtype.kind == "f"}
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    if fmt == "text":
+        return str(value)
+    if fmt == "percent":
+        return f"{100 * float(value):.1f}"
+    if fmt == "{:d}":
+        return f"{int(value):d}"
+    return fmt.format(float(value))
+
+
+def _table(frame: pd.DataFrame, columns: dict) -> Markup:
+    """An HTML table of ``frame``'s ``columns`` ({column: (header, format)}), text left, numbers right."""
+    cls = lambda fmt: ' class="text"' if fmt == "text" else ""  # noqa: E731
+    head = "".join(f"<th{cls(fmt)}>{escape(header)}</th>" for header, fmt in columns.values())
+    body = "".join("<tr>" + "".join(f"<td{cls(fmt)}>{escape(_cell(row[c], fmt))}</td>"
+                                    for c, (_, fmt) in columns.items()) + "</tr>" for _, row in frame.iterrows())
+    return Markup(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+
+
+def correlation_table(correlation: pd.DataFrame) -> pd.DataFrame:
+    """The headline correlation rows as the report shows them: value [95% CI] and p per statistic."""
+    def ci(value, low, high):
+        return "-" if not np.isfinite(value) else f"{value:.2f} [{low:.2f}, {high:.2f}]"
+    p = correlation.get("pearson_p", pd.Series(np.nan, index=correlation.index))
+    sp = correlation.get("spearman_p", pd.Series(np.nan, index=correlation.index))
+    return pd.DataFrame({
+        "level": correlation["level"], "measure": correlation["measure"].map(lambda m: MEASURE_NAMES.get(m, m)),
+        "n": correlation["n"],
+        "pearson": [ci(*v) for v in correlation[["pearson", "pearson_low", "pearson_high"]].to_numpy()],
+        "pearson_p": p, "spearman": [ci(*v) for v in correlation[["spearman", "spearman_low", "spearman_high"]].to_numpy()],
+        "spearman_p": sp})
+
+
+CORRELATION_COLUMNS = {"level": ("level", "text"), "measure": ("measure", "text"), "n": ("n", "{:d}"),
+                       "pearson": ("Pearson r [95% CI]", "text"), "pearson_p": ("p", "{:.2g}"),
+                       "spearman": ("Spearman rho [95% CI]", "text"), "spearman_p": ("p", "{:.2g}")}
+
+
+def page_html(folder, config, summary, correlation, layer, group) -> str:
+    """The report page (``templates/report.html.j2``) with every figure already in ``folder/figures``."""
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("analysis", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined)
     head = correlation[(correlation.layer == layer) & (correlation.group == group)]
-    sections = [f"<p>{line}</p>" for line in reading(summary, correlation, layer, group)]
-    figures = "".join(f"<h3>{name.replace('_', ' ')}</h3>{_image_tag(folder / 'figures' / (name + '.png'))}"
-                      for name in FIGURES if (folder / "figures" / f"{name}.png").is_file())
-    settings = html.escape(", ".join(f"{k}={config[k]}" for k in ("model", "dataset", "n_samples", "methods",
-                                                                  "keep", "seed", "device", "center")))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Pruning consistency report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1250px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:12px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}
-th{{background:#f3f3f3}}img{{max-width:100%;border:1px solid #eee;margin:.5em 0}}code{{background:#f5f5f5}}
-.reading p{{background:#f7f9fc;border-left:4px solid #4a7bd0;padding:.5em 1em}}</style></head><body>
-<h1>Visual-token pruning: what changes</h1>
-<p><small>{settings}; commit <code>{html.escape(str(config.get('git_commit')))}</code>.
-Headline: layer {layer} (0 = input embeddings), {group} tokens.</small></p>
-<h2>Reading</h2><div class="reading">{''.join(sections)}</div>
-<h2>Summary (one row per condition)</h2>{summary.to_html(index=False, formatters=fmt, na_rep="-")}
-<h2>Correlation of Delta IPR with consistency (headline layer and group)</h2>
-{head.to_html(index=False, float_format="{:.3f}".format, na_rep="-")}
-<p>All layers and groups are in <code>correlation.csv</code>.</p>
-<h2>Figures</h2>{figures}
-</body></html>"""
+    summary_columns = {c: spec for c, spec in SUMMARY_COLUMNS.items() if c in summary.columns}
+    figures = [{"title": f.title, "caption": f.caption,
+                "data": base64.b64encode((folder / "figures" / f"{f.name}.png").read_bytes()).decode()}
+               for f in FIGURES if (folder / "figures" / f"{f.name}.png").is_file()]
+    settings = ", ".join(f"{k}={config[k]}" for k in ("model", "dataset", "n_samples", "methods", "keep", "seed",
+                                                      "device", "center"))
+    return environment.get_template("report.html.j2").render(
+        run_name=Path(folder).name.removesuffix(".partial"), settings=settings,
+        commit=str(config.get("git_commit")), layer=layer, group=group,
+        reading=reading(summary, correlation, layer, group),
+        summary_table=_table(summary, {c: (h, f) for c, (h, f, _) in summary_columns.items()}),
+        summary_glossary=[(h, d) for h, _, d in summary_columns.values()],
+        correlation_table=_table(correlation_table(head), CORRELATION_COLUMNS),
+        correlation_glossary=CORRELATION_GLOSSARY, figures=figures)
 
 
 def main(argv: list[str] | None = None) -> int:

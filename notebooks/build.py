@@ -43,16 +43,14 @@ NOTEBOOKS = {
                      "Runs a small comparison on the bundled model when `RUN_DIR` is not set."),
         ("code", SETUP),
         ("code", '''layer, group = int(spectra.layer.max()), "all"
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-for ax, measure in zip(axes, ["flip_rate", "mean_kl", "dutta_flips"]):
-    plots.delta_ipr_vs_consistency(summary, correlation, measure, layer, group, ax=ax)
+plots.consistency_panels(summary, correlation, layer, group)
 plt.show()'''),
-        ("markdown", "Correlations at every layer after pruning starts (condition level, 95% bootstrap CIs):"),
+        ("markdown", "Correlations at every layer after pruning starts (condition level): Pearson r, its 95% "
+                     "bootstrap interval over questions, and the permutation p-value across conditions."),
         ("code", '''table = correlation[(correlation.level == "condition") & (correlation.measure.isin(["flip", "kl"]))]
-table.pivot_table(index=["group", "layer"], columns="measure", values=["pearson", "pearson_low", "pearson_high"]).round(2)'''),
-        ("code", '''fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-for ax, group in zip(axes, ["visual", "all"]):
-    plots.ipr_per_layer(spectra, group, ax=ax); ax.set_title(group)
+table.pivot_table(index=["group", "layer"], columns="measure",
+                  values=["pearson", "pearson_low", "pearson_high", "pearson_p"]).round(3)'''),
+        ("code", '''plots.ipr_panels(spectra)
 plt.show()'''),
     ],
     "leverage_and_kept_tokens.ipynb": [
@@ -94,12 +92,8 @@ fig.tight_layout(); plt.show()'''),
         ("markdown", "# Methods compared\n\nAccuracy, flip rate and KL against the fraction of visual "
                      "tokens kept and against relative FLOPs (`lofi.count_flops`, decision modules included)."),
         ("code", SETUP),
-        ("code", '''fig, axes = plt.subplots(2, 3, figsize=(14, 7.5))
-for col, metric in enumerate(["accuracy", "flip_rate", "mean_kl"]):
-    for row, x in enumerate(["keep", "rel_flops"]):
-        plots.metric_against(summary, metric, x, summary.baseline_accuracy.iloc[0] if metric == "accuracy" else None,
-                             ax=axes[row, col])
-fig.tight_layout(); plt.show()'''),
+        ("code", '''plots.metric_panels(summary)
+plt.show()'''),
         ("code", '''summary[["method", "keep", "rel_flops", "accuracy", "baseline_accuracy", "flip_rate", "dutta_flips",
          "c_to_i", "i_to_c", "mean_kl"]].round(3)'''),
     ],

@@ -29,8 +29,8 @@ def test_the_run_folder_holds_every_table_and_figure(run_folder):
     for name in ("config.json", "samples.parquet", "spectra.parquet", "summary.csv", "correlation.csv",
                  "report.html", "kept.parquet", "leverage.parquet"):
         assert (run_folder / name).is_file(), name
-    for name in report.FIGURES:
-        assert (run_folder / "figures" / f"{name}.png").is_file(), name
+    for figure in report.FIGURES:
+        assert (run_folder / "figures" / f"{figure.name}.png").is_file(), figure.name
     samples = pd.read_parquet(run_folder / "samples.parquet")
     assert {"sample_id", "method", "keep", "answer", "baseline_answer", "correct", "baseline_correct", "flip",
             "kl", "forced_kl", "js", "rel_flops"} <= set(samples.columns)
