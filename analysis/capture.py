@@ -23,7 +23,7 @@ import torch
 
 import lofi
 from analysis import spectral
-from lofi import architecture as arch
+from lofi.families import family_for
 
 
 @dataclass
@@ -52,6 +52,13 @@ class LayerStatistics:
     leverage: list[float] | None = None
     visual_index: list[int] | None = None
     sample_id: str | None = None  # filled in by the caller, who knows which sample each row was
+
+
+def _visual_positions(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """([batch, P] positions of each sample's visual tokens in order, padded with 0; [batch, P] real)."""
+    counts = is_visual.sum(1)
+    order = torch.sort((~is_visual).to(torch.int8), dim=1, stable=True).indices[:, :int(counts.max())]
+    return order, torch.arange(order.shape[1], device=order.device) < counts[:, None]
 
 
 class Capture:
@@ -87,8 +94,8 @@ class Capture:
             raise ValueError(f"spectrum_layers must be 'all', a collection of layer numbers or (), "
                              f"got {spectrum_layers!r}")
         self.spectrum_layers = spectrum_layers if spectrum_layers == "all" else set(spectrum_layers or ())
-        self.layers = arch.decoder_layers(model)
-        self.image_token_id = arch.image_token_id(model)
+        self.family = family_for(model)
+        self.layers = self.family.layers()
         self._hooks: list = []
         self._rows: list[LayerStatistics] = []
         self._calls = 0
@@ -100,7 +107,7 @@ class Capture:
     # ------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "Capture":
         try:
-            mm, lm = arch.multimodal_model(self.model), arch.language_model(self.model)
+            mm, lm = self.family.multimodal_model(), self.family.language_model()
             self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
             self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             for i, layer in enumerate(self.layers):
@@ -118,7 +125,7 @@ class Capture:
 
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._is_visual = None if input_ids is None else input_ids == self.image_token_id
+        self._is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
         self._valid = kwargs.get("attention_mask")
 
     def _on_language_model(self, module, args, kwargs):
@@ -150,7 +157,10 @@ class Capture:
         handle = lofi.active(self.model)
         index = handle.sequence_index(layer) if handle is not None else None
         if index is not None and index.shape[1] != is_visual.shape[1]:
-            is_visual, valid, visual_rank = (t.gather(1, index) for t in (is_visual, valid, visual_rank))
+            real, safe = index >= 0, index.clamp_min(0)  # -1: a padding slot of a ragged pruned batch
+            is_visual, valid = is_visual.gather(1, safe) & real, valid.gather(1, safe) & real
+            visual_rank = torch.where(real, visual_rank.gather(1, safe), -1)
+        positions, present = _visual_positions(is_visual)
         H = hidden.detach().float()
         # Uncentred, with rows <= cols: one Gram matrix of all real tokens serves both groups (the
         # visual Gram is its sub-block), and its eigenvalues are the squared singular values.
@@ -161,14 +171,14 @@ class Capture:
         for group in self.groups:
             counts = (is_visual if group == "visual" else valid).sum(1)
             needs_matrix = not shared or (group == "visual" and layer in self.leverage_layers)
-            matrix = self._group_matrix(H, group, is_visual, valid)[0] if needs_matrix else None
+            matrix = self._group_matrix(H, group, valid, positions, present) if needs_matrix else None
             gram = None
             if shared:
                 gram = gram_all
-                if group == "visual":
-                    pos = is_visual.nonzero()[:, 1].view(len(H), -1)
-                    gram = gram_all.gather(1, pos[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
-                        2, pos[:, None, :].expand(-1, pos.shape[1], -1))
+                if group == "visual":  # the visual rows' sub-block, zero where a sample has fewer
+                    gram = gram_all.gather(1, positions[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
+                        2, positions[:, None, :].expand(-1, positions.shape[1], -1))
+                    gram = gram * (present[:, :, None] & present[:, None, :]).to(gram.dtype)
             if self._decomposes(layer) or (group == "visual" and layer in self.leverage_layers):
                 if gram is not None:
                     s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
@@ -182,40 +192,37 @@ class Capture:
             leverage = visual_index = None
             if group == "visual" and layer in self.leverage_layers:
                 leverage = spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)).cpu()
-                visual_index = visual_rank[visual_rank >= 0].view(len(H), -1).cpu()
+                visual_index = visual_rank.gather(1, positions).cpu()
+                present_rows = present.cpu()
             s, ipr, pr, erank, counts = (t.cpu() for t in (s[..., :self.top_k], ipr, pr, erank, counts))
             for row in range(len(H)):
                 self._rows.append(LayerStatistics(
                     row=row, call=self._calls, layer=layer, group=group, n_tokens=int(counts[row]),
                     ipr=float(ipr[row]), pr=float(pr[row]), effective_rank=float(erank[row]),
                     singular_values=s[row].tolist(),
-                    leverage=None if leverage is None else leverage[row].tolist(),
-                    visual_index=None if visual_index is None else visual_index[row].tolist()))
+                    leverage=None if leverage is None else leverage[row][present_rows[row]].tolist(),
+                    visual_index=None if visual_index is None else visual_index[row][present_rows[row]].tolist()))
 
     def _decomposes(self, layer: int) -> bool:
         return self.spectrum_layers == "all" or layer in self.spectrum_layers
 
-    def _group_matrix(self, H, group, is_visual, valid) -> tuple[torch.Tensor, torch.Tensor]:
-        """[batch, rows, d] matrix of the group and the real rows per sample.
+    def _group_matrix(self, H, group, valid, positions, present) -> torch.Tensor:
+        """[batch, rows, d] matrix of the group, zero rows where a sample has fewer.
 
-        ``all`` keeps every position with padding rows set to zero: zero rows add only zero singular
-        values, so every statistic equals that of the real rows alone, and the batch stays one tensor.
+        Zero rows add only zero singular values, so every statistic equals that of the real rows alone
+        and the batch stays one tensor: ``all`` keeps every position with padding rows set to zero,
+        ``visual`` the visual rows present (``positions``, real where ``present``).
         """
         if group == "visual":
-            n = int(is_visual[0].sum())
-            positions = is_visual.nonzero()[:, 1].view(len(H), n)
-            matrix = H.gather(1, positions[..., None].expand(-1, -1, H.shape[-1]))
-            counts = torch.full((len(H),), n, device=H.device)
-            if self.center:
-                matrix = matrix - matrix.mean(1, keepdim=True)
-            return matrix, counts
-        mask = valid[..., None].to(H.dtype)
-        counts = valid.sum(1)
-        matrix = H * mask
+            rows, mask = H.gather(1, positions[..., None].expand(-1, -1, H.shape[-1])), present
+        else:
+            rows, mask = H, valid
+        weight = mask[..., None].to(H.dtype)
+        matrix = rows * weight
         if self.center:
-            mean = matrix.sum(1, keepdim=True) / counts[:, None, None].clamp_min(1)
-            matrix = (matrix - mean) * mask
-        return matrix, counts
+            mean = matrix.sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp_min(1)
+            matrix = (matrix - mean) * weight
+        return matrix
 
     @contextmanager
     def paused(self):

@@ -68,9 +68,9 @@ class ModelError(ValueError):
 
 def check_model(path: str | Path = bundled.BUNDLED_MODEL):
     """(config, processor) of a model folder, checked before any weights are read: a supported VLM
-    family (``lofi.architecture.SUPPORTED_MODELS``) with an image processor and a tokenizer."""
+    family (``lofi.families.supported()``) with an image processor and a tokenizer."""
     from transformers import AutoConfig, AutoProcessor
-    from lofi.architecture import UnsupportedModelError, check_supported
+    from lofi.families import UnsupportedModelError, family_class
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ModelError(f"no model at {path}: expected a Hugging Face model folder with config.json "
@@ -80,7 +80,7 @@ def check_model(path: str | Path = bundled.BUNDLED_MODEL):
     except (ValueError, KeyError, OSError) as e:
         raise ModelError(f"{folder / 'config.json'} is not a transformers configuration ({e})") from None
     try:
-        check_supported(config)
+        family_class(config)
     except UnsupportedModelError as e:
         raise ModelError(f"{path}: {e}") from None
     try:

@@ -77,11 +77,12 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
             step_logits = torch.stack(out.logits, 1).float()  # [B, steps, vocab]
             if handle is not None:
                 replay = handle.replay()  # the forced pass must see the tokens the answer was made with
-                for stage, kept in enumerate(handle.kept):
-                    for b, s in enumerate(batch):
+                n_visual = handle.n_visual.tolist()
+                for stage in range(len(handle.kept)):
+                    for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
                         kept_rows.append({"sample_id": s.question_id, "method": method, "keep": keep,
                                           "stage": stage, "layer": handle.stages[stage],
-                                          "kept": kept[b].tolist(), "n_visual": handle.n_visual})
+                                          "kept": kept, "n_visual": n_visual[b]})
             for b, s in enumerate(batch):
                 length = _answer_length(new[b].tolist(), stop)
                 answers.append(batch_answers[b])

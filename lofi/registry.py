@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import inspect
 import math
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 import torch
+
+from lofi.seeding import uniform
 
 _METHODS: dict[str, type["PruningMethod"]] = {}
 
@@ -22,35 +24,53 @@ _METHODS: dict[str, type["PruningMethod"]] = {}
 class StageInput:
     """What a method sees when it chooses, at the input of decoder layer ``layer``.
 
+    A batch may be ragged: samples may hold different numbers of visual tokens. Per-sample rows are
+    then padded; ``visual_valid`` marks the real entries.
+
     Attributes:
         layer: index of the first decoder layer that will see only the kept tokens.
         stage: 0-based index of this pruning stage.
         hidden: [batch, n, d] hidden states entering ``layer`` (the sequence as it is now).
-        visual: [batch, n_present] positions, within ``hidden``'s sequence, of the visual tokens present.
-        visual_index: [batch, n_present] their original visual-token indices (0 .. n_visual-1, increasing).
-        text: [batch, n] bool, true at real (non-padding) text tokens.
+        visual: [batch, P] positions, within ``hidden``'s sequence, of the prunable visual tokens present
+            (padded with position 0).
+        visual_valid: [batch, P] bool, true at real entries of ``visual``.
+        visual_index: [batch, P] their original visual-token indices (increasing; -1 at padding).
+        text: [batch, n] bool, true at real (non-padding, non-visual) text tokens.
         valid: [batch, n] bool, true at real (non-padding) tokens.
-        n_keep: how many of the present visual tokens to keep, per sample.
+        n_keep: [batch] long: how many of its present visual tokens each sample keeps.
         attention: callable returning [batch, n] attention each token receives at layer ``layer - 1``
             (averaged over heads and the method's query tokens); only for methods that ask for it.
-        generator: per-sample ``torch.Generator``s seeded from the sample, for stochastic methods.
+        fingerprint: [batch] int64, a hash of each sample's tokens and visual features (``lofi.seeding``).
+        model: the model being pruned.
     """
 
     layer: int
     stage: int
     hidden: torch.Tensor
     visual: torch.Tensor
+    visual_valid: torch.Tensor
+    visual_index: torch.Tensor
     text: torch.Tensor
     valid: torch.Tensor
-    n_keep: int
+    n_keep: torch.Tensor
     attention: Callable[[], torch.Tensor] | None
-    generator: Callable[[int], torch.Generator]
+    fingerprint: torch.Tensor
     model: torch.nn.Module | None = None
-    visual_index: torch.Tensor | None = None
+
+    def uniform(self, salt: int) -> torch.Tensor:
+        """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens
+        and visual features), ``salt`` and the token's original index only: the same alone or in any batch,
+        under ``model(...)`` or ``generate()``."""
+        return uniform(self.fingerprint, salt, self.visual_index)
+
+    def visual_hidden(self) -> torch.Tensor:
+        """[batch, P, d] hidden states of the visual tokens present (zero rows at padding)."""
+        rows = self.hidden.gather(1, self.visual[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return rows * self.visual_valid[..., None].to(rows.dtype)
 
 
 class PruningMethod(ABC):
-    """Base class: validated ``keep`` and ``layer``; subclasses implement ``select``.
+    """Base class: validated ``keep`` and ``layer``; subclasses implement ``scores`` (or ``select``).
 
     Class attributes:
         name: the registry name.
@@ -82,21 +102,32 @@ class PruningMethod(ABC):
                              f"on this {num_layers}-layer model, got {layer!r}")
         return [layer]
 
-    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
-        """Visual tokens kept after ``stage``: ceil(keep x n_visual), at least 1."""
-        return max(1, min(n_present, math.ceil(self.keep * n_visual - 1e-9)))
+    def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
+        """[batch] visual tokens each sample keeps after ``stage``: ceil(keep x its n_visual), at least 1 and at
+        most the ``n_present`` it holds (``n_visual``: its prunable visual tokens before any stage)."""
+        wanted = torch.ceil(self.keep * n_visual.double() - 1e-9).long()
+        return torch.minimum(wanted.clamp_min(1), n_present)
 
     def schedule(self, num_layers: int, n_visual: int) -> list[tuple[int, int]]:
-        """``(layer, n_visual_kept)`` per stage, the form ``lofi.count_flops`` takes."""
-        present, out = n_visual, []
+        """``(layer, n_visual_kept)`` per stage for one sample, the form ``lofi.count_flops`` takes."""
+        present, out = torch.tensor([n_visual]), []
         for stage, layer in enumerate(self.stages(num_layers)):
-            present = self.n_keep(stage, n_visual, present)
-            out.append((layer, present))
+            present = self.n_keep(stage, torch.tensor([n_visual]), present)
+            out.append((layer, int(present[0])))
         return out
 
-    @abstractmethod
+    def scores(self, state: StageInput) -> torch.Tensor:
+        """[batch, P] how much to keep each visual token of ``state.visual`` (higher: kept first)."""
+        raise TypeError(f"{type(self).__name__} must implement scores() (or select())")
+
     def select(self, state: StageInput) -> torch.Tensor:
-        """[batch, n_keep] indices into ``state.visual`` of the tokens to keep (any order)."""
+        """[batch, max n_keep] indices into ``state.visual`` of the tokens to keep, any order; a sample that
+        keeps fewer than the widest row pads its row with -1. Default: each sample's top ``n_keep`` by
+        ``scores`` among its real entries."""
+        scores = self.scores(state).double().masked_fill(~state.visual_valid, float("-inf"))
+        width = int(state.n_keep.max()) if state.n_keep.numel() else 0
+        top = scores.topk(width, dim=1).indices
+        return torch.where(torch.arange(width, device=top.device) < state.n_keep[:, None], top, -1)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         """FLOPs of the method's own decision modules (0 for training-free methods)."""

@@ -115,7 +115,8 @@ def test_realised_kept_counts_per_stage(model, modules_dir, rho):
     inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
     with lofi.pruned(model, "lvpruning", keep=rho, path=modules_dir) as handle:
         model(**inputs)
-    expected = [max(1, math.ceil(r * N_VISUAL - 1e-9)) for r in (rho, rho - 0.2, rho - 0.4)]
+    ratios = (rho, rho - 0.2, rho - 0.4) if rho >= 0.5 else (rho, 0.6 * rho, 0.2 * rho)  # LVPruning.ratios
+    expected = [max(1, math.ceil(r * N_VISUAL - 1e-9)) for r in ratios]
     assert [k.shape for k in handle.kept] == [(2, n) for n in expected]
     assert handle.stages == [1, 2, 3]
     for earlier, later in zip(handle.kept, handle.kept[1:]):  # a dropped token never comes back

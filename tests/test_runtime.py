@@ -18,22 +18,6 @@ def model():
     return tiny_llava()
 
 
-class Fixed(lofi.PruningMethod):
-    """Keeps a given set of visual tokens (for references that need the same kept set)."""
-
-    name = "fixed"
-
-    def __init__(self, kept: torch.Tensor, layer: int):
-        super().__init__(kept.shape[1] / N_VISUAL, layer)
-        self.kept = kept
-
-    def n_keep(self, stage, n_visual, n_present):
-        return self.kept.shape[1]
-
-    def select(self, state):
-        return self.kept
-
-
 @contextmanager
 def masked_reference(model, layer, dropped, valid):
     """Unpruned sequence; from ``layer`` on no query may attend to a ``dropped`` token."""
@@ -115,7 +99,7 @@ def test_generate_equals_repeated_forward_passes_with_the_same_kept_set(model, l
     kept = handle.kept[0]
     ids = inputs["input_ids"]
     for step, step_logits in enumerate(gen.logits):
-        with lofi.pruned(model, Fixed(kept, layer)):
+        with lofi.pruned(model, lofi.Replay([layer], [kept])):
             full = model(input_ids=ids, pixel_values=inputs["pixel_values"], use_cache=False).logits[:, -1]
         torch.testing.assert_close(step_logits, full, atol=ATOL, rtol=0)
         ids = torch.cat([ids, full.argmax(-1, keepdim=True)], 1)

@@ -35,6 +35,5 @@ class FastV(PruningMethod):
     def attention_queries(self) -> str:  # type: ignore[override]
         return self.queries
 
-    def select(self, state: StageInput) -> torch.Tensor:
-        received = state.attention().gather(1, state.visual)
-        return received.topk(state.n_keep, dim=1, sorted=False).indices
+    def scores(self, state: StageInput) -> torch.Tensor:
+        return state.attention().gather(1, state.visual)

@@ -41,15 +41,17 @@ class LoFi(PruningMethod):
             raise ValueError(f"lofi k must be a positive int, got {k!r}")
         self.tau, self.k, self.center = tau, k, center
 
-    def scores(self, visual_hidden: torch.Tensor) -> torch.Tensor:
-        """[batch, n_visual] leverage scores of the visual hidden states [batch, n_visual, d]."""
+    def leverage(self, visual_hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, n] leverage scores of the visual hidden states [batch, n, d]; ``rows`` [batch, n] marks
+        each sample's real rows (the others must be zero: zero rows change no singular vector)."""
         H = visual_hidden.float()
         if self.center:
-            H = H - H.mean(-2, keepdim=True)
+            real = torch.ones(H.shape[:2], dtype=torch.bool, device=H.device) if rows is None else rows
+            weight = real[..., None].to(H.dtype)
+            H = (H - (H * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)) * weight
         if self.k is not None:
             return leverage_scores(H, torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device))
         return leverage_at_energy(H, self.tau)[0]
 
-    def select(self, state: StageInput) -> torch.Tensor:
-        visual_hidden = state.hidden.gather(1, state.visual[..., None].expand(-1, -1, state.hidden.shape[-1]))
-        return self.scores(visual_hidden).topk(state.n_keep, dim=1, sorted=False).indices
+    def scores(self, state: StageInput) -> torch.Tensor:
+        return self.leverage(state.visual_hidden(), state.visual_valid)

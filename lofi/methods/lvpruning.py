@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi import architecture as arch
+from lofi.families import family_for
 from lofi.registry import PruningMethod, StageInput, register
 
 PAPER_LAYERS, PAPER_DEPTH = (1, 8, 16), 32
+REFERENCE_RHO = 0.5  # below it, the stage ratios keep the shape of the rho = 0.5 schedule (``ratios``)
 WEIGHTS, CONFIG = "decision_modules.safetensors", "decision_modules.json"
 DEFAULT_FOLDER = "lvpruning"  # beside the model's weights
 
@@ -166,7 +167,8 @@ class LVPruning(PruningMethod):
     """LVPruning: trained cross-attention decision modules keep language-relevant visual tokens (3 stages).
 
     Options:
-        keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative).
+        keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative); below
+            rho = 0.5, rho x [1, 0.6, 0.2], the shape of the rho = 0.5 schedule (``ratios``).
         offsets: the per-stage reductions (default (0, 0.2, 0.4)); (0, 0, 0) with keep=1 keeps all.
         path: folder of trained modules (default: ``lvpruning/`` beside the model's weights).
         selection: ``"topk"`` (default, paper 3.3: the highest keep probabilities) or ``"sample"``: k
@@ -192,10 +194,23 @@ class LVPruning(PruningMethod):
         if len(offsets) != 3 or any(o < 0 for o in offsets):
             raise ValueError(f"lvpruning offsets must be three non-negative numbers, got {offsets!r}")
         self.offsets, self.path = tuple(offsets), path
+        if any(r <= 0 for r in self.ratios()):
+            raise ValueError(f"lvpruning keep={keep} with offsets {self.offsets} leaves stage ratios "
+                             f"{[round(r, 3) for r in self.ratios()]}; every stage must keep a positive fraction "
+                             "(raise keep or lower the offsets)")
         self.modules: DecisionModules | None = None
 
     def ratios(self) -> list[float]:
-        return [self.keep - o for o in self.offsets]
+        """Each stage's keep ratio (cumulative, of the image's visual tokens).
+
+        At rho >= 0.5 (the paper's range) the paper's schedule, rho - offset. Below, the offsets would
+        leave nothing at the last stage (rho = 0.25: -0.15); the ratios then keep the shape of the
+        rho = 0.5 schedule, rho x (0.5 - offset) / 0.5: (0.25, 0.15, 0.05) at rho = 0.25. The two rules
+        meet at rho = 0.5.
+        """
+        if self.keep >= REFERENCE_RHO:
+            return [self.keep - o for o in self.offsets]
+        return [self.keep * (REFERENCE_RHO - o) / REFERENCE_RHO for o in self.offsets]
 
     def bind(self, model) -> None:
         """Load the decision modules for ``model`` (on its device and dtype)."""
@@ -219,8 +234,9 @@ class LVPruning(PruningMethod):
             raise ValueError(f"decision modules at layers {layers} do not fit a {num_layers}-layer model")
         return list(layers)
 
-    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
-        return max(1, min(n_present, math.ceil(self.ratios()[stage] * n_visual - 1e-9)))
+    def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
+        wanted = torch.ceil(self.ratios()[stage] * n_visual.double() - 1e-9).long()
+        return torch.minimum(wanted.clamp_min(1), n_present)
 
     @torch.no_grad()
     def keep_log_odds(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
@@ -232,16 +248,14 @@ class LVPruning(PruningMethod):
         logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask).float()
         return logits[..., 0] - logits[..., 1]
 
-    def select(self, state: StageInput) -> torch.Tensor:
+    def scores(self, state: StageInput) -> torch.Tensor:
         if self.modules is None:
             self.bind(state.model)
         scores = self.keep_log_odds(state.stage, state.hidden, state.visual, state.text)
         if self.selection == "topk":
-            return scores.topk(state.n_keep, dim=1, sorted=False).indices
-        uniform = torch.stack([torch.rand(scores.shape[1], device=scores.device,
-                                          generator=state.generator(b, self.seed * 7919 + state.stage))
-                               for b in range(scores.shape[0])])
-        return sample_without_replacement(scores, state.n_keep, uniform)
+            return scores
+        # Gumbel-top-k: the top n_keep of log w + G draw without replacement with weights w = keep odds
+        return scores + standard_gumbel(state.uniform(self.seed * 7919 + state.stage))
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         width = config.text_config.hidden_size
@@ -352,8 +366,8 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
     text_config = model.config.text_config
     previous = text_config._attn_implementation
-    image_token_id = arch.image_token_id(model) if image_token_id is None else image_token_id
-    layers = arch.decoder_layers(model)
+    family = family_for(model)
+    layers = family.layers()
     state = _SoftMaskState()
     inputs: dict = {}
     stage_of_layer = {layer: s for s, layer in enumerate(modules.settings["layers"])}
@@ -362,7 +376,7 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
     def on_multimodal(module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask = kwargs.get("attention_mask")
-        inputs["visual"] = ids == image_token_id
+        inputs["visual"] = family.visual_mask(ids) if image_token_id is None else ids == image_token_id
         inputs["valid"] = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
         state.layer_weights.clear()
         state.decisions.clear()
@@ -399,7 +413,7 @@ def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = N
 
     try:
         text_config._attn_implementation = name
-        hooks.append(arch.multimodal_model(model).register_forward_pre_hook(on_multimodal, with_kwargs=True))
+        hooks.append(family.multimodal_model().register_forward_pre_hook(on_multimodal, with_kwargs=True))
         first = min(stage_of_layer)
         for i in range(first, len(layers)):
             hooks.append(layers[i].register_forward_pre_hook(on_layer(i), with_kwargs=True))

@@ -14,8 +14,10 @@ class Random(PruningMethod):
     Options:
         keep: fraction kept.  layer: K (default 2).  seed: the run's seed (default 0).
 
-    Each sample's subset is drawn from a generator seeded by ``seed`` and the sample itself (its
-    tokens and pixels), so a sample keeps the same tokens whether it runs alone or in any batch.
+    Each sample keeps the ``n_keep`` tokens with the largest of its uniform draws (``StageInput.uniform``:
+    a function of ``seed``, the sample's tokens and visual features, and the token), so a sample keeps
+    the same tokens whether it runs alone or in any batch, under ``model(...)`` or ``generate()``, and
+    two images with the same question keep different subsets. Computed on the device, no host sync.
     """
 
     name = "random"
@@ -25,8 +27,5 @@ class Random(PruningMethod):
         super().__init__(keep, layer)
         self.seed = int(seed)
 
-    def select(self, state: StageInput) -> torch.Tensor:
-        n_present = state.visual.shape[1]
-        rows = [torch.randperm(n_present, generator=state.generator(b, self.seed), device=state.visual.device)
-                [:state.n_keep] for b in range(state.visual.shape[0])]
-        return torch.stack(rows)
+    def scores(self, state: StageInput) -> torch.Tensor:
+        return state.uniform(self.seed)

@@ -19,7 +19,7 @@ class Replay(PruningMethod):
 
     Args:
         stages: the decoder layers at which the recorded pass dropped tokens.
-        kept: per stage, [batch, n_kept] original visual-token indices (``PruningHandle.kept``).
+        kept: per stage, [batch, max n_kept] original visual-token indices, -1 padded (``PruningHandle.kept``).
     """
 
     name = "replay"
@@ -42,19 +42,22 @@ class Replay(PruningMethod):
             raise ValueError(f"the recorded stages {self.recorded_stages} do not fit a {num_layers}-layer model")
         return list(self.recorded_stages)
 
-    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
-        return self.kept[stage].shape[1]
+    def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
+        kept = self.kept[stage]
+        if kept.shape[0] != n_visual.shape[0]:
+            raise ValueError(f"the recorded selection is of a batch of {kept.shape[0]}, this pass has "
+                             f"{n_visual.shape[0]} samples; replay it on the same samples, in order")
+        return (kept >= 0).sum(1).to(n_present.device)
 
     def select(self, state: StageInput) -> torch.Tensor:
         kept = self.kept[state.stage].to(state.visual_index.device)
-        if kept.shape[0] != state.visual_index.shape[0]:
-            raise ValueError(f"the recorded selection is of a batch of {kept.shape[0]}, this pass has "
-                             f"{state.visual_index.shape[0]} samples; replay it on the same samples, in order")
-        chosen = torch.searchsorted(state.visual_index, kept).clamp_max(state.visual_index.shape[1] - 1)
-        if not torch.equal(state.visual_index.gather(1, chosen), kept):
+        ordered = torch.where(state.visual_valid, state.visual_index, torch.iinfo(torch.long).max)
+        chosen = torch.searchsorted(ordered, kept.clamp_min(0)).clamp_max(ordered.shape[1] - 1)
+        picked = kept >= 0
+        if not torch.equal(torch.where(picked, ordered.gather(1, chosen), -1), kept):
             raise ValueError("the recorded kept tokens are not present in this pass: replay a selection on "
                              "the prompt it was recorded on")
-        return chosen
+        return torch.where(picked, chosen, -1)
 
     def __repr__(self) -> str:
         return f"Replay(stages={self.recorded_stages}, kept={[tuple(k.shape) for k in self.kept]})"

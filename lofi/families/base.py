@@ -1,0 +1,174 @@
+"""What the runtime asks of a model family, with the answers most families share.
+
+A family adapter is the one place that knows, for one kind of Hugging Face VLM:
+
+* where its multimodal model (the module that receives ``input_ids``), its language model and the
+  decoder layers are;
+* which token positions are visual (image and video token ids) and which of those may be pruned;
+* its position scheme: 1-D RoPE, or M-RoPE (Qwen2-VL: 3 rows of position ids, or 4 with the text row
+  first), and how decoding continues the prompt's numbering;
+* how to rebuild layer K-1's queries and keys for FastV (per-head q/k norms, the rotary function);
+* the FLOPs of its vision tower and projector for one image, and where each visual token lies on the
+  image (``tiles``, for kept-token maps).
+
+``lofi.runtime`` keeps only what every family shares: index bookkeeping, stages, masks, KV cache.
+Families are chosen by ``config.model_type`` (``lofi.families.family_for``).
+"""
+
+from __future__ import annotations
+
+import sys
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A rectangle of visual tokens laid over the image, row by row.
+
+    Attributes:
+        start: index of its first token among the sample's visual tokens (0-based).
+        rows, cols: the token grid.
+        newline: each row is followed by one newline token (never pruned): a row spans cols + 1 tokens.
+        box: (left, top, right, bottom) of the image it covers, as fractions of the width and height.
+        name: what the tile is ("image", "base", "high-res", ...).
+    """
+
+    start: int
+    rows: int
+    cols: int
+    newline: bool = False
+    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    name: str = "image"
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * (self.cols + self.newline)
+
+    def cell(self, index: int) -> tuple[int, int] | None:
+        """(row, col) of visual token ``index`` in this tile; None outside it or on a newline."""
+        local = index - self.start
+        width = self.cols + self.newline
+        if not 0 <= local < self.tokens or local % width == self.cols:
+            return None
+        return local // width, local % width
+
+
+class Family(ABC):
+    """Defaults: a LLaVA-style model (``model.model`` holds ``language_model`` and ``layers``), 1-D RoPE,
+    every visual token prunable, attention rebuilt as Llama / Mistral / Qwen2 / Qwen3 compute it."""
+
+    name: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    classes: ClassVar[tuple[str, ...]] = ()
+    multimodal_rope: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ----------------------------------------------------------------------------------- modules
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids`` and the image inputs."""
+        return self.model.model
+
+    def language_model(self) -> nn.Module:
+        return self.multimodal_model().language_model
+
+    def layers(self) -> nn.ModuleList:
+        return self.language_model().layers
+
+    # ------------------------------------------------------------------------------------ tokens
+    def visual_token_ids(self) -> list[int]:
+        """Token ids that stand for visual features: the image token, and the video token if any."""
+        ids = []
+        for name in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+            value = getattr(self.config, name, None)
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+        if not ids:
+            raise TypeError(f"{type(self.config).__name__} names no image token (image_token_id / image_token_index)")
+        return ids
+
+    def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[batch, T] bool: positions holding visual features."""
+        return torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device))
+
+    def prunable_mask(self, is_visual: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """[batch, T] bool: the visual positions a method may drop (all of them by default)."""
+        return is_visual
+
+    # -------------------------------------------------------------------------------- positions
+    def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """[batch or 1, T]: the 1-D position of each token (the text row for M-RoPE)."""
+        return position_ids
+
+    def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """The language model's ``position_ids`` for decoding tokens at 1-D ``positions`` [batch, n]."""
+        return positions
+
+    # -------------------------------------------------------------------------------- attention
+    def attention_heads(self, attention: nn.Module, projected: torch.Tensor, which: str) -> torch.Tensor:
+        """[batch, heads, T, head_dim] queries (``which="q"``) or keys from ``q_proj`` / ``k_proj`` outputs,
+        after the per-head norm some models apply before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""
+        batch, length = projected.shape[:2]
+        heads = projected.view(batch, length, -1, attention.head_dim)
+        norm = getattr(attention, f"{which}_norm", None)
+        if norm is not None:
+            heads = norm(heads)
+        return heads.transpose(1, 2)
+
+    def rotate(self, attention: nn.Module, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE as the attention module's own modeling file applies it (cos/sin as the layer receives them)."""
+        module = sys.modules[type(attention).__module__]
+        apply = getattr(module, "apply_rotary_pos_emb", None)
+        if apply is None:
+            raise TypeError(f"{type(attention).__name__} has no apply_rotary_pos_emb in its module; attention-"
+                            "ranked methods (fastv) cannot rebuild its attention")
+        return apply(heads, heads, cos, sin)[0]
+
+    # ------------------------------------------------------------------------ FLOPs and layout
+    @classmethod
+    def default_image(cls, config):
+        """The image description ``vision_flops`` and ``tiles`` assume when none is given."""
+        return None
+
+    @classmethod
+    @abstractmethod
+    def vision_flops(cls, config, image=None) -> float:
+        """FLOPs of the vision tower for one image (a multiply-add counts 2)."""
+
+    @classmethod
+    @abstractmethod
+    def projector_flops(cls, config, image=None) -> float:
+        """FLOPs of the projector (or merger) that turns vision features into language-model tokens."""
+
+    @classmethod
+    @abstractmethod
+    def tiles(cls, config, image=None) -> list[Tile]:
+        """Where the visual tokens of one image lie on it, in token order."""
+
+
+def clip_vit_flops(vision_config, tiles: int = 1, cls_token: bool = True, mlp_matrices: int = 2) -> float:
+    """A ViT over ``tiles`` square crops: patch embedding and every encoder layer (tokens = patches, plus a
+    CLS token if the tower has one); per layer 2 x (4 n d^2 + 2 n^2 d + mlp_matrices n d m)."""
+    d, m = vision_config.hidden_size, vision_config.intermediate_size
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    n = patches + cls_token
+    embed = 2.0 * patches * (getattr(vision_config, "num_channels", 3) * vision_config.patch_size ** 2) * d
+    layer = 2.0 * (4 * n * d * d + 2 * n * n * d + mlp_matrices * n * d * m)
+    return tiles * (embed + vision_config.num_hidden_layers * layer)
+
+
+def mlp_projector_flops(config, features: int) -> float:
+    """LLaVA's projector (Linear, activation, Linear) over ``features`` vision features."""
+    d = config.text_config.hidden_size
+    width = config.vision_config.hidden_size
+    layer_index = getattr(config, "vision_feature_layer", -1)
+    if isinstance(layer_index, (list, tuple)):
+        width *= len(layer_index)
+    return 2.0 * features * (width * d + d * d)
