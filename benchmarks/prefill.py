@@ -1,11 +1,15 @@
 """Prefill wall time and memory of baseline vs each pruning method, measured in one run.
 
     python benchmarks/prefill.py                        # mid-size random LLaVA on CPU (16 x 1024)
-    python benchmarks/prefill.py --shape llava-7b --device cuda --dtype bfloat16
+    python benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16
+    python benchmarks/prefill.py --shape qwen2.5-vl-7b --text-layers 4 --vision-layers 1   # fewer layers
 
-For every (method, keep) the script times ``model(**inputs, logits_to_keep=1)`` (the prefill that
-``generate`` runs first), interleaving the baseline with the pruned runs so that drifts in machine
-speed hit both, and prints the measured speedup beside the speedup the FLOPs predict
+``--shape`` is ``mid`` or a checkpoint of ``lofi.configs`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL at 7B; random weights of the true widths), with the benchmark image of
+``lofi.configs.BENCHMARK_IMAGES`` (672 x 672 for LLaVA-NeXT and Qwen, 768 x 768 for OneVision) and 30
+text tokens. For every (method, keep) the script times ``model(**inputs, logits_to_keep=1)`` (the
+prefill that ``generate`` runs first), interleaving the baseline with the pruned runs so that drifts in
+machine speed hit both, and prints the measured speedup beside the speedup the FLOPs predict
 (``lofi.count_flops``; the whole-model ratio, since the whole forward pass is timed). It also times the
 method's own selection (``select``) as a share of the pruned prefill, and reports the KV cache held
 after prefill (exact bytes of the cache tensors) and the peak memory of the forward pass: on CUDA the
@@ -16,49 +20,47 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from contextlib import nullcontext
-import sys
 import time
-from pathlib import Path
+from contextlib import nullcontext
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+import transformers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lofi  # noqa: E402
+import lofi
+from lofi import configs
+from lofi.families import family_class
 
-SHAPES = {
-    # mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B
-    "mid": dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
-                vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4)),
-    "llava-7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                               num_attention_heads=32),
-                     vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                 num_attention_heads=16)),
-}
+MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
+           vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4))
+SHAPES = ["mid", *configs.CHECKPOINTS]
+ALIASES = {"llava-7b": "llava-1.5-7b"}
 N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
 
 
-def shape_config(shape: str) -> LlavaConfig:
-    spec = SHAPES[shape]
-    text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **spec["text"])
-    vision = CLIPVisionConfig(image_size=336, patch_size=14, **spec["vision"])
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, vision_feature_layer=-2)
+def shape_config(shape: str, text_layers: int | None = None, vision_layers: int | None = None):
+    """``mid`` (a mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B)
+    or a 7B checkpoint's configuration, optionally with fewer layers."""
+    shape = ALIASES.get(shape, shape)
+    if shape != "mid":
+        return configs.config(shape, text_layers, vision_layers)
+    text = {**MID["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers})}
+    vision = {**MID["vision"], **({} if vision_layers is None else {"num_hidden_layers": vision_layers})}
+    return LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+                       text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text),
+                       image_token_index=32000, vision_feature_layer=-2)
 
 
-def build_model(shape: str, device: str, dtype: torch.dtype) -> LlavaForConditionalGeneration:
-    config = shape_config(shape)
+def build_model(config, device: str, dtype: torch.dtype):
+    model_class = getattr(transformers, family_class(config).classes[0])
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
+        model = model_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
     return model.eval()
 
 
-def make_inputs(batch: int, device: str) -> dict:
-    ids = [1, 3148, 1001, 29901, 29871] + [32000] * 576 + list(range(400, 400 + N_TEXT - 5))
-    return {"input_ids": torch.tensor([ids] * batch, device=device),
-            "attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device),
-            "pixel_values": torch.randn(batch, 3, 336, 336, device=device)}
+def benchmark_image(shape: str):
+    return configs.BENCHMARK_IMAGES.get(ALIASES.get(shape, shape))
 
 
 def _rss_kb(field: str) -> int | None:
@@ -105,7 +107,9 @@ class TimedSelect:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="mid")
+    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default="mid")
+    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
+    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
@@ -117,10 +121,19 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    model = build_model(args.shape, args.device, dtype)
-    inputs = make_inputs(args.batch, args.device)
-    config = model.config
-    base_flops = lofi.count_flops(config, N_TEXT, 576)
+    config = shape_config(args.shape, args.text_layers, args.vision_layers)
+    model = build_model(config, args.device, dtype)
+    image = benchmark_image(args.shape)
+    inputs = configs.synthetic_inputs(config, image, N_TEXT, args.batch, args.device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    family = lofi.families.family_for(model)
+    with torch.inference_mode():
+        embeds = model.get_input_embeddings()(inputs["input_ids"][:1])
+    is_visual = family.visual_mask(inputs["input_ids"][:1])
+    n_visual = int(is_visual.sum())
+    n_text = inputs["input_ids"].shape[1] - n_visual
+    base_flops = lofi.count_flops(config, n_text, n_visual, image=image)
+    layers = config.text_config.num_hidden_layers
 
     def prefill():
         sync()
@@ -143,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
         return seconds, peak, kv_bytes(out), handle
 
-    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} "
+    print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
+          f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
           f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats}", flush=True)
     rows = []
     with torch.inference_mode():
@@ -151,9 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for keep in args.keep:
                 if method == "lvpruning":  # random decision modules: their cost is what is timed here
-                    from lofi.methods.lvpruning import DecisionModules
-                    instance = lofi.build(method, keep=keep)
-                    instance.modules = DecisionModules.for_model(model).to(args.device, dtype)
+                    from lofi.methods.lvpruning import DecisionModules, LVPruning
+                    instance = LVPruning(keep=keep, modules=DecisionModules.for_model(model).to(args.device, dtype))
                 else:
                     instance = lofi.build(method, keep=keep, layer=args.layer)
                 timer = TimedSelect(instance, sync)
@@ -166,14 +179,15 @@ def main(argv: list[str] | None = None) -> None:
                         base_times.append(base_t)
                         pruned_times.append(pruned_t)
                         select_seconds = timer.seconds
-                schedule = instance.schedule(config.text_config.num_hidden_layers, 576)
-                present = [576] + [n for _, n in schedule[:-1]]
-                flops = lofi.count_flops(config, N_TEXT, 576, schedule,
-                                         decision=instance.decision_flops(config, N_TEXT, present))
+                n_prunable = int(handle.n_prunable[0])
+                schedule = instance.schedule(layers, n_prunable, always_kept=n_visual - n_prunable)
+                present = [n_prunable] + [n for _, n in schedule[:-1]]
+                flops = lofi.count_flops(config, n_text, n_visual, schedule, image=image,
+                                         decision=instance.decision_flops(config, n_text, present))
                 base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
                 measured, predicted = base_t / pruned_t, base_flops.total / flops.total
                 rows.append({
-                    "method": method, "keep": keep, "kept": handle.kept[0].shape[1],
+                    "method": method, "keep": keep, "kept": int((handle.kept[-1][0] >= 0).sum()),
                     "baseline_ms": 1000 * base_t, "pruned_ms": 1000 * pruned_t,
                     "measured_speedup": measured, "flops_speedup": predicted,
                     "llm_flops_speedup": base_flops.llm / flops.llm,
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
                     "peak_mb_base": base_peak, "peak_mb_pruned": pruned_peak,
                 })
                 r = rows[-1]
-                print(f"{method:>7} keep={keep:<5} {r['baseline_ms']:8.1f} ms -> {r['pruned_ms']:8.1f} ms  "
+                print(f"{method:>9} keep={keep:<5} {r['baseline_ms']:8.1f} ms -> {r['pruned_ms']:8.1f} ms  "
                       f"speedup {measured:5.2f} (FLOPs {predicted:5.2f}, ratio {measured / predicted:4.2f})  "
                       f"select {r['select_ms']:6.2f} ms = {100 * r['select_share']:4.1f}%", flush=True)
     import pandas as pd

@@ -1,17 +1,20 @@
-"""FLOPs of a LLaVA forward pass over a prompt, with and without pruning (SPEC section 5).
+"""FLOPs of a VLM's forward pass over a prompt, with and without pruning (SPEC section 5).
 
 A multiply-add counts 2. Per decoder layer with n tokens, width d and MLP width m (SwiGLU, three
 matrices) the count is ``2 * (4*n*d^2 + 2*n^2*d + 3*n*d*m)``; with grouped-query attention the K and V
 projections are narrower, and the ``4*n*d^2`` term becomes ``2*n*d^2 + 2*n*d*d_kv`` (identical when
-there is no GQA, as in LLaVA-1.5). The whole-model figure adds the vision tower (every layer that
-runs, CLS token included), the projector, the LM head for the last position only, and a method's own
-decision modules. Norms, RoPE, softmax and the embedding lookup are not counted.
+there is no GQA, as in LLaVA-1.5). The whole-model figure adds the vision tower and the projector of
+the model's family for the image (``lofi.families``: LLaVA-NeXT's any-resolution crops, Qwen2-VL's
+dynamic resolution, Qwen2.5-VL's windowed attention), the LM head for the last position only, and a
+method's own decision modules. Norms, RoPE, softmax, biases and the embedding lookup are not counted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+from lofi.families import family_class
 
 
 @dataclass(frozen=True)
@@ -41,24 +44,18 @@ def decoder_layer_flops(n: int, d: int, m: int, d_kv: int | None = None) -> floa
     return 2.0 * (2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m)
 
 
-def vision_flops(vision_config) -> float:
-    """CLIP-style ViT: patch embedding plus every encoder layer over patches + CLS."""
-    d, m = vision_config.hidden_size, vision_config.intermediate_size
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    n = patches + 1
-    embed = 2.0 * patches * (vision_config.num_channels * vision_config.patch_size ** 2) * d
-    layer = 2.0 * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-    return embed + vision_config.num_hidden_layers * layer
-
-
 def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = (),
-                decision: float = 0.0) -> Flops:
+                decision: float = 0.0, image=None) -> Flops:
     """FLOPs of a prompt of ``n_text`` text and ``n_visual`` visual tokens.
 
     Args:
-        config: a transformers ``LlavaConfig``.
+        config: a transformers config of a supported family (``LlavaConfig``, ``Qwen2VLConfig``, ...).
         stages: ``(layer, n_visual_kept)`` pairs: from ``layer`` on, ``n_visual_kept`` visual tokens remain.
         decision: FLOPs of the method's decision modules, added to the total.
+        image: the image the vision tower sees, in the family's terms: ``(height, width)`` in pixels for
+            LLaVA-NeXT / OneVision (a row of the processor's ``image_sizes``), ``(frames, rows, cols)`` of
+            patches for Qwen2-VL / Qwen2.5-VL (a row of ``image_grid_thw``); LLaVA-1.5 takes none.
+            Default: the family's ``default_image``.
     """
     text = config.text_config
     d, m, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
@@ -76,12 +73,7 @@ def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, 
             if layer >= start:
                 visual = kept
         llm += decoder_layer_flops(n_text + visual, d, m, d_kv)
-    vision_config = config.vision_config
-    projector_in = vision_config.hidden_size
-    layer_index = config.vision_feature_layer
-    if isinstance(layer_index, (list, tuple)):
-        projector_in *= len(layer_index)
-    projector = 2.0 * n_visual * (projector_in * d + d * d)
+    family = family_class(config)
     lm_head = 2.0 * d * text.vocab_size
-    return Flops(llm=llm, vision=vision_flops(vision_config), projector=projector, lm_head=lm_head,
-                 decision=decision)
+    return Flops(llm=llm, vision=family.vision_flops(config, image), projector=family.projector_flops(config, image),
+                 lm_head=lm_head, decision=decision)

@@ -108,12 +108,13 @@ class PruningMethod(ABC):
         wanted = torch.ceil(self.keep * n_visual.double() - 1e-9).long()
         return torch.minimum(wanted.clamp_min(1), n_present)
 
-    def schedule(self, num_layers: int, n_visual: int) -> list[tuple[int, int]]:
-        """``(layer, n_visual_kept)`` per stage for one sample, the form ``lofi.count_flops`` takes."""
+    def schedule(self, num_layers: int, n_visual: int, always_kept: int = 0) -> list[tuple[int, int]]:
+        """``(layer, visual tokens left)`` per stage for one sample of ``n_visual`` prunable visual tokens and
+        ``always_kept`` others (LLaVA-NeXT's newline rows), the form ``lofi.count_flops`` takes."""
         present, out = torch.tensor([n_visual]), []
         for stage, layer in enumerate(self.stages(num_layers)):
             present = self.n_keep(stage, torch.tensor([n_visual]), present)
-            out.append((layer, int(present[0])))
+            out.append((layer, int(present[0]) + always_kept))
         return out
 
     def scores(self, state: StageInput) -> torch.Tensor:

@@ -41,3 +41,82 @@ def test_gqa_narrows_only_the_key_value_projections():
     difference = lofi.count_flops(mha, 6, 16).llm - lofi.count_flops(gqa, 6, 16).llm
     n, d, layers = 22, 64, 4
     assert difference == layers * 2 * (2 * n * d * (d - d // 2))
+
+
+# ---------------------------------------------------------------------------------- every family, by hand
+from lofi import configs  # noqa: E402
+from lofi.families import family_class  # noqa: E402
+
+
+def _vit_layer(n, d, m, mlp=2):
+    return 2 * (4 * n * d * d + 2 * n * n * d + mlp * n * d * m)
+
+
+def _visual_tokens(name, image):
+    config = configs.config(name)
+    tiles = family_class(config).tiles(config, image)
+    return tiles[0].start + sum(t.tokens for t in tiles)
+
+
+@pytest.mark.parametrize("name,image,tokens", [
+    ("llava-next-7b", (672, 672), 576 + 48 * 49),        # 2 x 2 crops, 48 rows each ending in a newline
+    ("llava-next-7b", (336, 672), 576 + 24 * 49),        # 1 x 2 crops
+    ("llava-next-7b", (500, 300), 576 + 40 * 25),        # 2 x 1 crops (672 x 336), unpadded to 40 x 24 (+ newlines)
+    ("llava-onevision-7b", (384, 384), 729 + 27 * 28),    # 1 x 1 crop, no downsampling
+    ("llava-onevision-7b", (2304, 2304), 729 + 81 * 82),  # 6 x 6 crops: 162 x 162 downsampled by 2 (anyres_max_9)
+    ("qwen2-vl-7b", (1, 36, 36), 18 * 18),                # 504 x 504 pixels, 2 x 2 patches per token
+    ("qwen2.5-vl-7b", (1, 24, 40), 12 * 20),
+])
+def test_visual_token_counts_of_the_7b_checkpoints(name, image, tokens):
+    assert _visual_tokens(name, image) == tokens
+
+
+def test_llava_next_vision_and_projector_flops_count_every_crop():
+    config = configs.config("llava-next-7b")
+    flops = lofi.count_flops(config, 30, 2928, image=(672, 672))
+    crops, n, d = 5, 577, 1024
+    embed = 2 * 576 * (3 * 14 * 14) * d
+    assert flops.vision == pytest.approx(crops * (embed + 24 * _vit_layer(n, d, 4096)), rel=1e-12)
+    assert flops.projector == pytest.approx(crops * 576 * 2 * (1024 * 4096 + 4096 * 4096), rel=1e-12)
+
+
+def test_llava_onevision_flops_have_no_cls_token():
+    config = configs.config("llava-onevision-7b")
+    flops = lofi.count_flops(config, 30, 7371, image=(2304, 2304))
+    crops, n, d = 37, 729, 1152
+    embed = 2 * 729 * (3 * 14 * 14) * d
+    assert flops.vision == pytest.approx(crops * (embed + 26 * _vit_layer(n, d, 4304)), rel=1e-12)
+    assert flops.projector == pytest.approx(crops * 729 * 2 * (1152 * 3584 + 3584 * 3584), rel=1e-12)
+    d, m, kv = 3584, 18944, 4 * 128  # Qwen2-7B: GQA with 4 key-value heads of 128
+    n = 30 + 7371
+    assert flops.llm == pytest.approx(28 * 2 * (2 * n * d * d + 2 * n * d * kv + 2 * n * n * d + 3 * n * d * m))
+
+
+def test_qwen2_vl_attends_over_the_whole_image_in_every_block():
+    config = configs.config("qwen2-vl-7b")
+    flops = lofi.count_flops(config, 30, 324, image=(1, 36, 36))
+    n, d = 1296, 1280
+    block = 2 * 4 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * (4 * d)
+    assert flops.vision == pytest.approx(2 * n * 1176 * d + 32 * block, rel=1e-12)
+    assert flops.projector == pytest.approx(324 * 2 * (5120 * 5120 + 5120 * 3584), rel=1e-12)
+
+
+def test_qwen2_5_vl_attends_within_windows_except_four_blocks():
+    config = configs.config("qwen2.5-vl-7b")
+    flops = lofi.count_flops(config, 30, 324, image=(1, 36, 36))
+    n, d, m = 1296, 1280, 3420
+    # 18 x 18 merged tokens in windows of 4 x 4: sides 4, 4, 4, 4, 2; a window of a x b tokens holds 4ab patches
+    windowed = sum((4 * a * b) ** 2 for a in (4, 4, 4, 4, 2) for b in (4, 4, 4, 4, 2))
+    assert windowed == 16 * 68 ** 2
+    common = 2 * 4 * n * d * d + 2 * 3 * n * d * m
+    expected = 2 * n * 1176 * d + 28 * (common + 2 * 2 * windowed * d) + 4 * (common + 2 * 2 * n * n * d)
+    assert flops.vision == pytest.approx(expected, rel=1e-12)
+    assert flops.vision < lofi.count_flops(configs.config("qwen2-vl-7b"), 30, 324, image=(1, 36, 36)).vision
+
+
+def test_the_7b_configs_hold_the_checkpoints_shapes():
+    assert configs.config("qwen2-vl-7b").text_config.num_key_value_heads == 4
+    assert configs.config("llava-next-7b", text_layers=2).text_config.num_hidden_layers == 2
+    assert configs.config("qwen2.5-vl-7b", vision_layers=9).vision_config.fullatt_block_indexes == [7]
+    with pytest.raises(ValueError, match="valid: llava-1.5-7b"):
+        configs.config("llava-13b")

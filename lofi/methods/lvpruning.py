@@ -171,6 +171,7 @@ class LVPruning(PruningMethod):
             rho = 0.5, rho x [1, 0.6, 0.2], the shape of the rho = 0.5 schedule (``ratios``).
         offsets: the per-stage reductions (default (0, 0.2, 0.4)); (0, 0, 0) with keep=1 keeps all.
         path: folder of trained modules (default: ``lvpruning/`` beside the model's weights).
+        modules: trained (or random, for timing) ``DecisionModules`` in memory, instead of ``path``.
         selection: ``"topk"`` (default, paper 3.3: the highest keep probabilities) or ``"sample"``: k
             tokens drawn without replacement with weights = keep odds p / (1 - p) (Gumbel-top-k), close to
             training's independent keep decisions given their count. Not in the paper; on the bundled
@@ -184,8 +185,11 @@ class LVPruning(PruningMethod):
     SELECTIONS = ("topk", "sample")
 
     def __init__(self, keep: float = 0.5, layer: int | None = None, offsets=(0.0, 0.2, 0.4),
-                 path: str | Path | None = None, selection: str = "topk", seed: int = 0):
+                 path: str | Path | None = None, selection: str = "topk", seed: int = 0,
+                 modules: DecisionModules | None = None):
         super().__init__(keep, layer if layer is not None else 1)
+        if modules is not None and path is not None:
+            raise ValueError("lvpruning takes trained modules from path= or modules=, not both")
         if selection not in self.SELECTIONS:
             raise ValueError(f"unknown lvpruning selection {selection!r}; valid: {list(self.SELECTIONS)}")
         self.selection, self.seed = selection, int(seed)
@@ -198,7 +202,7 @@ class LVPruning(PruningMethod):
             raise ValueError(f"lvpruning keep={keep} with offsets {self.offsets} leaves stage ratios "
                              f"{[round(r, 3) for r in self.ratios()]}; every stage must keep a positive fraction "
                              "(raise keep or lower the offsets)")
-        self.modules: DecisionModules | None = None
+        self.modules: DecisionModules | None = modules
 
     def ratios(self) -> list[float]:
         """Each stage's keep ratio (cumulative, of the image's visual tokens).
@@ -213,20 +217,20 @@ class LVPruning(PruningMethod):
         return [self.keep * (REFERENCE_RHO - o) / REFERENCE_RHO for o in self.offsets]
 
     def bind(self, model) -> None:
-        """Load the decision modules for ``model`` (on its device and dtype)."""
-        if self.modules is not None:
-            return
+        """Load the decision modules for ``model`` once (from ``path``, or ``lvpruning/`` beside the model's
+        weights) and keep them on its device and dtype."""
         folder = self.path
-        if folder is None:
-            base = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
-            folder = Path(base) / DEFAULT_FOLDER
-        modules = DecisionModules.load(folder)
+        if self.modules is None:
+            if folder is None:
+                base = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+                folder = Path(base) / DEFAULT_FOLDER
+            self.modules = DecisionModules.load(folder)
         width = model.config.text_config.hidden_size
-        if modules.settings["width"] != width:
-            raise ValueError(f"the decision modules in {folder} are for width {modules.settings['width']}, "
-                             f"the model has {width}")
+        if self.modules.settings["width"] != width:
+            raise ValueError(f"the decision modules{f' in {folder}' if folder else ''} are for width "
+                             f"{self.modules.settings['width']}, the model has {width}")
         parameter = next(model.parameters())
-        self.modules = modules.to(device=parameter.device, dtype=parameter.dtype)
+        self.modules = self.modules.to(device=parameter.device, dtype=parameter.dtype)
 
     def stages(self, num_layers: int) -> list[int]:
         layers = self.modules.settings["layers"] if self.modules is not None else stage_layers(num_layers)

@@ -1,0 +1,151 @@
+"""Tiny random models of every supported family and their inputs, built by hand (no downloads).
+
+``build(name)`` returns a model in eval mode; ``inputs(model, images, texts)`` lays out a left-padded
+batch the way each family's processor does: text before, the image's visual tokens (as many as the
+model's own image features hold), text after. Image descriptions are per family: (height, width) in
+pixels for the LLaVA families, (frames, rows, cols) of patches for Qwen2-VL / Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                          LlavaOnevisionForConditionalGeneration, MistralConfig, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig,
+                          Qwen2VLForConditionalGeneration, Qwen3Config, SiglipVisionConfig)
+
+IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 70, 71, 72, 73
+VOCAB = 80
+TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+LANGUAGE_MODELS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
+CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=4)
+
+
+def _text(kind: str = "llama", **extra):
+    return LANGUAGE_MODELS[kind](**TEXT, **extra)
+
+
+def config(name: str, language_model: str = "llama"):
+    """The tiny config of family ``name`` (LLaVA takes any of ``LANGUAGE_MODELS``)."""
+    if name == "llava":
+        return LlavaConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=_text(language_model),
+                           image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, pad_token_id=0)
+    if name == "llava_next":
+        return LlavaNextConfig(vision_config=CLIPVisionConfig(**CLIP), text_config=_text(language_model),
+                               image_token_index=IMAGE_TOKEN, vision_feature_layer=-1, pad_token_id=0,
+                               image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    if name == "llava_onevision":
+        vision = SiglipVisionConfig(**{**CLIP, "num_hidden_layers": 1})
+        return LlavaOnevisionConfig(vision_config=vision, text_config=_text("qwen2"), image_token_index=IMAGE_TOKEN,
+                                    video_token_index=VIDEO_TOKEN, vision_feature_layer=-1, pad_token_id=0,
+                                    image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32], [32, 48]],
+                                    vision_aspect_ratio="anyres_max_2")
+    text = dict(**TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN, vision_start_token_id=VISION_START,
+                  vision_end_token_id=VISION_END)
+    if name == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    if name == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=48, out_hidden_size=64, num_heads=4, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3, window_size=16,
+                      fullatt_block_indexes=[1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    raise ValueError(name)
+
+
+MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                 "llava_onevision": LlavaOnevisionForConditionalGeneration,
+                 "qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+DEFAULT_IMAGES = {"llava": (16, 16), "llava_next": (16, 30), "llava_onevision": (40, 20),
+                  "qwen2_vl": (1, 4, 6), "qwen2_5_vl": (1, 6, 8)}
+OTHER_IMAGES = {"llava": (16, 16), "llava_next": (30, 14), "llava_onevision": (16, 16),
+                "qwen2_vl": (1, 4, 8), "qwen2_5_vl": (1, 4, 8)}
+
+
+def build(name: str, language_model: str = "llama", attn: str = "sdpa", seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[name]._from_config(config(name, language_model), attn_implementation=attn,
+                                             dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
+    return model.eval()
+
+
+def _pixels(model, image, generator):
+    """(pixel tensor of one image, its extra inputs, its number of visual tokens)."""
+    config = model.config
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        vision = config.vision_config
+        frames, rows, cols = image
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        pixels = torch.randn(frames * rows * cols, patch, generator=generator)
+        return pixels, {"image_grid_thw": torch.tensor([image])}, frames * rows * cols // vision.spatial_merge_size ** 2
+    size = config.vision_config.image_size
+    if config.model_type == "llava":
+        return torch.randn(1, 3, size, size, generator=generator), {}, None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+    crops = image_size_to_num_patches(list(image), config.image_grid_pinpoints, size)
+    return torch.randn(1, crops, 3, size, size, generator=generator), {"image_sizes": torch.tensor([image])}, None
+
+
+@torch.no_grad()
+def count_visual_tokens(model, pixels, extra) -> int:
+    """How many visual tokens the model writes for one image (its own image features)."""
+    features = model.model.get_image_features(pixels, **{k: v for k, v in extra.items()})
+    pooled = features.pooler_output if hasattr(features, "pooler_output") else features
+    return sum(f.shape[0] for f in pooled)
+
+
+def inputs(model, images, texts=None, seed: int = 0) -> dict:
+    """A left-padded batch: per sample ``texts[b] = (before, after)`` token ids around its image."""
+    generator = torch.Generator().manual_seed(seed)
+    texts = texts or [((5, 6), (7, 8, 9, 10))] * len(images)
+    qwen = model.config.model_type in ("qwen2_vl", "qwen2_5_vl")
+    rows, pixels, extras = [], [], []
+    for image, (before, after) in zip(images, texts):
+        pixel, extra, n = _pixels(model, image, generator)
+        n = n or count_visual_tokens(model, pixel, extra)
+        visual = [IMAGE_TOKEN] * n
+        rows.append([1, *before, *([VISION_START, *visual, VISION_END] if qwen else visual), *after])
+        pixels.append(pixel)
+        extras.append(extra)
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if qwen:
+        batch |= {"pixel_values": torch.cat(pixels), "image_grid_thw": torch.cat([e["image_grid_thw"] for e in extras]),
+                  "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+    elif model.config.model_type == "llava":
+        batch["pixel_values"] = torch.cat(pixels)
+    else:
+        crops = max(p.shape[1] for p in pixels)
+        padded = [torch.cat([p, p.new_zeros(1, crops - p.shape[1], *p.shape[2:])], 1) for p in pixels]
+        batch |= {"pixel_values": torch.cat(padded), "image_sizes": torch.cat([e["image_sizes"] for e in extras])}
+    return batch
+
+
+def sample(batch: dict, row: int) -> dict:
+    """Sample ``row`` of a batch from ``inputs``, alone and unpadded."""
+    keep = batch["attention_mask"][row].bool()
+    out = {"input_ids": batch["input_ids"][row:row + 1, keep], "attention_mask": batch["attention_mask"][row:row + 1, keep]}
+    if "image_grid_thw" in batch:
+        grids = batch["image_grid_thw"]
+        sizes = grids.prod(1).tolist()
+        start = sum(sizes[:row])
+        out |= {"pixel_values": batch["pixel_values"][start:start + sizes[row]], "image_grid_thw": grids[row:row + 1],
+                "mm_token_type_ids": batch["mm_token_type_ids"][row:row + 1, keep]}
+    else:
+        out["pixel_values"] = batch["pixel_values"][row:row + 1]
+        if "image_sizes" in batch:
+            out["image_sizes"] = batch["image_sizes"][row:row + 1]
+    return out
