@@ -3,12 +3,12 @@
 import pytest
 
 import lofi
-from _llava7b import llava_15_7b_config
+from lofi.configs import config as checkpoint_config
 from _tiny import tiny_llava
 
 
 def test_llava_15_7b_whole_model_matches_lvpruning_table_1():
-    flops = lofi.count_flops(llava_15_7b_config(), n_text=30, n_visual=576)
+    flops = lofi.count_flops(checkpoint_config("llava-1.5-7b"), n_text=30, n_visual=576)
     assert flops.total == pytest.approx(8.38e12, rel=0.03)
     d, m, n = 4096, 11008, 606
     assert flops.llm == 32 * 2 * (4 * n * d**2 + 2 * n**2 * d + 3 * n * d * m)
@@ -16,7 +16,7 @@ def test_llava_15_7b_whole_model_matches_lvpruning_table_1():
 
 
 def test_stages_reduce_only_the_layers_after_them():
-    config = llava_15_7b_config()
+    config = checkpoint_config("llava-1.5-7b")
     base = lofi.count_flops(config, 30, 576)
     pruned = lofi.count_flops(config, 30, 576, stages=[(2, 288)])
     per_layer = lambda n: 2 * (4 * n * 4096**2 + 2 * n**2 * 4096 + 3 * n * 4096 * 11008)  # noqa: E731
