@@ -1,4 +1,4 @@
-"""Streaming capture of per-layer spectral statistics of a LLaVA language model's hidden states.
+"""Streaming capture of per-layer spectral statistics of a VLM language model's hidden states.
 
 ``Capture`` registers forward hooks on the decoder layers while its ``with`` block is active and turns
 each layer's hidden states into the statistics of SPEC section 1 *as the forward pass runs*: the
@@ -8,7 +8,9 @@ hidden states are detached, cast to float32 on the model's device, reduced to a 
 Layer numbering: statistic ``layer = l`` describes the tokens decoder layer ``l`` computes on (its
 input, after any pruning at ``l``); ``layer = 0`` is the language model's input embeddings (the visual
 rows are the projector's output) and ``layer = L`` the last layer's output (before the final norm).
-Groups: ``visual`` (the visual tokens present at that layer) and ``all`` (every real token).
+Groups: ``visual`` (the visual tokens present at that layer: image and video tokens of any family,
+LLaVA-NeXT's newline rows included, as the model holds them) and ``all`` (every real token). In a ragged
+batch samples hold different numbers of visual tokens; each sample's statistics are its own.
 
 Inside ``lofi.pruned(...)`` it works unchanged: it asks ``lofi.active(model)`` which original tokens
 each layer holds. Only calls whose prompt contains image tokens are captured (not decoding steps).

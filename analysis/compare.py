@@ -32,7 +32,7 @@ import torch
 import lofi
 from analysis import bundled, tables
 from analysis.datasets import DatasetError, check_questions, load_split, verify_images
-from analysis.evaluate import ModelError, check_model, load_model
+from analysis.models import ModelError, check_model, load_model, resolve
 from analysis.runner import BaselineOutputs, run_condition
 
 DEFAULT_LIMIT = 150
@@ -86,6 +86,12 @@ def _validate(args):
         _, processor = check_model(args.model)
     except ModelError as e:
         raise UsageError(str(e)) from None
+    if "lvpruning" in args.methods:
+        from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
+        modules = resolve(args.model) / DEFAULT_FOLDER / WEIGHTS
+        if not modules.is_file():
+            raise UsageError(f"lvpruning needs trained decision modules at {modules}; train them with "
+                             f"`python -m analysis.train_lvpruning --model {args.model}` or leave lvpruning out")
     try:
         samples = load_split(args.dataset, limit=args.limit or None)
         verify_images(samples)
@@ -136,8 +142,9 @@ def weights_fingerprint(model: str | Path, methods) -> dict[str, str]:
     ``FULL_HASH_LIMIT`` hash their size and first and last ``HASH_EDGE`` bytes: retraining changes
     those too, and hashing a 13 GiB checkpoint whole would add a minute to every run."""
     from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
-    folder = Path(model)
-    if not folder.is_dir():
+    try:
+        folder = resolve(model)
+    except ModelError:
         return {}
     files = sorted(folder.glob("*.safetensors"))
     if "lvpruning" in methods:
@@ -200,7 +207,7 @@ def default_out(args, n_samples: int) -> Path:
     dataset = Path(str(args.dataset)).stem if str(args.dataset) not in ("test", "val") else str(args.dataset)
     dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset)[:40] or "data"
     return bundled.REPO_ROOT / "reports" / (
-        f"{Path(args.model).name}_{'-'.join(args.methods)}_{dataset}_n{n_samples}_seed{args.seed}")
+        f"{Path(str(args.model)).name}_{'-'.join(args.methods)}_{dataset}_n{n_samples}_seed{args.seed}")
 
 
 def run(args) -> Path:
@@ -251,7 +258,7 @@ def run(args) -> Path:
                                                    baseline=baseline, desc=f"{method} keep={keep}", **common)
             _save_condition(work, method, keep, rows, spectra, kept)
     print(f"measured in {time.time() - started:.0f} s; writing tables and report", flush=True)
-    tables.assemble(work, model.config, baseline, samples)
+    tables.assemble(work, model.config)
     from analysis import report
     report.render(work)
     if out.is_dir():
@@ -271,7 +278,7 @@ def _save_condition(work, method, keep, rows, spectra, kept) -> None:
                                   for r in spectra]).assign(method=method, keep=keep)
     _write_parquet(spectra_frame, tables.shard_path(work, method, keep, "spectra"))
     _write_parquet(pd.DataFrame(kept, columns=["sample_id", "method", "keep", "stage", "layer", "kept",
-                                               "n_visual"]), tables.shard_path(work, method, keep, "kept"))
+                                               "n_visual", "tiles"]), tables.shard_path(work, method, keep, "kept"))
     _write_parquet(pd.DataFrame(rows), tables.shard_path(work, method, keep, "samples"))
 
 

@@ -1,7 +1,6 @@
-"""Greedy evaluation of a LLaVA model on a benchmark split, per question family.
+"""Greedy evaluation of a VLM on a benchmark split, per question family.
 
-This module owns turning samples into model inputs (``batch_inputs``), greedy answering
-(``answer``), answer normalisation and the per-family accuracy table. It is the evaluation the
+This module owns greedy answering (``answer``) and the per-family accuracy table. It is the evaluation the
 bundled model's card reports; ``python -m analysis.evaluate`` runs it, optionally with every image
 replaced by a blank one (the check that the model actually uses the picture).
 """
@@ -18,18 +17,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis import bundled, shapes
+from analysis import bundled
 from analysis.consistency import normalize_answer
 from analysis.datasets import Sample, load_split
-
-
-
-
-def batch_inputs(processor, samples: Sequence[Sample], blank: bool = False) -> dict:
-    images = [shapes.blank_image() if blank else s.load_image() for s in samples]
-    prompts = [bundled.prompt(s.question) for s in samples]
-    processor.tokenizer.padding_side = "left"
-    return processor(images=images, text=prompts, return_tensors="pt", padding=True)
+from analysis.models import ModelError, batch_inputs, check_model, load_model  # noqa: F401  (re-exported)
 
 
 @torch.no_grad()
@@ -60,47 +51,6 @@ def accuracy_table(samples: Sequence[Sample], answers: Sequence[str]) -> pd.Data
     table["n"] = table["n"].astype(int)
     table["accuracy"] = 100 * table["accuracy"]
     return table
-
-
-class ModelError(ValueError):
-    """A model folder that cannot be used; the message names what is missing or supported."""
-
-
-def check_model(path: str | Path = bundled.BUNDLED_MODEL):
-    """(config, processor) of a model folder, checked before any weights are read: a supported VLM
-    family (``lofi.families.supported()``) with an image processor and a tokenizer."""
-    from transformers import AutoConfig, AutoProcessor
-    from lofi.families import UnsupportedModelError, family_class
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"no model at {path}: expected a Hugging Face model folder with config.json "
-                         "(the bundled one is data/shapes-llava, restored by git)")
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (ValueError, KeyError, OSError) as e:
-        raise ModelError(f"{folder / 'config.json'} is not a transformers configuration ({e})") from None
-    try:
-        family_class(config)
-    except UnsupportedModelError as e:
-        raise ModelError(f"{path}: {e}") from None
-    try:
-        processor = AutoProcessor.from_pretrained(folder)
-    except Exception as e:  # transformers raises many types here; all mean the same to the user
-        raise ModelError(f"{path} has no usable processor ({type(e).__name__}: {str(e).splitlines()[0]}); the "
-                         "folder needs the processor files save_pretrained writes (processor_config.json or "
-                         "preprocessor_config.json, and the tokenizer's)") from None
-    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
-        raise ModelError(f"{path} has a {type(processor).__name__}, not an image-and-text processor; save the "
-                         "model's processor (e.g. LlavaProcessor.save_pretrained) into the folder")
-    return config, processor
-
-
-def load_model(path: str | Path = bundled.BUNDLED_MODEL, device: str = "cpu"):
-    """(model, processor) of a checked model folder (``check_model``), float32, in eval mode."""
-    from transformers import LlavaForConditionalGeneration
-    _, processor = check_model(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(device).eval()
-    return model, processor
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -225,25 +225,49 @@ def metric_panels(summary: pd.DataFrame):
     return fig
 
 
-def kept_token_map(image, kept: list[int] | None, grid: int, values: list[float] | None = None,
-                   title: str = "", ax=None, colorbar_label: str = "leverage score"):
-    """The image with its patch grid: dropped patches dimmed, or a heat map of ``values`` per patch with
-    its colour scale."""
+def _cells(layout, indices, values=None):
+    """(rows, cols, box, [rows, cols] array): ``values`` (or 1) at the cells of visual-token ``indices`` of
+    one ``layout`` -- an int n (n x n tokens over the whole image) or a tile (``lofi.families.Tile`` or its
+    dict: ``start, rows, cols, newline, box``); NaN elsewhere."""
+    if isinstance(layout, int):
+        layout = {"start": 0, "rows": layout, "cols": layout, "newline": False, "box": (0.0, 0.0, 1.0, 1.0)}
+    elif not isinstance(layout, dict):
+        layout = {k: getattr(layout, k) for k in ("start", "rows", "cols", "newline", "box")}
+    rows, cols, width = layout["rows"], layout["cols"], layout["cols"] + bool(layout["newline"])
+    grid = np.full((rows, cols), np.nan)
+    for j, index in enumerate(indices):
+        local = int(index) - layout["start"]
+        if 0 <= local < rows * width and local % width < cols:
+            grid[local // width, local % width] = 1.0 if values is None else values[j]
+    return rows, cols, tuple(layout["box"]), grid
+
+
+def kept_token_map(image, kept: list[int] | None, layout, values: list[float] | None = None,
+                   title: str = "", ax=None, colorbar_label: str = "leverage score", value_index=None):
+    """The image with one tile's token grid over it (``layout``: an int n for an n x n grid, or a tile of
+    ``lofi.families.tiles``, any rows x cols): dropped tokens dimmed, or a heat map of ``values`` (given for
+    the visual-token indices ``value_index``, default 0, 1, ...) with its colour scale."""
     fig, ax = _axes(ax, (2.2, 2.2))
     array = np.asarray(image.convert("RGB"), dtype=float) / 255
-    ax.imshow(array, extent=(0, grid, grid, 0), interpolation="nearest")
+    height, width = array.shape[:2]
+    ax.imshow(array, extent=(0, width, height, 0), interpolation="nearest")
+    rows, cols, (left, top, right, bottom), _ = _cells(layout, [])
+    extent = (left * width, right * width, bottom * height, top * height)
     if values is not None:
-        heat = np.asarray(values, float).reshape(grid, grid)
-        shown = ax.imshow(heat, extent=(0, grid, grid, 0), cmap="magma", alpha=0.6, interpolation="nearest")
+        index = range(len(values)) if value_index is None else value_index
+        heat = _cells(layout, index, values)[3]
+        shown = ax.imshow(np.ma.masked_invalid(heat), extent=extent, cmap="magma", alpha=0.6,
+                          interpolation="nearest")
         bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
         bar.set_label(colorbar_label, fontsize=7)
         bar.ax.tick_params(labelsize=6)
     if kept is not None:
-        mask = np.ones(grid * grid, bool)
-        mask[np.asarray(kept, int)] = False
-        shade = np.zeros((grid, grid, 4))
-        shade[..., 3] = mask.reshape(grid, grid) * 0.75
-        ax.imshow(shade, extent=(0, grid, grid, 0), interpolation="nearest")
+        present = _cells(layout, kept)[3]
+        shade = np.zeros((rows, cols, 4))
+        shade[..., 3] = np.isnan(present) * 0.75
+        ax.imshow(shade, extent=extent, interpolation="nearest")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=7)

@@ -128,6 +128,8 @@ def render(folder: str | Path) -> Path:
 
 
 def _maps_figure(folder, config, summary, n_samples: int = 3):
+    """Per sample and tile of its visual tokens: the baseline's leverage at layer 2, then each method's kept
+    tokens at the middle keep level."""
     kept_file, leverage_file = folder / "kept.parquet", folder / "leverage.parquet"
     if not kept_file.is_file():
         return None
@@ -144,27 +146,34 @@ def _maps_figure(folder, config, summary, n_samples: int = 3):
     ids = [i for i in dict.fromkeys(last["sample_id"]) if i in samples][:n_samples]
     methods = sorted(last["method"].unique())
     leverage = pd.read_parquet(leverage_file) if leverage_file.is_file() else pd.DataFrame()
-    n_visual = int(kept["n_visual"].iloc[0])
-    grid = int(round(np.sqrt(n_visual)))
-    if grid * grid != n_visual:
-        return None
+    layouts = {i: _tiles(last[last.sample_id == i].iloc[0]) for i in ids}
+    panels = [(i, tile) for i in ids for tile in layouts[i]]
     columns = 1 + len(methods)
-    fig, axes = plots.plt.subplots(len(ids), columns, figsize=(2.5 * columns, 2.6 * len(ids)), squeeze=False,
+    fig, axes = plots.plt.subplots(len(panels), columns, figsize=(2.5 * columns, 2.6 * len(panels)), squeeze=False,
                                    layout="constrained")
-    for r, sample_id in enumerate(ids):
+    for r, (sample_id, tile) in enumerate(panels):
         image = samples[sample_id].load_image()
+        where = f", {tile['name']} tokens" if len(layouts[sample_id]) > 1 else ""
         lev = leverage[(leverage.sample_id == sample_id) & (leverage.layer == 2)] if len(leverage) else leverage
-        values = None
         if len(lev):
-            values = np.zeros(n_visual)
-            values[np.asarray(lev.iloc[0]["visual_index"], int)] = lev.iloc[0]["leverage"]
-        plots.kept_token_map(image, None, grid, values, title=f"{samples[sample_id].question}\nleverage, layer 2",
-                             ax=axes[r, 0])
+            plots.kept_token_map(image, None, tile, np.asarray(lev.iloc[0]["leverage"]),
+                                 title=f"{samples[sample_id].question}\nleverage, layer 2{where}", ax=axes[r, 0],
+                                 value_index=np.asarray(lev.iloc[0]["visual_index"], int))
+        else:
+            plots.kept_token_map(image, None, tile, title=samples[sample_id].question, ax=axes[r, 0])
         for c, method in enumerate(methods, 1):
             row = last[(last.sample_id == sample_id) & (last.method == method)]
-            plots.kept_token_map(image, row.iloc[0]["kept"] if len(row) else [], grid,
-                                 title=f"{method}, keep={keep:g}", ax=axes[r, c])
+            plots.kept_token_map(image, row.iloc[0]["kept"] if len(row) else [], tile,
+                                 title=f"{method}, keep={keep:g}{where}", ax=axes[r, c])
     return fig
+
+
+def _tiles(row) -> list[dict]:
+    """The tiles of a kept-token row (runs before tiles were recorded: one square grid)."""
+    if "tiles" in row and isinstance(row["tiles"], str):
+        return json.loads(row["tiles"])
+    grid = int(round(np.sqrt(int(row["n_visual"]))))
+    return [{"start": 0, "rows": grid, "cols": grid, "newline": False, "box": (0, 0, 1, 1), "name": "image"}]
 
 
 # --------------------------------------------------------------------------------------------- page

@@ -10,13 +10,15 @@ under the very kept sets the answer was generated with (``handle.replay()``) to 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 import lofi
-from analysis import bundled
+from analysis.models import batch_inputs
+from lofi.families import family_class
 from analysis.capture import Capture
 from analysis.consistency import forced_kl, js_divergence, kl_divergence, normalize_answer
 
@@ -33,10 +35,22 @@ class BaselineOutputs:
 
 
 def _prompt_inputs(processor, samples, device):
-    images = [s.load_image() for s in samples]
-    processor.tokenizer.padding_side = "left"
-    text = [bundled.prompt(s.question) for s in samples]
-    return processor(images=images, text=text, return_tensors="pt", padding=True).to(device)
+    return batch_inputs(processor, samples).to(device)
+
+
+def _geometry(model, inputs) -> list[dict]:
+    """Per sample: its image (the family's description, JSON), visual and text token counts, and where its
+    visual tokens lie on the image (``tiles``, JSON): what FLOPs and kept-token maps need."""
+    family = family_class(model.config)
+    valid = inputs["attention_mask"].bool()
+    n_visual = (family(model).visual_mask(inputs["input_ids"]) & valid).sum(1).tolist()
+    out = []
+    for b, visual in enumerate(n_visual):
+        image = family.image_of(inputs, b)
+        tiles = [asdict(t) for t in family.tiles(model.config, image)]
+        out.append({"image": json.dumps(image), "n_visual": visual, "n_text": int(valid[b].sum()) - visual,
+                    "tiles": json.dumps(tiles)})
+    return out
 
 
 def _answer_length(tokens: list[int], stop: set[int]) -> int:
@@ -55,7 +69,7 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
     tokenizer = processor.tokenizer
     stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     rows, spectra, kept_rows = [], [], []
-    first_logits, answers, sequences, lengths, forced = [], [], [], [], []
+    first_logits, answers, sequences, lengths, forced, geometry = [], [], [], [], [], []
     options = {"keep": keep}
     if method == "random":
         options["seed"] = seed
@@ -75,14 +89,17 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
             new = out.sequences[:, prompt_len:]
             batch_answers = tokenizer.batch_decode(new, skip_special_tokens=True)
             step_logits = torch.stack(out.logits, 1).float()  # [B, steps, vocab]
+            shapes = _geometry(model, inputs)
             if handle is not None:
                 replay = handle.replay()  # the forced pass must see the tokens the answer was made with
-                n_visual = handle.n_visual.tolist()
+                for b, n_prunable in enumerate(handle.n_prunable.tolist()):
+                    shapes[b]["n_prunable"] = n_prunable
                 for stage in range(len(handle.kept)):
                     for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
                         kept_rows.append({"sample_id": s.question_id, "method": method, "keep": keep,
-                                          "stage": stage, "layer": handle.stages[stage],
-                                          "kept": kept, "n_visual": n_visual[b]})
+                                          "stage": stage, "layer": handle.stages[stage], "kept": kept,
+                                          "n_visual": shapes[b]["n_visual"], "tiles": shapes[b]["tiles"]})
+            geometry += shapes
             for b, s in enumerate(batch):
                 length = _answer_length(new[b].tolist(), stop)
                 answers.append(batch_answers[b])
@@ -99,13 +116,13 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
     first = torch.stack(first_logits)
     if baseline is None:
         result = BaselineOutputs(answers, first, sequences, lengths, forced)
-        for s, a in zip(samples, answers):
-            rows.append(_row(s, "baseline", 1.0, a, a))
+        for s, a, g in zip(samples, answers, geometry):
+            rows.append(_row(s, "baseline", 1.0, a, a, g))
         return rows, spectra, kept_rows, result
     kl = kl_divergence(baseline.first_logits, first)
     js = js_divergence(baseline.first_logits, first)
-    for i, (s, a) in enumerate(zip(samples, answers)):
-        row = _row(s, method, keep, a, baseline.answers[i])
+    for i, (s, a, g) in enumerate(zip(samples, answers, geometry)):
+        row = _row(s, method, keep, a, baseline.answers[i], g)
         n = baseline.answer_lengths[i]
         row["kl"], row["js"] = float(kl[i]), float(js[i])
         row["forced_kl"] = float(forced_kl(baseline.forced_logits[i][None], forced[i][None],
@@ -114,7 +131,7 @@ def run_condition(model, processor, samples, *, method: str | None, keep: float,
     return rows, spectra, kept_rows, None
 
 
-def _row(sample, method, keep, answer, baseline_answer) -> dict:
+def _row(sample, method, keep, answer, baseline_answer, geometry: dict) -> dict:
     gold = sample.answer
     norm = normalize_answer
     return {"sample_id": sample.question_id, "method": method, "keep": keep, "family": sample.family,
@@ -122,7 +139,9 @@ def _row(sample, method, keep, answer, baseline_answer) -> dict:
             "baseline_answer": norm(baseline_answer),
             "correct": None if gold is None else norm(answer) == norm(gold),
             "baseline_correct": None if gold is None else norm(baseline_answer) == norm(gold),
-            "flip": norm(answer) != norm(baseline_answer), "kl": 0.0, "forced_kl": 0.0, "js": 0.0}
+            "flip": norm(answer) != norm(baseline_answer), "kl": 0.0, "forced_kl": 0.0, "js": 0.0,
+            "image": geometry["image"], "n_visual": geometry["n_visual"], "n_text": geometry["n_text"],
+            "n_prunable": geometry.get("n_prunable", geometry["n_visual"])}
 
 
 def _forced_logits(model, processor, batch, baseline, index, generated, step_logits, replay) -> list[torch.Tensor]:

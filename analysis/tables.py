@@ -4,7 +4,10 @@ Columns:
 
 * ``samples.parquet`` -- one row per (sample, method, keep): ``sample_id, method, keep, answer,
   baseline_answer, correct, baseline_correct, flip, kl, forced_kl, js, rel_flops`` and ``family,
-  question, gold, n_visual_kept`` (answers normalised; KL/JS at the first answer position, natural log).
+  question, gold, n_visual, n_visual_kept, n_text, image`` (answers normalised; KL/JS at the first answer
+  position, natural log; ``n_visual``: visual tokens of the prompt, newline rows included; ``n_visual_kept``:
+  those left after the last stage; ``image``: the family's image description as JSON, e.g. LLaVA-NeXT's
+  [height, width] or Qwen2-VL's [frames, rows, cols] of patches).
 * ``spectra.parquet`` -- one row per (sample, method, keep, layer, group), baseline rows with method
   ``baseline`` and keep 1: ``sample_id, method, keep, layer, group, n_tokens, ipr, pr, effective_rank,
   delta_ipr, singular_values`` (top singular values; with ``--spectrum-layers headline`` they and
@@ -13,7 +16,8 @@ Columns:
   dutta_flips, c_to_i, i_to_c, mean_kl, mean_js, mean_forced_kl, mean_delta_ipr`` (headline layer and
   group), ``rel_flops, rel_flops_llm, tokens_kept``.
 * ``correlation.csv`` -- per (level, layer, group, measure): n, Pearson and Spearman with 95% CIs.
-* ``kept.parquet`` (kept visual-token indices per sample, condition and stage) and
+* ``kept.parquet`` (kept visual-token indices per sample, condition and stage, with ``n_visual`` and the
+  sample's ``tiles``: where its visual tokens lie on the image, as JSON) and
   ``leverage.parquet`` (baseline per-token leverage scores at layers 0 and 2).
 """
 
@@ -56,24 +60,29 @@ def _read(work: Path, kind: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def pruned_flops(model_config, method: str, keep: float, n_text: int, n_visual: int):
-    """(pruned, unpruned) ``lofi.Flops`` of one prompt; the pruned count includes the method's decision modules."""
-    base = lofi.count_flops(model_config, n_text, n_visual)
+def pruned_flops(model_config, method: str, keep: float, n_text: int, n_visual: int,
+                 n_prunable: int | None = None, image=None):
+    """(pruned, unpruned) ``lofi.Flops`` of one prompt of ``n_visual`` visual tokens, ``n_prunable`` of them
+    prunable (default all; LLaVA-NeXT's newline rows are not), for the family's ``image``; the pruned count
+    includes the method's decision modules."""
+    n_prunable = n_visual if n_prunable is None else n_prunable
+    base = lofi.count_flops(model_config, n_text, n_visual, image=image)
     instance = lofi.build(method, keep=keep)
-    schedule = instance.schedule(model_config.text_config.num_hidden_layers, n_visual)
-    present = [n_visual] + [n for _, n in schedule[:-1]]
-    pruned = lofi.count_flops(model_config, n_text, n_visual, schedule,
+    schedule = instance.schedule(model_config.text_config.num_hidden_layers, n_prunable, n_visual - n_prunable)
+    present = [n_prunable] + [n - (n_visual - n_prunable) for _, n in schedule[:-1]]
+    pruned = lofi.count_flops(model_config, n_text, n_visual, schedule, image=image,
                               decision=instance.decision_flops(model_config, n_text, present))
     return pruned, base
 
 
-def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int) -> tuple[float, float]:
+def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int,
+                   n_prunable: int | None = None, image=None) -> tuple[float, float]:
     """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
-    pruned, base = pruned_flops(model_config, method, keep, n_text, n_visual)
+    pruned, base = pruned_flops(model_config, method, keep, n_text, n_visual, n_prunable, image)
     return pruned.total / base.total, pruned.llm / base.llm
 
 
-def assemble(work: Path, model_config, baseline, samples) -> None:
+def assemble(work: Path, model_config) -> None:
     config = json.loads((work / "config.json").read_text())
     conditions = [("baseline", 1.0)] + [(m, k) for m in config["methods"] for k in config["keep"]]
     missing = [p.name for m, k in conditions for kind in SHARDS
@@ -84,25 +93,26 @@ def assemble(work: Path, model_config, baseline, samples) -> None:
     rows = _read(work, "samples")
     spectra = _read(work, "spectra")
     kept = _read(work, "kept")
-    n_visual = int(kept["n_visual"].iloc[0]) if len(kept) else 0
-    n_text = {s.question_id: len(seq) - length - n_visual
-              for s, seq, length in zip(samples, baseline.sequences, baseline.answer_lengths)}
     flops_cache: dict = {}
 
-    def rel(method, keep, sample_id):
-        if method == "baseline":
+    def rel(row):
+        if row.method == "baseline":
             return 1.0, 1.0
-        key = (method, keep, n_text[sample_id])
+        key = (row.method, row.keep, row.n_text, row.n_visual, row.n_prunable, row.image)
         if key not in flops_cache:
-            flops_cache[key] = relative_flops(model_config, method, keep, n_text[sample_id], n_visual)
+            image = json.loads(row.image)
+            flops_cache[key] = relative_flops(model_config, row.method, row.keep, int(row.n_text), int(row.n_visual),
+                                              int(row.n_prunable), tuple(image) if image else None)
         return flops_cache[key]
 
-    flops = [rel(m, k, s) for m, k, s in zip(rows["method"], rows["keep"], rows["sample_id"])]
+    flops = [rel(row) for row in rows.itertuples()]
     rows["rel_flops"] = [f[0] for f in flops]
     rows["rel_flops_llm"] = [f[1] for f in flops]
     last_stage = kept.sort_values("stage").groupby(["sample_id", "method", "keep"])["kept"].last()
-    rows["n_visual_kept"] = [len(last_stage.get((s, m, k), [])) if m != "baseline" else n_visual
-                             for s, m, k in zip(rows["sample_id"], rows["method"], rows["keep"])]
+    always_kept = rows["n_visual"] - rows["n_prunable"]  # newline rows: never pruned
+    rows["n_visual_kept"] = [len(last_stage.get((s, m, k), [])) + fixed if m != "baseline" else n
+                             for s, m, k, fixed, n in zip(rows["sample_id"], rows["method"], rows["keep"],
+                                                          always_kept, rows["n_visual"])]
 
     base_ipr = spectra[spectra.method == "baseline"].set_index(["sample_id", "layer", "group"])["ipr"]
     spectra["delta_ipr"] = spectra["ipr"].to_numpy() - base_ipr.reindex(
@@ -116,7 +126,7 @@ def assemble(work: Path, model_config, baseline, samples) -> None:
     pruned["changed_correctness"] = (pruned["correct"] != pruned["baseline_correct"]).astype(float)
     columns = ["sample_id", "method", "keep", "answer", "baseline_answer", "correct", "baseline_correct",
                "flip", "kl", "forced_kl", "js", "rel_flops", "rel_flops_llm", "family", "question", "gold",
-               "n_visual_kept"]
+               "n_visual", "n_visual_kept", "n_text", "image"]
     pruned[columns].to_parquet(work / "samples.parquet", index=False)
     spectra.to_parquet(work / "spectra.parquet", index=False)
     kept.to_parquet(work / "kept.parquet", index=False)

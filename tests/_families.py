@@ -8,6 +8,8 @@ pixels for the LLaVA families, (frames, rows, cols) of patches for Qwen2-VL / Qw
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
@@ -149,3 +151,53 @@ def sample(batch: dict, row: int) -> dict:
         if "image_sizes" in batch:
             out["image_sizes"] = batch["image_sizes"][row:row + 1]
     return out
+
+
+QWEN_TOKENS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|>"
+    "<|vision_end|>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def save_folder(name: str, folder, seed: int = 0):
+    """A tiny model of family ``name`` with a processor that reads the bundled benchmark, saved as a
+    Hugging Face folder (``from_pretrained`` and ``AutoProcessor`` load it offline)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, Qwen2VLImageProcessorPil
+
+    from analysis import bundled
+    tokenizer = bundled.build_tokenizer()
+    if name.startswith("qwen"):
+        tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ["<image>", *QWEN_TOKENS]}
+    model_config = config(name)
+    model_config.text_config.vocab_size = len(tokenizer)
+    model_config.text_config.pad_token_id = tokenizer.pad_token_id
+    if name.startswith("qwen"):
+        model_config.image_token_id, model_config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
+        model_config.vision_start_token_id, model_config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
+                                                   size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
+        processor = None  # Qwen2VLProcessor needs a video processor, which needs torchvision: saved in parts
+    else:
+        model_config.image_token_index = ids["<image>"]
+        image_processor = LlavaNextImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16},
+            image_grid_pinpoints=model_config.image_grid_pinpoints, image_mean=bundled.IMAGE_MEAN,
+            image_std=bundled.IMAGE_STD)
+        processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=4,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                       chat_template=bundled.CHAT_TEMPLATE)
+    torch.manual_seed(seed)
+    model = MODEL_CLASSES[name]._from_config(model_config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    if processor is not None:
+        processor.save_pretrained(folder)
+    else:
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+        (Path(folder) / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    return folder

@@ -133,6 +133,12 @@ class Family(ABC):
 
     # ------------------------------------------------------------------------ FLOPs and layout
     @classmethod
+    def image_of(cls, inputs, row: int):
+        """The image description of sample ``row`` of a processor's batch (for FLOPs and tiles; one image per
+        sample), or None where the family has one fixed image size."""
+        return None
+
+    @classmethod
     def default_image(cls, config):
         """The image description ``vision_flops`` and ``tiles`` assume when none is given."""
         return None

@@ -36,6 +36,10 @@ class LlavaNext(Family):
         return config.vision_config.image_size // config.vision_config.patch_size
 
     @classmethod
+    def image_of(cls, inputs, row: int):
+        return tuple(int(v) for v in inputs["image_sizes"][row].tolist())
+
+    @classmethod
     def default_image(cls, config):
         size = config.vision_config.image_size
         return (size, size)

@@ -38,6 +38,10 @@ class Qwen2VL(Family):
 
     # ------------------------------------------------------------------------------- geometry
     @classmethod
+    def image_of(cls, inputs, row: int):
+        return tuple(int(v) for v in inputs["image_grid_thw"][row].tolist())
+
+    @classmethod
     def default_image(cls, config):
         return (1, 24, 24)
 

@@ -1,0 +1,107 @@
+"""Loading a VLM of any supported family, offline, and turning questions into its inputs.
+
+This module owns the model side of the study: where a model is (a local folder, or a hub id already in
+the local Hugging Face cache: nothing is downloaded), checking it before any weights are read (a
+supported family, an image processor and a tokenizer), loading it with its family's class, and the
+prompt: the processor's chat template when it has one (the bundled model's renders LLaVA-1.5's
+``USER: <image>\\n{question} ASSISTANT:``), else the question after the image token.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from analysis import bundled
+
+
+class ModelError(ValueError):
+    """A model that cannot be used; the message names what is missing or supported."""
+
+
+def resolve(model: str | Path) -> Path:
+    """The folder of ``model``: itself if it is a local folder, else the snapshot of a hub id in the local
+    Hugging Face cache (``HF_HUB_CACHE``), without any download."""
+    folder = Path(model)
+    if folder.is_dir():
+        return folder
+    text = str(model)
+    if folder.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1:
+        raise ModelError(f"no model at {model}: give a local Hugging Face model folder with config.json (the "
+                         "bundled one is data/shapes-llava, restored by git) or a hub id such as "
+                         "llava-hf/llava-1.5-7b-hf that is in the local Hugging Face cache")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        raise ModelError(f"{model} is not in the local Hugging Face cache and nothing is downloaded here; "
+                         f"fetch it where there is a network (`huggingface-cli download {model}`) and point "
+                         "HF_HUB_CACHE at that cache, or give a local folder") from None
+
+
+def check_model(model: str | Path = bundled.BUNDLED_MODEL):
+    """(config, processor) of a model, checked before any weights are read: a supported VLM family
+    (``lofi.families.supported()``) with an image processor and a tokenizer."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from lofi.families import UnsupportedModelError, family_class
+    folder = resolve(model)
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"no model at {model}: expected a Hugging Face model folder with config.json "
+                         "(the bundled one is data/shapes-llava, restored by git)")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError(f"{folder / 'config.json'} is not a transformers configuration ({e})") from None
+    try:
+        family_class(config)
+    except UnsupportedModelError as e:
+        raise ModelError(f"{model}: {e}") from None
+    try:
+        processor = AutoProcessor.from_pretrained(folder)
+    except Exception as e:  # transformers raises many types here; all mean the same to the user
+        import importlib.util
+        if importlib.util.find_spec("torchvision") is None and "VIDEO" in str(e).upper():
+            raise ModelError(f"{model}'s processor ({getattr(config, 'model_type', '?')}) needs transformers' video "
+                             "processor, which needs torchvision: install the torchvision build that matches your "
+                             "torch") from None
+        raise ModelError(f"{model} has no usable processor ({type(e).__name__}: {str(e).splitlines()[0]}); the "
+                         "folder needs the processor files save_pretrained writes (processor_config.json or "
+                         "preprocessor_config.json, and the tokenizer's)") from None
+    if not (hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")):
+        raise ModelError(f"{model} has a {type(processor).__name__}, not an image-and-text processor; save the "
+                         "model's processor (e.g. LlavaProcessor.save_pretrained) into the folder")
+    return config, processor
+
+
+def load_model(model: str | Path = bundled.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """(model, processor) of a checked model (``check_model``) with its family's class, in eval mode."""
+    import transformers
+
+    from lofi.families import family_class
+    config, processor = check_model(model)
+    model_class = getattr(transformers, family_class(config).classes[0])
+    loaded = model_class.from_pretrained(resolve(model), dtype=dtype).to(device).eval()
+    return loaded, processor
+
+
+def prompt(processor, question: str) -> str:
+    """One question about one image, as the model was trained to read it: the processor's chat template
+    with an image and the question, or the question after the image token."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{getattr(processor, 'image_token', '<image>')}\n{question}"
+
+
+def batch_inputs(processor, samples: Sequence, blank: bool = False):
+    """The processor's inputs for a batch of samples, left-padded (``blank``: every image replaced by the
+    blank image of the bundled benchmark, the check that a model uses the picture)."""
+    from analysis import shapes
+    images = [shapes.blank_image() if blank else s.load_image() for s in samples]
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=[prompt(processor, s.question) for s in samples], return_tensors="pt",
+                     padding=True)
