@@ -64,3 +64,24 @@ def test_inputs_embeds_without_ids_is_a_clear_error():
     with pytest.raises(ValueError, match="needs input_ids"):
         with lofi.pruned(model, "lofi"):
             model(inputs_embeds=embeds)
+
+
+def test_a_built_method_takes_no_settings_in_pruned():
+    from _tiny import tiny_llava
+    model = tiny_llava()
+    with pytest.raises(TypeError, match=r"already built: pass \['keep'\]"):
+        with lofi.pruned(model, lofi.build("lofi", keep=0.5), keep=0.1):
+            pass
+    with pytest.raises(TypeError, match=r"\['layer', 'tau'\]"):
+        with lofi.pruned(model, lofi.build("lofi", keep=0.5), layer=3, tau=0.5):
+            pass
+
+
+def test_lvpruning_below_rho_one_half_keeps_the_shape_of_its_schedule():
+    from lofi.methods.lvpruning import LVPruning
+    assert LVPruning(keep=0.25).ratios() == pytest.approx([0.25, 0.15, 0.05])
+    assert LVPruning(keep=0.5).ratios() == pytest.approx([0.5, 0.3, 0.1])  # both rules meet at 0.5
+    assert LVPruning(keep=0.5 - 1e-9).ratios() == pytest.approx([0.5, 0.3, 0.1])
+    assert LVPruning(keep=0.7).ratios() == pytest.approx([0.7, 0.5, 0.3])
+    with pytest.raises(ValueError, match="every stage must keep a positive fraction"):
+        LVPruning(keep=0.6, offsets=(0, 0.3, 0.6))
