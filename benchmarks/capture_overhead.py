@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.capture import Capture  # noqa: E402
+from analysis.measure.capture import Capture  # noqa: E402
 
 
 def bundled_inputs(batch: int, path=None):
-    from analysis.datasets import load_split
-    from analysis.evaluate import batch_inputs, load_model
+    from analysis.benchmark.datasets import load_split
+    from analysis.study.evaluate import batch_inputs, load_model
     model, processor = load_model(path) if path else load_model()
     return model, batch_inputs(processor, load_split("test", limit=batch))
 

@@ -28,8 +28,9 @@ import pandas as pd
 from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis import bundled, compare  # noqa: E402
-from analysis.tables import pruned_flops, relative_flops  # noqa: E402
+from analysis.bundled import recipe as bundled  # noqa: E402
+from analysis.study import compare  # noqa: E402
+from analysis.study.tables import pruned_flops, relative_flops  # noqa: E402
 
 
 def matched_keep(config, method: str, target: float, n_text: int, n_visual: int) -> float:

@@ -43,9 +43,11 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lofi  # noqa: E402
-from analysis import bundled, datasets, shapes  # noqa: E402
-from analysis.consistency import normalize_answer  # noqa: E402
-from analysis.evaluate import batch_inputs, greedy_answers, load_model  # noqa: E402
+from analysis.bundled import recipe as bundled  # noqa: E402
+from analysis.benchmark import datasets  # noqa: E402
+from analysis.benchmark import shapes  # noqa: E402
+from analysis.measure.consistency import normalize_answer  # noqa: E402
+from analysis.study.evaluate import batch_inputs, greedy_answers, load_model  # noqa: E402
 from lofi.methods.leverage import LoFi  # noqa: E402
 from lofi.methods.lvpruning import LVPruning  # noqa: E402
 from lofi.registry import PruningMethod, StageInput  # noqa: E402

@@ -127,8 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     inputs = configs.synthetic_inputs(config, image, N_TEXT, args.batch, args.device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     family = lofi.families.family_for(model)
-    with torch.inference_mode():
-        embeds = model.get_input_embeddings()(inputs["input_ids"][:1])
     is_visual = family.visual_mask(inputs["input_ids"][:1])
     n_visual = int(is_visual.sum())
     n_text = inputs["input_ids"].shape[1] - n_visual

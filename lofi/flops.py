@@ -1,4 +1,4 @@
-"""FLOPs of a VLM's forward pass over a prompt, with and without pruning (SPEC section 5).
+"""FLOPs of a VLM's forward pass over a prompt, with and without pruning (docs/definitions.md#flops).
 
 A multiply-add counts 2. Per decoder layer with n tokens, width d and MLP width m (SwiGLU, three
 matrices) the count is ``2 * (4*n*d^2 + 2*n^2*d + 3*n*d*m)``; with grouped-query attention the K and V

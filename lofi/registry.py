@@ -8,7 +8,6 @@ an instance and turns every bad argument into one error that says what is valid.
 from __future__ import annotations
 
 import inspect
-import math
 from abc import ABC
 from dataclasses import dataclass
 from typing import Callable, ClassVar

@@ -166,7 +166,7 @@ def save_folder(name: str, folder, seed: int = 0):
     Hugging Face folder (``from_pretrained`` and ``AutoProcessor`` load it offline)."""
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, Qwen2VLImageProcessorPil
 
-    from analysis import bundled
+    from analysis.bundled import recipe as bundled
     tokenizer = bundled.build_tokenizer()
     if name.startswith("qwen"):
         tokenizer.add_special_tokens({"additional_special_tokens": QWEN_TOKENS})

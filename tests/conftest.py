@@ -10,7 +10,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def bundled_model():
-    from analysis.evaluate import load_model
+    from analysis.study.evaluate import load_model
     return load_model()
 
 
@@ -21,8 +21,8 @@ TINY_TRAINED = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_he
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny LLaVA folder in the bundled model's format (2 training steps) with random LVPruning modules."""
-    from analysis.evaluate import load_model
-    from analysis.train_bundled import train
+    from analysis.study.evaluate import load_model
+    from analysis.bundled.train import train
     from lofi.methods.lvpruning import DecisionModules
     out = tmp_path_factory.mktemp("models") / "tiny-llava"
     train(out, steps=2, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0, config_overrides=TINY_TRAINED,

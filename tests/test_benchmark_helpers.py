@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from lvpruning_matched import flops_share, matched_keep, mcnemar  # noqa: E402
 from prefill import N_TEXT, shape_config  # noqa: E402
 
-from analysis.tables import relative_flops  # noqa: E402
+from analysis.study.tables import relative_flops  # noqa: E402
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from analysis import bundled, shapes
-from analysis.datasets import load_split
-from analysis.evaluate import accuracy_table, answer, load_model
-from analysis.train_bundled import ConversationBatches, encode_conversation, train
+from analysis.bundled import recipe as bundled
+from analysis.benchmark import shapes
+from analysis.benchmark.datasets import load_split
+from analysis.study.evaluate import accuracy_table, answer, load_model
+from analysis.bundled.train import ConversationBatches, encode_conversation, train
 
 
 def test_loads_offline_through_from_pretrained_and_autoprocessor(bundled_model):
@@ -104,7 +105,7 @@ def test_training_smoke_on_a_tiny_config(tmp_path):
 
 
 def test_curriculum_grows_from_one_object_and_batches_respect_it():
-    from analysis.train_bundled import curriculum_max_objects
+    from analysis.bundled.train import curriculum_max_objects
     assert curriculum_max_objects(0, 600) == 1
     assert [curriculum_max_objects(s, 600) for s in (99, 100, 599, 600)] == [1, 2, 6, 6]
     assert curriculum_max_objects(0, 0) == shapes.MAX_OBJECTS  # off
@@ -129,7 +130,7 @@ def test_family_weights_shift_the_training_mix_and_reject_typos():
 
     import numpy as np
 
-    from analysis.train_bundled import parse_family_weights, weighted_questions
+    from analysis.bundled.train import parse_family_weights, weighted_questions
     weights = parse_family_weights("existence=3, colour=0")
     assert weights == {"existence": 3.0, "colour": 0.0, "shape": 1.0, "count": 1.0, "spatial": 1.0}
     counts: collections.Counter = collections.Counter()
@@ -151,8 +152,8 @@ def test_family_weights_shift_the_training_mix_and_reject_typos():
 def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path, monkeypatch):
     import shlex
 
-    import analysis.train_bundled as train_bundled
-    from analysis import model_card
+    import analysis.bundled.train as train_bundled
+    from analysis.bundled import card as model_card
     tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
             "vision_width": 32, "image_size": 24, "patch_size": 6}
     first = train(tmp_path / "a", steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,

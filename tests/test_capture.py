@@ -10,8 +10,8 @@ import torch
 
 import lofi
 from _tiny import make_inputs, positions, prompt_ids, tiny_llava
-from analysis import spectral
-from analysis.capture import Capture
+from analysis.measure import spectral
+from analysis.measure.capture import Capture
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis import compare, report, runner
-from analysis.evaluate import load_model
+from analysis.study import compare
+from analysis.study import report
+from analysis.study import runner
+from analysis.study.evaluate import load_model
 from lofi.methods.lvpruning import DecisionModules
 
 def _args(model, out, *extra):
@@ -74,7 +76,7 @@ def test_bad_input_is_one_clear_line_and_no_folder(tiny_model, tmp_path, capsys,
 
 
 def test_corrupt_image_fails_before_any_work(tiny_model, tmp_path, capsys):
-    from analysis.datasets import BUNDLED_BENCHMARK
+    from analysis.benchmark.datasets import BUNDLED_BENCHMARK
     rows = [json.loads(line) for line in (BUNDLED_BENCHMARK / "test.jsonl").open()][:3]
     (tmp_path / "images").mkdir()
     for r in rows:
@@ -186,7 +188,7 @@ def test_spectrum_layers_headline_decomposes_only_the_headline_layer(tiny_model,
 
 def _split(tmp_path, edit, n=3):
     """A copy of the first ``n`` bundled test questions, passed through ``edit(rows)``."""
-    from analysis.datasets import BUNDLED_BENCHMARK
+    from analysis.benchmark.datasets import BUNDLED_BENCHMARK
     rows = [json.loads(line) for line in (BUNDLED_BENCHMARK / "test.jsonl").open()][:n]
     (tmp_path / "images").mkdir(exist_ok=True)
     for r in rows:
@@ -268,7 +270,7 @@ def test_a_model_folder_without_a_processor_is_refused(tiny_model, tmp_path, cap
 def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeypatch):
     """Only a condition with all of its shards is finished; the tables never hold a half condition."""
     out = tmp_path / "run"
-    from analysis import report as report_module
+    from analysis.study import report as report_module
     monkeypatch.setattr(report_module, "render", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         compare.main(_args(tiny_model, out))
@@ -296,5 +298,5 @@ def test_the_default_run_folder_is_one_folder_whatever_the_dataset_path(tmp_path
 
 
 def test_load_split_limit_zero_is_no_question():
-    from analysis.datasets import load_split
+    from analysis.benchmark.datasets import load_split
     assert load_split("test", limit=0) == [] and len(load_split("test", limit=2)) == 2

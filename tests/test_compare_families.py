@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from _families import save_folder
-from analysis import compare, report
-from analysis.datasets import load_split
-from analysis.runner import run_condition
+from analysis.study import compare
+from analysis.study import report
+from analysis.benchmark.datasets import load_split
+from analysis.study.runner import run_condition
 
 ARGS = ["--methods", "lofi", "fastv", "random", "--keep", "0.5", "0.25", "--limit", "4", "--batch-size", "2",
         "--no-progress", "--max-new-tokens", "2"]

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.correlation import condition_correlation, permutation_p, sample_correlation, smallest_p
+from analysis.measure.correlation import condition_correlation, permutation_p, sample_correlation, smallest_p
 
 
 def _synthetic(slope, noise, n_samples=200, seed=0):

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from analysis import datasets
-from analysis.datasets import DatasetError, load_split
+from analysis.benchmark import datasets
+from analysis.benchmark.datasets import DatasetError, load_split
 
 
 def _copy_split(tmp_path, n=6):

@@ -1,4 +1,4 @@
-"""FLOPs accounting against the formula of SPEC section 5 and LVPruning's Table 1."""
+"""FLOPs accounting against the formula of docs/definitions.md#flops and LVPruning's Table 1."""
 
 import pytest
 

@@ -252,8 +252,8 @@ def test_decision_flops_are_counted():
 
 
 def test_model_labels_are_the_frozen_models_greedy_answers(model):
-    from analysis.train_bundled import IGNORE
-    from analysis.train_lvpruning import model_labels
+    from analysis.bundled.train import IGNORE
+    from analysis.bundled.train_lvpruning import model_labels
     eos = 2
     inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8, 9, 10))])
     labels = torch.full_like(inputs["input_ids"], IGNORE)
@@ -299,10 +299,10 @@ def test_training_decisions_read_the_prompt_only_when_told(model, modules_dir):
 def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
     import json
 
-    from analysis import datasets
-    from analysis.evaluate import answer, load_model
-    from analysis.train_bundled import train as train_bundled
-    from analysis.train_lvpruning import train
+    from analysis.benchmark import datasets
+    from analysis.study.evaluate import answer, load_model
+    from analysis.bundled.train import train as train_bundled
+    from analysis.bundled.train_lvpruning import train
 
     tiny = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
             "vision_width": 32, "image_size": 24, "patch_size": 6}
@@ -326,7 +326,7 @@ def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
 
 
 def test_training_rejects_unknown_labels_and_decisions(tmp_path):
-    from analysis.train_lvpruning import train
+    from analysis.bundled.train_lvpruning import train
     common = dict(out=None, steps=1, batch_size=1, lr=1e-3, rho=0.5, lambda_ratio=1.0, seed=0)
     with pytest.raises(ValueError, match=r"unknown labels 'gold'; valid: \['dataset', 'model'\]"):
         train(tmp_path, labels="gold", **common)

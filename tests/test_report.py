@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from analysis import report
+from analysis.study import report
 
 SUMMARY = pd.DataFrame([
     {"method": m, "keep": k, "n": 150, "accuracy": a, "baseline_accuracy": 0.86, "flip_rate": f, "dutta_flips": f,

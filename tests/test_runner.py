@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lofi
-from analysis.datasets import load_split
-from analysis.runner import BaselineOutputs, _forced_logits, _prompt_inputs, run_condition
+from analysis.benchmark.datasets import load_split
+from analysis.study.runner import BaselineOutputs, _forced_logits, _prompt_inputs, run_condition
 
 COMMON = dict(seed=0, batch_size=3, capture_options={"groups": ("visual",)}, progress=False)
 

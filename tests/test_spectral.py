@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import spectral
+from analysis.measure import spectral
 
 
 def _cases():

@@ -3,7 +3,7 @@
 Provenance: the LoFi paper's body (its layer, rank rule and budgets) was not available to us; only its
 abstract and a summary were. The rule below -- leverage scores of the visual-token hidden states
 entering layer K, with k the rank that holds a fraction tau of the spectral energy -- is this project's
-specification (``SPEC.md`` section 4), not a reproduction of the paper's exact procedure.
+specification (``docs/definitions.md#pruning``), not a reproduction of the paper's exact procedure.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Correlation of Delta IPR with consistency measures, with seeded bootstrap CIs (SPEC section 3).
+"""Correlation of Delta IPR with consistency measures, with seeded bootstrap CIs (docs/definitions.md#correlation).
 
 Condition level: one point per condition (method, setting); x = mean Delta IPR, y = a consistency
 measure (flip rate, Flips, mean KL, ...). The bootstrap resamples *samples* (the same resampled ids

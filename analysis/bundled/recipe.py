@@ -10,18 +10,14 @@ llava-hf checkpoint does, and every other module treats it as just another LLaVA
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                           LlavaProcessor, PreTrainedTokenizerFast)
 
-from analysis import shapes
+from analysis.benchmark import shapes
+from analysis.paths import BUNDLED_BENCHMARK, BUNDLED_MODEL, DATA_DIR, REPO_ROOT  # noqa: F401
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT / "data"
-BUNDLED_MODEL = DATA_DIR / "shapes-llava"
-BUNDLED_BENCHMARK = DATA_DIR / "shapes"
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]  # CLIP's, as in llava-hf

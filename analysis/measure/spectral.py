@@ -1,4 +1,4 @@
-"""Spectral quantities of hidden-state matrices (SPEC section 1), as pure torch functions.
+"""Spectral quantities of hidden-state matrices (docs/definitions.md#spectral), as pure torch functions.
 
 H has rows = tokens of one group and columns = hidden dimensions; every function also works batched
 over leading dimensions. With singular values s_1 >= ... >= s_r (r = min(rows, cols)) the energy

@@ -14,7 +14,8 @@ from typing import Sequence
 
 import torch
 
-from analysis import bundled
+from analysis import paths
+
 
 
 class ModelError(ValueError):
@@ -42,7 +43,7 @@ def resolve(model: str | Path) -> Path:
                          "HF_HUB_CACHE at that cache, or give a local folder") from None
 
 
-def check_model(model: str | Path = bundled.BUNDLED_MODEL):
+def check_model(model: str | Path = paths.BUNDLED_MODEL):
     """(config, processor) of a model, checked before any weights are read: a supported VLM family
     (``lofi.families.supported()``) with an image processor and a tokenizer."""
     from transformers import AutoConfig, AutoProcessor
@@ -77,7 +78,7 @@ def check_model(model: str | Path = bundled.BUNDLED_MODEL):
     return config, processor
 
 
-def load_model(model: str | Path = bundled.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(model: str | Path = paths.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, processor) of a checked model (``check_model``) with its family's class, in eval mode."""
     import transformers
 
@@ -100,7 +101,7 @@ def prompt(processor, question: str) -> str:
 def batch_inputs(processor, samples: Sequence, blank: bool = False):
     """The processor's inputs for a batch of samples, left-padded (``blank``: every image replaced by the
     blank image of the bundled benchmark, the check that a model uses the picture)."""
-    from analysis import shapes
+    from analysis.benchmark import shapes
     images = [shapes.blank_image() if blank else s.load_image() for s in samples]
     processor.tokenizer.padding_side = "left"
     return processor(images=images, text=[prompt(processor, s.question) for s in samples], return_tensors="pt",

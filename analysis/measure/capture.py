@@ -1,7 +1,7 @@
 """Streaming capture of per-layer spectral statistics of a VLM language model's hidden states.
 
 ``Capture`` registers forward hooks on the decoder layers while its ``with`` block is active and turns
-each layer's hidden states into the statistics of SPEC section 1 *as the forward pass runs*: the
+each layer's hidden states into the statistics of docs/definitions.md#spectral *as the forward pass runs*: the
 hidden states are detached, cast to float32 on the model's device, reduced to a few numbers per
 (sample, layer, group) and dropped, so memory does not grow with the number of samples.
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import lofi
-from analysis import spectral
+from analysis.measure import spectral
 from lofi.families import family_for
 
 
@@ -36,7 +36,7 @@ class LayerStatistics:
         row: index of the sample within its forward call's batch.
         call: running index of the captured forward call.
         layer, group, n_tokens: which matrix (see the module docstring).
-        ipr, pr, effective_rank: spectral statistics of the matrix (SPEC section 1).
+        ipr, pr, effective_rank: spectral statistics of the matrix (docs/definitions.md#spectral).
         singular_values: the top ``top_k`` singular values (float32, descending).
         leverage: for ``visual`` at ``leverage_layers``: per visual token present, its leverage score
             (rank at ``tau``), and ``visual_index`` the original visual-token index of each entry.

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 import lofi
-from analysis.models import batch_inputs
+from analysis.study.models import batch_inputs
 from lofi.families import family_class
-from analysis.capture import Capture
-from analysis.consistency import forced_kl, js_divergence, kl_divergence, normalize_answer
+from analysis.measure.capture import Capture
+from analysis.measure.consistency import forced_kl, js_divergence, kl_divergence, normalize_answer
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The tables of a run folder (SPEC section 6), assembled from its per-condition shards.
+"""The tables of a run folder (docs/definitions.md#run-folder), assembled from its per-condition shards.
 
 Columns:
 
@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 import lofi
-from analysis.consistency import flips
-from analysis.correlation import condition_correlation, sample_correlation
+from analysis.measure.consistency import flips
+from analysis.measure.correlation import condition_correlation, sample_correlation
 
 MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
 

@@ -1,4 +1,4 @@
-"""Consistency of a pruned model with the unpruned one (SPEC section 2), as pure functions.
+"""Consistency of a pruned model with the unpruned one (docs/definitions.md#consistency), as pure functions.
 
 Every comparison is against the baseline on the same sample and prompt: answer flips (with the
 C->I / I->C split of Dutta et al. 2024, "Accuracy is not all you need"), KL and Jensen-Shannon

@@ -1,4 +1,4 @@
-"""Benchmark splits: one loader for the JSONL format of SPEC section 7.
+"""Benchmark splits: one loader for the JSONL format of docs/definitions.md#splits.
 
 A split is a JSONL file, one question a line, with the fields ``question_id, image, question, answer,
 family`` (``image`` relative to the JSONL file). This module owns reading it into ``Sample`` records
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from analysis.bundled import BUNDLED_BENCHMARK
+from analysis.paths import BUNDLED_BENCHMARK
 
 REQUIRED_FIELDS = ("question_id", "image", "question", "answer")
 
@@ -94,8 +94,8 @@ def _answers_file(path: Path, answers: Path | None) -> dict[str, str]:
 
 
 def _parse(row: dict, path: Path, lineno: int, image_root: Path, gold: dict) -> Sample:
-    """One record in any of the three formats (SPEC section 7; LLaVA evaluation; POPE)."""
-    if "question" in row and "answer" in row:            # SPEC section 7
+    """One record in any of the three formats (docs/definitions.md#splits; LLaVA evaluation; POPE)."""
+    if "question" in row and "answer" in row:            # docs/definitions.md#splits
         question, answer = row["question"], row["answer"]
         family = row.get("family", "unknown")
     elif "text" in row and "label" in row:               # POPE: {question_id, image, text, label}
@@ -106,7 +106,7 @@ def _parse(row: dict, path: Path, lineno: int, image_root: Path, gold: dict) -> 
         family = row.get("category", "unknown")
     else:
         raise DatasetError(f"{path}:{lineno} lacks the field(s) ['question', 'answer']; a split line needs "
-                           f"{list(REQUIRED_FIELDS)} (SPEC section 7), or question_id/image/text (LLaVA "
+                           f"{list(REQUIRED_FIELDS)} (docs/definitions.md#splits), or question_id/image/text (LLaVA "
                            "evaluation format) or question_id/image/text/label (POPE)")
     missing = [k for k in ("question_id", "image") if k not in row]
     if missing:
@@ -127,7 +127,7 @@ def load_split(name_or_path: str | Path, limit: int | None = None, check_images:
     ``limit``: the first ``limit`` questions (0: none; None: all). Question ids must be unique and every
     question a non-empty string; anything else is a ``DatasetError`` naming the line.
 
-    Accepts the JSONL of SPEC section 7, the LLaVA evaluation format (``question_id, image, text``;
+    Accepts the JSONL of docs/definitions.md#splits, the LLaVA evaluation format (``question_id, image, text``;
     answers from ``answers`` or ``<name>_answers.jsonl`` / ``answers.jsonl`` beside it) and POPE's
     (``question_id, image, text, label``). Images are relative to ``image_folder`` (default: the
     file's folder).

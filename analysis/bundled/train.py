@@ -1,0 +1,426 @@
+"""Train the bundled shapes LLaVA from scratch: ``python -m analysis.train_bundled``.
+
+This module owns the seeded training run that produces ``data/shapes-llava``. Each training sequence
+is one image of the training stream (``analysis.shapes.stream``, disjoint from the test and val
+splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
+
+    <s>USER: <image>*144 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ... USER: Describe the image.
+    ASSISTANT: red circle blue square ...</s>
+
+The first turn is token for token the evaluation prompt; the loss is on the answers and their
+``</s>`` only. The closing "describe" turn (``analysis.shapes.describe``, never in test/val) gives
+dense supervision, training-only linear heads on the visual tokens (``PatchHeads``) give per-patch
+supervision, a curriculum grows the objects per scene from 1 to 6, and a vision warm-up first trains
+the tower alone on the patch heads (``warm_up_vision``). Probes on one-object scenes
+(data/shapes-llava/README.md) found what matters: the vision warm-up (object shape), the language
+model's initial std (``--text-init``; with Llama's 0.02 it could not read a single object's colour
+after 200 steps, with 0.07 it read it perfectly after 150), and images normalised around the
+background (``--image-norm background``). ``--init-from`` continues a checkpoint (fresh optimizer,
+schedule and patch heads); the shipped model is five such stages, the later four replaying the
+curriculum with some question families weighted up (``--family-weights``): yes/no questions (stages 2
+and 3), which got existence off chance, then long stages with the families that find an object by its
+shape weighted up (4 and 5), which taught the language model to bind colour to shape. The run writes
+the checkpoint (safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput,
+periodic per-family val accuracy; a continued run prepends its checkpoint's log and numbers its steps
+on) and ``loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from analysis.bundled import recipe as bundled
+from analysis.benchmark import shapes
+from analysis.study.evaluate import accuracy_table
+
+IGNORE = -100
+
+
+def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
+                        turns: list[shapes.Question]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation about one image."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = [tokenizer.bos_token_id] + enc("USER:") + [image_token_id] * n_image_tokens
+    labels = [IGNORE] * len(ids)
+    for k, q in enumerate(turns):
+        question = enc((f"{q.question} ASSISTANT:") if k == 0 else f"USER: {q.question} ASSISTANT:")
+        target = enc(q.answer) + [tokenizer.eos_token_id]
+        ids += question + target
+        labels += [IGNORE] * len(question) + target
+    return ids, labels
+
+
+def weighted_questions(objects, rng: np.random.Generator, n: int, weights: dict[str, float]
+                       ) -> list[shapes.Question]:
+    """Up to ``n`` distinct questions about the scene, each family drawn with probability ~ ``weights``.
+
+    Why: one-bit yes/no answers (existence, spatial) give the weakest gradient of all the families, and
+    with families in equal shares the model settled on answering them with a constant.
+    """
+    families = [f for f in shapes.FAMILIES if weights.get(f, 0) > 0]
+    p = np.array([weights[f] for f in families], dtype=float)
+    questions: list[shapes.Question] = []
+    for _ in range(4 * n):
+        if len(questions) == n:
+            break
+        q = shapes.make_question(objects, families[int(rng.choice(len(families), p=p / p.sum()))], rng)
+        if q is not None and q.question not in {x.question for x in questions}:
+            questions.append(q)
+    return questions
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """``"existence=3,spatial=3"`` -> a weight per family (families not named weigh 1)."""
+    weights = dict.fromkeys(shapes.FAMILIES, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, _, value = item.partition("=")
+        if family not in weights or not value:
+            raise ValueError(f"bad family weight {item!r}: write family=weight with a family of "
+                             f"{list(shapes.FAMILIES)}, e.g. existence=3,spatial=3")
+        weights[family] = float(value)
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise ValueError(f"family weights must be >= 0 and not all zero, got {weights}")
+    return weights
+
+
+class ConversationBatches:
+    """Endless batches of the training stream, as model inputs with labels (right padded)."""
+
+    def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
+                 describe: bool = False, patch_targets: bool = False,
+                 family_weights: dict[str, float] | None = None):
+        self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
+        self.family_weights = family_weights
+        self.patch_targets = patch_targets
+        self.n_image_tokens = n_image_tokens
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.index = start
+        self.max_objects = shapes.MAX_OBJECTS  # the curriculum lowers this early in training
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        images, sequences, scenes = [], [], []
+        while len(images) < self.batch_size:
+            objects, rng = shapes.scene("train", self.index)
+            if len(objects) > self.max_objects:
+                self.index += 1
+                continue
+            scenes.append(objects)
+            if self.family_weights is None:
+                questions = shapes.scene_questions(objects, rng, self.turns,
+                                                   first_family=self.index % len(shapes.FAMILIES))
+            else:
+                questions = weighted_questions(objects, rng, self.turns, self.family_weights)
+            if self.describe:
+                questions.append(shapes.describe(objects))
+            images.append(shapes.render(objects))
+            sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
+                                                 self.image_token_id, questions))
+            self.index += 1
+        width = max(len(ids) for ids, _ in sequences)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), width), pad)
+        labels = torch.full((len(sequences), width), IGNORE)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids)] = torch.tensor(lab)
+            mask[row, :len(ids)] = 1
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+        if self.patch_targets:
+            grid = int(round(self.n_image_tokens ** 0.5))
+            targets = [shapes.patch_labels(o, grid) for o in scenes]
+            batch["patch_targets"] = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
+        return batch
+
+
+class PatchHeads(torch.nn.Module):
+    """Training-only linear heads on the projector's output (the visual tokens the LM reads).
+
+    Per visual token they predict the colour and shape of the object under the patch (or background),
+    whether the patch holds an object's centre, the patch's row and column, and of the nearest object
+    its colour-shape pair, centre cell and shape count, plus the scene's object count
+    (``shapes.patch_labels``; the last group with ``nearest=True``). The nearest-object targets spread
+    each object's identity over its neighbourhood, so a language model still attending broadly early
+    in training reads it from many tokens instead of the 2-9 under the object. The heads are not saved.
+    (Tried and dropped: predicting the colour and shape *words* through the LM's embedding matrix, which
+    pulled the word embeddings around and lowered val accuracy.)
+    """
+
+    SIZES = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 1, "centre": 2}
+    NEAREST_SIZES = {"pair": len(shapes.COLOURS) * len(shapes.SHAPES), "shape_count": shapes.MAX_OBJECTS,
+                     "count": shapes.MAX_OBJECTS}
+
+    def __init__(self, width: int, grid: int, nearest: bool = False):
+        super().__init__()
+        self.nearest = nearest
+        sizes = {**self.SIZES, "row": grid, "col": grid}
+        if nearest:
+            sizes.update(self.NEAREST_SIZES, near_row=grid, near_col=grid)
+        self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
+
+    def loss(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = []
+        for k, head in self.heads.items():
+            logits, target = head(visual).flatten(0, 1), targets[k].flatten()
+            if k == "shape" and self.nearest:
+                # on object patches only: 95% of patches are background, which hid an unlearnt shape
+                on_object = target > 0
+                logits, target = logits[on_object], target[on_object]
+            losses.append(torch.nn.functional.cross_entropy(logits, target))
+        return torch.stack(losses).mean()
+
+
+def warm_up_vision(model, heads: PatchHeads, batches: "ConversationBatches", steps: int, lr: float,
+                   progress: bool = True) -> list[dict]:
+    """Train the vision tower and projector alone on the patch heads (no language model: ~7x cheaper).
+
+    Why: the per-patch shape of an object needs the edges of several patches combined, and a probe
+    learnt it only after ~500 steps of this objective; with the language model in the loop those
+    steps cost 7x more and the LM meanwhile fits the language prior.
+    """
+    tower, projector = model.model.vision_tower, model.model.multi_modal_projector
+    parameters = [*tower.parameters(), *projector.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    log = []
+    for step in tqdm(range(steps), desc="vision warm-up", disable=not progress):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr)
+        batch = next(batches)
+        features = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[
+            model.config.vision_feature_layer][:, 1:]  # "default" strategy: CLS dropped
+        loss = heads.loss(projector(features), batch["patch_targets"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.append({"warmup_step": step + 1, "aux_loss": round(loss.item(), 5)})
+        if not progress and (step + 1) % 100 == 0:
+            print(json.dumps(log[-1]), flush=True)
+    return log
+
+
+@torch.no_grad()
+def first_token_accuracy(model, processor, split: str = "val", limit: int | None = None) -> dict[str, float]:
+    """Accuracy (%) per family and ``overall`` from the argmax of the first answer token (answers are one token)."""
+    from analysis.benchmark.datasets import load_split
+    from analysis.study.evaluate import batch_inputs
+    samples = load_split(split, limit=limit)
+    answers = []
+    model.eval()
+    for start in range(0, len(samples), 64):
+        inputs = batch_inputs(processor, samples[start:start + 64])
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1]
+        answers += processor.tokenizer.batch_decode(logits.argmax(-1, keepdim=True))
+    model.train()
+    return {family: round(float(a), 2) for family, a in accuracy_table(samples, answers)["accuracy"].items()}
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int | None = None, floor: float = 0.05) -> float:
+    """Linear warm-up (default: min(100, total // 10 + 1) steps), then cosine decay to ``floor`` x peak."""
+    warmup = min(100, total // 10 + 1) if warmup is None else warmup
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes.MIN_OBJECTS) -> int:
+    """Most objects a training scene may hold at ``step``: ``first`` at first, growing linearly to every
+    size by ``curriculum_steps``.
+
+    Why: with one object per image any pooling of the visual tokens answers every question, so the
+    language model learns to read the tokens before it has to learn to *select* among them; two-object
+    scenes are the easiest on which a spatial relation can be asked.
+    """
+    if step >= curriculum_steps:
+        return shapes.MAX_OBJECTS
+    span = shapes.MAX_OBJECTS - first + 1
+    return first + int(span * step / curriculum_steps)
+
+
+def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
+          config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
+          init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
+          curriculum: int = 0, curriculum_start: int = shapes.MIN_OBJECTS,
+          nearest_targets: bool = False, image_norm: str = "clip",
+          vision_warmup: int = 0, family_weights: dict[str, float] | None = None,
+          bf16: bool = False) -> dict:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    processor = bundled.build_processor(normalisation=image_norm)
+    if init_from is not None:  # continue from a checkpoint: its weights, fresh optimizer and schedule
+        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).train()
+        config = model.config
+    else:
+        config = bundled.build_config(processor.tokenizer, **(config_overrides or {}))
+        model = LlavaForConditionalGeneration(config).train()
+    vision = config.vision_config
+    n_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    processor.patch_size = vision.patch_size
+    processor.image_processor.size = {"shortest_edge": vision.image_size}
+    processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe,
+                                  patch_targets=aux_weight > 0 or vision_warmup > 0,
+                                  family_weights=family_weights)
+    heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size, nearest_targets)
+    projected: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    parameters = list(model.named_parameters()) + list(heads.named_parameters())
+    decay = [p for n, p in parameters if p.ndim >= 2]
+    no_decay = [p for n, p in parameters if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.time()
+    warmup_log = warm_up_vision(model, heads, batches, vision_warmup, lr, progress) if vision_warmup else []
+    log = []
+    bar = tqdm(range(steps), desc="training", disable=not progress)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr)
+        batches.max_objects = curriculum_max_objects(step, curriculum, curriculum_start)
+        batch = next(batches)
+        targets = batch.pop("patch_targets", None)
+        projected.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            answer_loss = model(**batch).loss
+            loss = answer_loss
+            if targets is not None:
+                visual = projected[0].view(len(batch["input_ids"]), n_image_tokens, -1)
+                aux = heads.loss(visual, targets)
+                loss = answer_loss + aux_weight * aux
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "loss": round(answer_loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
+                  "seconds": round(time.time() - started, 1)}
+        if targets is not None:
+            record["aux_loss"] = round(aux.item(), 5)
+        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            families = first_token_accuracy(model, processor)
+            record["val_accuracy"] = families.pop("overall")
+            record["val_families"] = families
+        log.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": record["val_accuracy"]}
+                                                          if "val_accuracy" in record else {}))
+        if not progress and ("val_accuracy" in record or (step + 1) % 25 == 0):
+            print(json.dumps(record), flush=True)
+    hook.remove()
+    model.eval()
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    previous, history = None, []
+    source = Path(init_from) if init_from is not None else None
+    if source is not None and (source / "training_summary.json").is_file():
+        previous = json.loads((source / "training_summary.json").read_text())
+    if source is not None and (source / "training_log.jsonl").is_file():
+        # one log and one curve for the whole chain of runs: later stages continue the step count
+        history = [json.loads(line) for line in (source / "training_log.jsonl").open()]
+        stage, offset = history[-1].get("stage", 1) + 1, history[-1]["step"]
+        log = [{**r, "step": r["step"] + offset, "stage": stage} for r in log]
+    with (tmp / "training_log.jsonl").open("w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history + log)
+    from analysis.study.plots import loss_curve
+    loss_curve(history + log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
+    prior = previous or {}
+    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
+               "curriculum": curriculum, "curriculum_start": curriculum_start,
+               "text_init": config.text_config.initializer_range,
+               "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
+               "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
+               "aux_weight": aux_weight, "family_weights": family_weights, "bf16": bf16,
+               "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
+               "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
+                                        if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
+               "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
+               "final_loss": log[-1]["loss"], "parameters": sum(p.numel() for p in model.parameters()),
+               # the whole chain of runs that made these weights (this one and every --init-from before it)
+               "total_steps": steps + prior.get("total_steps", prior.get("steps", 0)),
+               "total_wall_seconds": round(time.time() - started + prior.get(
+                   "total_wall_seconds", prior.get("wall_seconds", 0)), 1),
+               "config_overrides": config_overrides or {}}
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+def _family_weights_argument(text: str) -> dict[str, float]:
+    try:
+        return parse_family_weights(text)
+    except ValueError as error:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m analysis.train_bundled", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=bundled.BUNDLED_MODEL)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=8, help="questions per image in a training sequence")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=300, help="val accuracy every N steps (0: never)")
+    parser.add_argument("--no-describe", action="store_true",
+                        help="leave out the dense 'Describe the image.' turn")
+    parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    parser.add_argument("--init-from", type=Path, help="continue from this checkpoint's weights")
+    parser.add_argument("--text-width", type=int, default=192)
+    parser.add_argument("--text-heads", type=int, default=3)
+    parser.add_argument("--text-layers", type=int, default=8)
+    parser.add_argument("--text-init", type=float, default=0.07,
+                        help="std of the language model's initial weights (Llama's 0.02 suits widths near 4096; "
+                             "0.07, about 1/sqrt(192), let the LM read colours within 150 steps)")
+    parser.add_argument("--image-norm", choices=sorted(bundled.NORMALISATIONS), default="background",
+                        help="image mean/std: CLIP's, or centred on the benchmark's background")
+    parser.add_argument("--vision-warmup", type=int, default=1500,
+                        help="steps of training the vision tower + projector alone on the patch heads first")
+    parser.add_argument("--nearest-targets", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the nearest-object patch targets (pair, centre cell, counts) to the aux heads")
+    parser.add_argument("--aux-weight", type=float, default=1.0,
+                        help="weight of the per-patch auxiliary losses (0: none)")
+    parser.add_argument("--curriculum", type=int, default=300,
+                        help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
+    parser.add_argument("--curriculum-start", type=int, default=shapes.MIN_OBJECTS,
+                        help="most objects per scene when the curriculum starts")
+    parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
+    parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
+                        help="draw each turn's question family with these weights, e.g. existence=3,spatial=3 "
+                             "(default: families in turn, equal shares)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for the matmuls (weights and optimizer stay float32; "
+                             "~25%% faster per step on a CPU with AVX512-BF16)")
+    args = parser.parse_args(argv)
+    architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
+                    "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
+                    "text_init": args.text_init}
+    summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
+                    args.eval_every, config_overrides=architecture, progress=not args.no_progress,
+                    describe=not args.no_describe,
+                    init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
+                    curriculum=args.curriculum, curriculum_start=args.curriculum_start,
+                    nearest_targets=args.nearest_targets,
+                    image_norm=args.image_norm, vision_warmup=args.vision_warmup,
+                    family_weights=args.family_weights, bf16=args.bf16)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
