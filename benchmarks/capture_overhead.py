@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.measure.capture import Capture  # noqa: E402
+from analysis.measure.capture import Capture
+from benchmarks.prefill import N_TEXT, SHAPES, benchmark_image, build_model, shape_config
+from lofi import configs
 
 
 def bundled_inputs(batch: int, path=None):
@@ -32,22 +31,23 @@ def bundled_inputs(batch: int, path=None):
     return model, batch_inputs(processor, load_split("test", limit=batch))
 
 
-def llava7b_inputs(batch: int, device: str, dtype, text_layers: int | None):
-    from prefill import SHAPES, build_model, make_inputs  # noqa: E402  (same directory)
-    if text_layers:  # LLaVA-1.5-7B widths with fewer decoder layers, to fit a CPU's memory
-        SHAPES["llava-7b"]["text"]["num_hidden_layers"] = text_layers
-    return build_model("llava-7b", device, dtype), make_inputs(batch, device)
+def shape_inputs(shape: str, batch: int, device: str, dtype, text_layers: int | None):
+    """A random-weight model of a benchmark shape (fewer decoder layers with ``text_layers``) and inputs."""
+    config = shape_config(shape, text_layers)
+    inputs = configs.synthetic_inputs(config, benchmark_image(shape), N_TEXT, batch, device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return build_model(config, device, dtype), inputs
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=["bundled", "llava-7b"], default="bundled")
+    parser.add_argument("--shape", choices=["bundled", *SHAPES, "llava-7b"], default="bundled")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--model", help="a local LLaVA folder (default: the bundled model)")
-    parser.add_argument("--text-layers", type=int, help="llava-7b shape: decoder layers (default 32)")
+    parser.add_argument("--text-layers", type=int, help="a checkpoint shape's decoder layers (default: all)")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -55,8 +55,7 @@ def main(argv=None):
         model, inputs = bundled_inputs(args.batch, args.model)
         model, inputs = model.to(args.device), inputs.to(args.device)
     else:
-        sys.path.insert(0, str(Path(__file__).parent))
-        model, inputs = llava7b_inputs(args.batch, args.device, getattr(torch, args.dtype), args.text_layers)
+        model, inputs = shape_inputs(args.shape, args.batch, args.device, getattr(torch, args.dtype), args.text_layers)
 
     def timed(capture: Capture | None):
         sync()

@@ -21,27 +21,26 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
 from scipy.stats import binomtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.bundled import recipe as bundled  # noqa: E402
-from analysis.study import compare  # noqa: E402
-from analysis.study.tables import pruned_flops, relative_flops  # noqa: E402
+import lofi
+from analysis import paths
+from analysis.study import compare
+from analysis.study.tables import pruned_flops, relative_flops
 
 
 def matched_keep(config, method: str, target: float, n_text: int, n_visual: int) -> float:
     """The keep at which ``method`` costs ``target`` relative FLOPs (bisection); NaN where even one token
     costs more."""
     low, high = 1.0 / n_visual, 1.0
-    if relative_flops(config, method, low, n_text, n_visual)[0] > target:
+    if relative_flops(config, lofi.build(method, keep=low), n_text, n_visual)[0] > target:
         return float("nan")
     for _ in range(40):
         mid = (low + high) / 2
-        if relative_flops(config, method, mid, n_text, n_visual)[0] < target:
+        if relative_flops(config, lofi.build(method, keep=mid), n_text, n_visual)[0] < target:
             low = mid
         else:
             high = mid
@@ -52,7 +51,7 @@ def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int
     """Per rho: the decision modules' share of the unpruned FLOPs and what keep it buys ``random``."""
     rows = []
     for rho in rhos:
-        pruned, base = pruned_flops(config, "lvpruning", rho, n_text, n_visual)
+        pruned, base = pruned_flops(config, lofi.build("lvpruning", keep=rho), n_text, n_visual)
         rel, share = pruned.total / base.total, pruned.decision / base.total
         keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
                            for target in (rel, rel - share))
@@ -77,15 +76,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rho", nargs="+", type=float, default=[0.6, 0.5, 0.45])
     parser.add_argument("--limit", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=bundled.REPO_ROOT / "reports" / "lvpruning-matched")
+    parser.add_argument("--out", type=Path, default=paths.REPORTS / "lvpruning-matched")
     parser.add_argument("--n-text", type=int, default=12, help="typical text tokens of a bundled prompt")
     parser.add_argument("--random-seeds", type=int, default=1,
                         help="run random at the matched keeps with this many seeds (0 .. N-1)")
     args = parser.parse_args(argv)
     from transformers import AutoConfig
 
-    from prefill import N_TEXT as N_TEXT_7B, shape_config
-    config = AutoConfig.from_pretrained(bundled.BUNDLED_MODEL)
+    from benchmarks.prefill import N_TEXT as N_TEXT_7B
+    from benchmarks.prefill import shape_config
+    config = AutoConfig.from_pretrained(paths.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     args.out.mkdir(parents=True, exist_ok=True)
     share = pd.DataFrame(flops_share(config, "bundled", args.rho, args.n_text, n_visual)
@@ -98,7 +98,7 @@ def main(argv=None):
     lvpruning = pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"])
     matched = {}  # (method, keep) -> rho
     for rho in args.rho:
-        target = relative_flops(config, "lvpruning", rho, args.n_text, n_visual)[0]
+        target = relative_flops(config, lofi.build("lvpruning", keep=rho), args.n_text, n_visual)[0]
         for method in ("random", "fastv"):
             keep = matched_keep(config, method, target, args.n_text, n_visual)
             if math.isnan(keep):

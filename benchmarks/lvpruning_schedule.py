@@ -33,7 +33,6 @@ background patches) and counts the colour answers that change.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,16 +40,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lofi  # noqa: E402
-from analysis.bundled import recipe as bundled  # noqa: E402
-from analysis.benchmark import datasets  # noqa: E402
-from analysis.benchmark import shapes  # noqa: E402
-from analysis.measure.consistency import normalize_answer  # noqa: E402
-from analysis.study.evaluate import batch_inputs, greedy_answers, load_model  # noqa: E402
-from lofi.methods.leverage import LoFi  # noqa: E402
-from lofi.methods.lvpruning import LVPruning  # noqa: E402
-from lofi.registry import PruningMethod, StageInput  # noqa: E402
+import lofi
+from analysis import paths
+from analysis.benchmark import datasets, shapes
+from analysis.measure.consistency import normalize_answer
+from analysis.study.evaluate import batch_inputs, greedy_answers, load_model
+from lofi.methods.leverage import LoFi
+from lofi.methods.lvpruning import LVPruning
+from lofi.registry import PruningMethod, StageInput
 
 RULES = ("random", "objects", "asked", "lofi")
 
@@ -82,28 +79,19 @@ class ScheduleChoice(PruningMethod):
         super().__init__(schedule.keep)
         self.schedule, self.layers, self.rule, self.seed = schedule, layers, rule, seed
         self.leverage = LoFi() if rule == "lofi" else None
-        self.priority: list[torch.Tensor] = []
-        self.present: list[torch.Tensor] = []
+        self.priority: torch.Tensor | None = None  # [batch, n_visual], per original visual index
 
     def stages(self, num_layers: int) -> list[int]:
         return list(self.layers)
 
-    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+    def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
         return self.schedule.n_keep(stage, n_visual, n_present)
 
-    def select(self, state: StageInput) -> torch.Tensor:
-        if state.stage == 0:  # the runtime keeps present tokens in their original order
-            self.present = [torch.arange(state.visual.shape[1]) for _ in range(len(state.visual))]
+    def scores(self, state: StageInput) -> torch.Tensor:
         if self.leverage is not None:
-            hidden = state.hidden.gather(1, state.visual[..., None].expand(-1, -1, state.hidden.shape[-1]))
-            return self.leverage.scores(hidden).topk(state.n_keep, dim=1).indices
-        chosen = []
-        for row, present in enumerate(self.present):
-            ties = torch.rand(len(present), generator=state.generator(row, self.seed), dtype=torch.float64)
-            index = (self.priority[row][present] + 0.5 * ties).topk(state.n_keep).indices.sort().values
-            chosen.append(index)
-            self.present[row] = present[index]
-        return torch.stack(chosen).to(state.visual.device)
+            return self.leverage.scores(state)
+        priority = self.priority.to(state.visual_index.device).gather(1, state.visual_index.clamp_min(0))
+        return priority + 0.5 * state.uniform(self.seed)  # a tie-breaking draw below one priority step
 
 
 @torch.no_grad()
@@ -157,10 +145,10 @@ def compare_choices(model, processor, samples, choices: dict[str, PruningMethod]
         answers["baseline"] += answer_batch(model, processor, inputs)[0]
         for name, method in choices.items():
             if isinstance(method, ScheduleChoice):
-                method.priority = [priorities(s, method.rule, grid) for s in chunk]
+                method.priority = torch.stack([priorities(s, method.rule, grid).float() for s in chunk])
             given, handle = answer_batch(model, processor, inputs, method)
             answers[name] += given
-            stats[name] += kept_set_stats(features, handle.kept[-1])
+            stats[name] += kept_set_stats(features, handle.kept[-1].clamp_min(0))
     return answers, stats
 
 
@@ -173,13 +161,11 @@ class DropSet(PruningMethod):
         super().__init__(1.0, layer)
         self.drop = drop
 
-    def n_keep(self, stage: int, n_visual: int, n_present: int) -> int:
+    def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
         return n_present - len(self.drop)
 
-    def select(self, state: StageInput) -> torch.Tensor:
-        keep = torch.ones(state.visual.shape[1], dtype=torch.bool)
-        keep[self.drop] = False
-        return keep.nonzero()[:, 0][None].to(state.visual.device)
+    def scores(self, state: StageInput) -> torch.Tensor:
+        return (~torch.isin(state.visual_index, self.drop.to(state.visual_index.device))).float()
 
 
 def drop_asked(model, processor, samples, layers=(0, 1, 2, 4, 6), seed=0) -> pd.DataFrame:
@@ -217,7 +203,7 @@ def main(argv=None):
     parser.add_argument("--drop-asked", action="store_true",
                         help="instead: colour answers changed by dropping only the asked object's patches")
     args = parser.parse_args(argv)
-    model, processor = load_model(bundled.BUNDLED_MODEL)
+    model, processor = load_model(paths.BUNDLED_MODEL)
     samples = datasets.load_split("test", limit=args.limit or None)
     if args.drop_asked:
         print(drop_asked(model, processor, samples).to_markdown(index=False))
@@ -230,8 +216,8 @@ def main(argv=None):
     n_visual = (vision.image_size // vision.patch_size) ** 2
 
     def seeded(seed: int) -> dict[str, PruningMethod]:
-        sampled = LVPruning(keep=args.rho, path=args.path, selection="sample", seed=seed)
-        sampled.modules = lvpruning.modules  # the same trained modules, read from disk once
+        # the same trained modules, read from disk once
+        sampled = LVPruning(keep=args.rho, selection="sample", seed=seed, modules=lvpruning.modules)
         return {"lvpruning-sample": sampled, **{f"schedule-{rule}": ScheduleChoice(lvpruning, layers, rule, seed)
                                                 for rule in RULES if rule != "lofi"}}
 

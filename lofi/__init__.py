@@ -14,8 +14,8 @@ imports ``analysis``.
 from lofi import methods as _methods  # noqa: F401  (registers the built-in methods)
 from lofi.flops import Flops, count_flops
 from lofi.methods.replay import Replay
-from lofi.registry import PruningMethod, StageInput, available, build, describe, register
+from lofi.registry import PruningMethod, StageInput, available, build, describe, options, register
 from lofi.runtime import PruningHandle, active, pruned
 
-__all__ = ["pruned", "available", "describe", "register", "build", "PruningMethod", "StageInput",
+__all__ = ["pruned", "available", "describe", "options", "register", "build", "PruningMethod", "StageInput",
            "PruningHandle", "Replay", "active", "count_flops", "Flops"]

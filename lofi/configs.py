@@ -11,8 +11,17 @@ reproduces. Values are those of the checkpoints' ``config.json``.
 from __future__ import annotations
 
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig,
-                          Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig, SiglipVisionConfig)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaOnevisionConfig,
+    Qwen2_5_VLConfig,
+    Qwen2Config,
+    Qwen2VLConfig,
+    SiglipVisionConfig,
+)
 
 CHECKPOINTS = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, ClassVar
 
 import torch
@@ -129,6 +130,13 @@ class PruningMethod(ABC):
         top = scores.topk(width, dim=1).indices
         return torch.where(torch.arange(width, device=top.device) < state.n_keep[:, None], top, -1)
 
+    def weight_files(self, model_folder: Path) -> list[Path]:
+        """Files of trained weights the method reads for the model in ``model_folder`` (none by default):
+        they are part of a run's identity, and must exist before a run starts."""
+        return []
+
+    weights_hint: ClassVar[str] = ""  # how to produce missing weight files
+
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         """FLOPs of the method's own decision modules (0 for training-free methods)."""
         return 0.0
@@ -157,17 +165,25 @@ def describe() -> dict[str, str]:
     return {name: (inspect.getdoc(_METHODS[name]) or "").split("\n")[0] for name in available()}
 
 
-def build(method: str | PruningMethod, **arguments) -> PruningMethod:
-    """An instance of the method called ``method`` (or ``method`` itself, when no arguments are given)."""
-    if isinstance(method, PruningMethod):
-        if arguments:
-            raise TypeError("pass options to the method's constructor, or pass its name with options")
-        return method
+def options(method: str) -> list[str]:
+    """The options the method called ``method`` takes (its constructor's arguments)."""
     if method not in _METHODS:
         raise ValueError(f"unknown pruning method {method!r}; valid methods: {', '.join(available())}")
-    cls = _METHODS[method]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    unknown = sorted(set(arguments) - accepted)
+    return sorted(set(inspect.signature(_METHODS[method].__init__).parameters) - {"self"})
+
+
+def build(method: str | PruningMethod, shared: dict | None = None, **arguments) -> PruningMethod:
+    """An instance of the method called ``method`` (or ``method`` itself, when no arguments are given).
+
+    ``shared`` holds settings of a whole run (a seed, ...) that each method receives only if it takes
+    them; ``arguments`` must all be the method's own options.
+    """
+    if isinstance(method, PruningMethod):
+        if arguments or shared:
+            raise TypeError("pass options to the method's constructor, or pass its name with options")
+        return method
+    accepted = options(method)
+    unknown = sorted(set(arguments) - set(accepted))
     if unknown:
-        raise TypeError(f"{method} takes no option(s) {unknown}; its options: {sorted(accepted)}")
-    return cls(**arguments)
+        raise TypeError(f"{method} takes no option(s) {unknown}; its options: {accepted}")
+    return _METHODS[method](**{k: v for k, v in (shared or {}).items() if k in accepted}, **arguments)

@@ -11,11 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
-                          LlavaOnevisionForConditionalGeneration, MistralConfig, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2VLConfig,
-                          Qwen2VLForConditionalGeneration, Qwen3Config, SiglipVisionConfig)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    MistralConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
 
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 70, 71, 72, 73
 VOCAB = 80

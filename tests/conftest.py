@@ -21,8 +21,8 @@ TINY_TRAINED = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_he
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A tiny LLaVA folder in the bundled model's format (2 training steps) with random LVPruning modules."""
-    from analysis.study.evaluate import load_model
     from analysis.bundled.train import train
+    from analysis.study.evaluate import load_model
     from lofi.methods.lvpruning import DecisionModules
     out = tmp_path_factory.mktemp("models") / "tiny-llava"
     train(out, steps=2, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0, config_overrides=TINY_TRAINED,

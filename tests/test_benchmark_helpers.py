@@ -1,18 +1,15 @@
 """The arithmetic behind benchmarks/lvpruning_matched.py: matched keeps, the decision modules' FLOPs
 share, and the paired McNemar test."""
 
-import sys
 from math import comb, isnan
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from lvpruning_matched import flops_share, matched_keep, mcnemar  # noqa: E402
-from prefill import N_TEXT, shape_config  # noqa: E402
-
-from analysis.study.tables import relative_flops  # noqa: E402
+import lofi
+from analysis.study.tables import relative_flops
+from benchmarks.lvpruning_matched import flops_share, matched_keep, mcnemar
+from benchmarks.prefill import N_TEXT, shape_config
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
@@ -30,13 +27,13 @@ def test_flops_share_gives_random_the_same_flops_with_and_without_the_modules(sh
     assert row["random_keep_if_free"] < row["random_keep"]
     for keep, target in [(row["random_keep"], row["rel_flops"]),
                          (row["random_keep_if_free"], row["rel_flops"] - row["decision_share"])]:
-        cost = relative_flops(config, "random", keep, N_TEXT, n)[0]
-        one_token = relative_flops(config, "random", keep + 1 / n, N_TEXT, n)[0] - cost
+        cost = relative_flops(config, lofi.build("random", keep=keep), N_TEXT, n)[0]
+        one_token = relative_flops(config, lofi.build("random", keep=keep + 1 / n), N_TEXT, n)[0] - cost
         assert abs(cost - target) <= one_token  # keeps count whole tokens
 
 
 def test_a_budget_below_one_token_has_no_matched_keep():
     config = shape_config("mid")
-    one_token = relative_flops(config, "random", 1 / 576, N_TEXT, 576)[0]
+    one_token = relative_flops(config, lofi.build("random", keep=1 / 576), N_TEXT, 576)[0]
     assert isnan(matched_keep(config, "random", one_token - 0.01, N_TEXT, 576))  # not a clamped keep
     assert matched_keep(config, "random", one_token + 0.01, N_TEXT, 576) > 1 / 576

@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from analysis.bundled import recipe as bundled
 from analysis.benchmark import shapes
 from analysis.benchmark.datasets import load_split
-from analysis.study.evaluate import accuracy_table, answer, load_model
+from analysis.bundled import recipe as bundled
 from analysis.bundled.train import ConversationBatches, encode_conversation, train
+from analysis.study.evaluate import accuracy_table, answer, load_model
 
 
 def test_loads_offline_through_from_pretrained_and_autoprocessor(bundled_model):

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from _tiny import make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
-from _tiny import make_inputs, positions, prompt_ids, tiny_llava
 from analysis.measure import spectral
 from analysis.measure.capture import Capture
 

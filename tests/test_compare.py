@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.study import compare
-from analysis.study import report
-from analysis.study import runner
+from analysis.study import compare, report, runfolder, runner
 from analysis.study.evaluate import load_model
 from lofi.methods.lvpruning import DecisionModules
+
 
 def _args(model, out, *extra):
     return ["--methods", "lofi", "lvpruning", "fastv", "--keep", "0.5", "0.25", "--model", str(model),
@@ -96,7 +95,7 @@ def test_an_interrupted_run_resumes_without_recomputing(tiny_model, tmp_path, mo
     real = runner.run_condition
 
     def counting(*args, **kwargs):
-        calls.append((kwargs["method"], kwargs["keep"]))
+        calls.append(runner._condition(kwargs["method"]))
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -107,10 +106,10 @@ def test_an_interrupted_run_resumes_without_recomputing(tiny_model, tmp_path, mo
     assert not out.exists() and (tmp_path / "run.partial").is_dir()
     first = list(calls)
     calls.clear()
-    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append((k["method"], k["keep"])),
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(runner._condition(k["method"])),
                                                                     real(*a, **k))[1])
     assert compare.main(_args(tiny_model, out)) == 0
-    assert first[:3] == [(None, 1.0), ("lofi", 0.5), ("lofi", 0.25)]
+    assert first[:3] == [("baseline", 1.0), ("lofi", 0.5), ("lofi", 0.25)]
     assert calls == [("lvpruning", 0.5), ("lvpruning", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
     calls.clear()
     assert compare.main(_args(tiny_model, out)) == 0 and calls == []  # complete: nothing recomputed
@@ -135,20 +134,20 @@ def test_retrained_weights_are_not_mistaken_for_the_finished_run(tiny_model, tmp
 
 
 def test_large_weights_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
-    monkeypatch.setattr(compare, "FULL_HASH_LIMIT", 1024)
-    monkeypatch.setattr(compare, "HASH_EDGE", 4096)
+    monkeypatch.setattr(runfolder, "FULL_HASH_LIMIT", 1024)
+    monkeypatch.setattr(runfolder, "HASH_EDGE", 4096)
     weights = tmp_path / "model.safetensors"
     data = bytearray(range(256)) * 256  # 64 KiB
     weights.write_bytes(data)
-    first = compare.weights_fingerprint(tmp_path, ["lofi"])
+    first = runfolder.weights_fingerprint(tmp_path, [])
     assert set(first) == {"model.safetensors"}
     data[len(data) // 2] ^= 1  # the middle is not read
     weights.write_bytes(data)
-    assert compare.weights_fingerprint(tmp_path, ["lofi"]) == first
+    assert runfolder.weights_fingerprint(tmp_path, []) == first
     data[-1] ^= 1
     weights.write_bytes(data)
-    assert compare.weights_fingerprint(tmp_path, ["lofi"]) != first
-    assert compare.weights_fingerprint("llava-hf/llava-1.5-7b-hf", ["lofi"]) == {}  # a hub id
+    assert runfolder.weights_fingerprint(tmp_path, []) != first
+    assert runfolder.weights_fingerprint(None, []) == {}  # a hub id that is not in the local cache
 
 
 def test_the_same_seed_gives_identical_tables(tiny_model, run_folder, tmp_path):
@@ -281,7 +280,7 @@ def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeyp
     monkeypatch.undo()
     calls = []
     real = runner.run_condition
-    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append((k["method"], k["keep"])),
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(runner._condition(k["method"])),
                                                                     real(*a, **k))[1])
     assert compare.main(_args(tiny_model, out)) == 0
     assert calls == [("lofi", 0.5)]

@@ -8,11 +8,12 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-
 from _families import save_folder
-from analysis.study import compare
-from analysis.study import report
+
+import lofi
 from analysis.benchmark.datasets import load_split
+from analysis.measure.capture import CaptureOptions
+from analysis.study import compare, report
 from analysis.study.runner import run_condition
 
 ARGS = ["--methods", "lofi", "fastv", "random", "--keep", "0.5", "0.25", "--limit", "4", "--batch-size", "2",
@@ -93,14 +94,13 @@ def test_the_runner_measures_a_qwen_model(name, tmp_path):
     model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
     processor = _qwen_processor(folder)
     samples = load_split("test", limit=3)
-    common = dict(seed=0, batch_size=3, max_new_tokens=2, capture_options={"leverage_layers": [0, 2]},
-                  progress=False)
-    rows, spectra, _, baseline = run_condition(model, processor, samples, method=None, keep=1.0, baseline=None,
-                                               **common)
-    assert len(spectra) == 3 * 5 * 2 and all(r.ipr > 0 for r in spectra)
-    rows, spectra, kept, _ = run_condition(model, processor, samples, method="lofi", keep=0.5, baseline=baseline,
-                                           **common)
-    grid = json.loads(rows[0]["image"])
-    assert len(grid) == 3 and rows[0]["n_visual"] == grid[0] * grid[1] * grid[2] // 4
-    assert all(len(k["kept"]) == -(-r["n_visual"] // 2) for k, r in zip(kept, rows))
-    assert all(r["kl"] >= 0 and r["forced_kl"] >= 0 for r in rows)
+    common = dict(batch_size=3, max_new_tokens=2, capture=CaptureOptions(leverage_layers=(0, 2)), progress=False)
+    unpruned = run_condition(model, processor, samples, method=None, baseline=None, **common)
+    assert len(unpruned.spectra) == 3 * 5 * 2 and all(r.ipr > 0 for r in unpruned.spectra)
+    pruned = run_condition(model, processor, samples, method=lofi.build("lofi", keep=0.5), baseline=unpruned.baseline,
+                           **common)
+    rows, kept = pruned.samples, pruned.kept
+    grid = json.loads(rows[0].image)
+    assert len(grid) == 3 and rows[0].n_visual == grid[0] * grid[1] * grid[2] // 4
+    assert all(len(k.kept) == -(-r.n_visual // 2) for k, r in zip(kept, rows))
+    assert all(r.kl >= 0 and r.forced_kl >= 0 for r in rows)

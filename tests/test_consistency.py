@@ -9,7 +9,14 @@ from scipy.spatial.distance import jensenshannon
 from scipy.special import softmax
 from scipy.stats import entropy
 
-from analysis.measure.consistency import accuracy, flips, forced_kl, js_divergence, kl_divergence, normalize_answer
+from analysis.measure.consistency import (
+    accuracy,
+    flips,
+    forced_kl,
+    js_divergence,
+    kl_divergence,
+    normalize_answer,
+)
 
 
 def test_normalisation():

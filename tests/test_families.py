@@ -8,10 +8,20 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from _families import (
+    DEFAULT_IMAGES,
+    FAMILIES,
+    IMAGE_TOKEN,
+    OTHER_IMAGES,
+    VIDEO_TOKEN,
+    _pixels,
+    build,
+    count_visual_tokens,
+    inputs,
+    sample,
+)
 
 import lofi
-from _families import (DEFAULT_IMAGES, FAMILIES, IMAGE_TOKEN, OTHER_IMAGES, VIDEO_TOKEN, build, count_visual_tokens,
-                       inputs, sample, _pixels)
 from lofi.families import family_class, family_for
 from lofi.methods.lvpruning import DecisionModules
 

@@ -1,10 +1,10 @@
 """FLOPs accounting against the formula of docs/definitions.md#flops and LVPruning's Table 1."""
 
 import pytest
+from _tiny import tiny_llava
 
 import lofi
 from lofi.configs import config as checkpoint_config
-from _tiny import tiny_llava
 
 
 def test_llava_15_7b_whole_model_matches_lvpruning_table_1():

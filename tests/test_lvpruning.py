@@ -6,12 +6,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
-from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
-from lofi.methods.lvpruning import (DecisionModules, LVPruning, decision_flops, masked_attention,
-                                    ratio_loss, sample_without_replacement, soft_pruning, stage_layers,
-                                    topk_decisions)
+from lofi.methods.lvpruning import (
+    DecisionModules,
+    LVPruning,
+    decision_flops,
+    masked_attention,
+    ratio_loss,
+    sample_without_replacement,
+    soft_pruning,
+    stage_layers,
+    topk_decisions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -300,9 +308,9 @@ def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
     import json
 
     from analysis.benchmark import datasets
-    from analysis.study.evaluate import answer, load_model
     from analysis.bundled.train import train as train_bundled
     from analysis.bundled.train_lvpruning import train
+    from analysis.study.evaluate import answer, load_model
 
     tiny = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
             "vision_width": 32, "image_size": 24, "patch_size": 6}

@@ -1,9 +1,9 @@
 """The method registry and the errors bad arguments get."""
 
 import pytest
+from _tiny import make_inputs, tiny_llava
 
 import lofi
-from _tiny import make_inputs, tiny_llava
 
 
 def test_available_lists_the_built_in_methods():

@@ -5,17 +5,19 @@ import torch
 
 import lofi
 from analysis.benchmark.datasets import load_split
-from analysis.study.runner import BaselineOutputs, _forced_logits, _prompt_inputs, run_condition
+from analysis.measure.capture import CaptureOptions
+from analysis.study.records import BaselineOutputs
+from analysis.study.runner import _forced_logits, _prompt_inputs, run_condition
 
-COMMON = dict(seed=0, batch_size=3, capture_options={"groups": ("visual",)}, progress=False)
+COMMON = dict(batch_size=3, capture=CaptureOptions(groups=("visual",)), progress=False)
 
 
 @pytest.fixture(scope="module")
 def one_token_baseline(bundled_model):
     model, processor = bundled_model
     samples = load_split("test", limit=6)
-    *_, baseline = run_condition(model, processor, samples, method=None, keep=1.0, baseline=None,
-                                 max_new_tokens=1, **COMMON)
+    baseline = run_condition(model, processor, samples, method=None, baseline=None, max_new_tokens=1,
+                             **COMMON).baseline
     return model, processor, samples, baseline
 
 
@@ -24,12 +26,12 @@ def test_forced_kl_equals_kl_for_one_token_answers(one_token_baseline, method):
     """The forced pass replays the generation's kept tokens: for a one-token answer it scores the very
     distribution KL compares (pruning again on prompt + answer would rank by the answer token)."""
     model, processor, samples, baseline = one_token_baseline
-    rows, *_ = run_condition(model, processor, samples, method=method, keep=0.25, baseline=baseline,
-                             max_new_tokens=1, **COMMON)
+    rows = run_condition(model, processor, samples, method=lofi.build(method, keep=0.25), baseline=baseline,
+                         max_new_tokens=1, **COMMON).samples
     one = [r for r, n in zip(rows, baseline.answer_lengths) if n == 1]
-    assert len(one) >= 4 and any(r["kl"] > 1e-4 for r in one)
+    assert len(one) >= 4 and any(r.kl > 1e-4 for r in one)
     for r in one:
-        assert r["forced_kl"] == r["kl"], r["sample_id"]
+        assert r.forced_kl == r.kl, r.sample_id
 
 
 @torch.no_grad()

@@ -5,9 +5,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
-from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
 
 METHODS = ["fastv", "lofi", "random"]
 ATOL = 1e-5

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from analysis.bundled import recipe as bundled
 from analysis.benchmark import shapes
 from analysis.benchmark.datasets import load_split
+from analysis.bundled import recipe as bundled
 
 
 def test_scene_is_a_pure_function_of_split_and_index():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.bundled import recipe as bundled
 from analysis.benchmark.datasets import load_split
+from analysis.bundled import recipe as bundled
 from analysis.study.evaluate import accuracy_table, answer, load_model
 
 

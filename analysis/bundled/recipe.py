@@ -10,10 +10,15 @@ llava-hf checkpoint does, and every other module treats it as just another LLaVA
 
 from __future__ import annotations
 
-
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
 
 from analysis.benchmark import shapes
 from analysis.paths import BUNDLED_BENCHMARK, BUNDLED_MODEL, DATA_DIR, REPO_ROOT  # noqa: F401

@@ -39,8 +39,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from analysis.bundled import recipe as bundled
 from analysis.benchmark import shapes
+from analysis.bundled import recipe as bundled
 from analysis.study.evaluate import accuracy_table
 
 IGNORE = -100

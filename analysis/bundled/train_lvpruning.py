@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.bundled import recipe as bundled
-from analysis.study.evaluate import load_model
 from analysis.bundled.train import IGNORE, ConversationBatches, cosine_lr
+from analysis.study.evaluate import load_model
 from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, ratio_loss, soft_pruning
-
 
 LABELS = ("dataset", "model")
 DECISIONS = ("gumbel", "topk")

@@ -19,7 +19,7 @@ each layer holds. Only calls whose prompt contains image tokens are captured (no
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -63,12 +63,12 @@ def _visual_positions(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return order, torch.arange(order.shape[1], device=order.device) < counts[:, None]
 
 
-class Capture:
-    """Collect ``LayerStatistics`` for every prompt forward pass inside the block.
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What ``Capture`` measures.
 
-    Args:
-        model: a ``LlavaForConditionalGeneration``.
-        groups: token groups to measure.
+    Attributes:
+        groups: token groups to measure (``visual``, ``all``).
         center: subtract each matrix's mean row first (recorded by the caller in the run config).
         top_k: how many singular values to keep per matrix.
         leverage_layers: layers at which to keep per-token leverage scores of the visual group.
@@ -78,24 +78,45 @@ class Capture:
             IPR and PR are still exact (from Frobenius norms of the Gram matrix, no decomposition),
             effective rank is NaN and ``singular_values`` is empty. On a small model one
             decomposition costs about as much as the decoder layer itself (benchmarks/README.md).
+    """
+
+    groups: tuple[str, ...] = ("visual", "all")
+    center: bool = False
+    top_k: int = 32
+    leverage_layers: tuple[int, ...] = ()
+    tau: float = 0.9
+    spectrum_layers: str | tuple[int, ...] = "all"
+
+    def __post_init__(self):
+        unknown = set(self.groups) - {"visual", "all"}
+        if unknown:
+            raise ValueError(f"unknown token group(s) {sorted(unknown)}; valid groups: ['all', 'visual']")
+        if isinstance(self.spectrum_layers, str) and self.spectrum_layers != "all":
+            raise ValueError(f"spectrum_layers must be 'all', a collection of layer numbers or (), "
+                             f"got {self.spectrum_layers!r}")
+
+
+class Capture:
+    """Collect ``LayerStatistics`` for every prompt forward pass inside the block.
+
+    Args:
+        model: a VLM of a supported family (``lofi.families``).
+        options: a ``CaptureOptions`` (default: its defaults); keyword arguments override its fields.
 
     Example:
-        >>> with Capture(model) as capture:  # doctest: +SKIP
+        >>> with Capture(model, leverage_layers=[2]) as capture:  # doctest: +SKIP
         ...     model(**inputs)
         ...     rows = capture.take()  # list[LayerStatistics], and the buffer is emptied
     """
 
-    def __init__(self, model, *, groups=("visual", "all"), center: bool = False, top_k: int = 32,
-                 leverage_layers=(), tau: float = 0.9, spectrum_layers="all"):
-        unknown = set(groups) - {"visual", "all"}
-        if unknown:
-            raise ValueError(f"unknown token group(s) {sorted(unknown)}; valid groups: ['all', 'visual']")
-        self.model, self.groups, self.center, self.top_k = model, tuple(groups), center, top_k
-        self.leverage_layers, self.tau = set(leverage_layers), tau
-        if isinstance(spectrum_layers, str) and spectrum_layers != "all":
-            raise ValueError(f"spectrum_layers must be 'all', a collection of layer numbers or (), "
-                             f"got {spectrum_layers!r}")
-        self.spectrum_layers = spectrum_layers if spectrum_layers == "all" else set(spectrum_layers or ())
+    def __init__(self, model, options: CaptureOptions | None = None, **overrides):
+        options = replace(options or CaptureOptions(), **{k: tuple(v) if isinstance(v, list) else v
+                                                          for k, v in overrides.items()})
+        self.model, self.options = model, options
+        self.groups, self.center, self.top_k = tuple(options.groups), options.center, options.top_k
+        self.leverage_layers, self.tau = set(options.leverage_layers), options.tau
+        spectrum = options.spectrum_layers
+        self.spectrum_layers = spectrum if spectrum == "all" else set(spectrum or ())
         self.family = family_for(model)
         self.layers = self.family.layers()
         self._hooks: list = []

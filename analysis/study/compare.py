@@ -1,48 +1,59 @@
 """``python -m analysis.compare``: compare pruning methods against the unpruned model, into a run folder.
 
-    python -m analysis.compare --methods lofi lvpruning fastv [--keep 0.5 0.25 0.1] [--model PATH]
+    python -m analysis.compare --methods lofi lvpruning fastv [--keep 0.5 0.25 0.1] [--model PATH_OR_HUB_ID]
            [--dataset NAME_OR_PATH] [--limit N] [--out DIR] [--device auto|cpu|cuda] [--seed S]
     python -m analysis.compare --methods list
 
-This module owns the command line and the run folder (docs/definitions.md#run-folder): checking every input before any
-work, running the baseline once and each (method, keep) condition (``analysis.runner``), keeping each
-finished condition as a shard so an interrupted run resumes without recomputing, and assembling the
-tables. Work happens in ``<out>.partial/``; the folder appears under its name only when complete.
+This module owns the command line (docs/definitions.md#cli): checking every input before any work,
+building each (method, keep) condition once, running the unpruned model and every condition
+(``analysis.study.runner``) in the run folder (``analysis.study.runfolder``: resume, atomic completion),
+and assembling the tables and the report.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 import lofi
 from analysis import paths
-from analysis.study import tables
 from analysis.benchmark.datasets import DatasetError, check_questions, load_split, verify_images
+from analysis.measure.capture import CaptureOptions
+from analysis.study import runfolder, tables
 from analysis.study.models import ModelError, check_model, load_model, resolve
-from analysis.study.runner import BaselineOutputs, run_condition
+from analysis.study.records import RunConfig
+from analysis.study.runner import run_condition
 
 DEFAULT_LIMIT = 150
 DEFAULT_KEEP = (0.5, 0.25, 0.1)
 HEADLINE = {"layer": "last", "group": "all"}
+LEVERAGE_LAYERS = (0, 2)
 
 
 class UsageError(Exception):
     """Bad input: one line naming the fix, exit status 2."""
+
+
+@dataclass
+class Plan:
+    """A checked command: its questions, model folder and processor, and its conditions, built once."""
+
+    samples: list
+    processor: object
+    model_folder: Path | None
+    methods: list[lofi.PruningMethod]
 
 
 def parse_args(argv):
@@ -66,8 +77,8 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def _validate(args):
-    """Every check that can fail, before any file is written or weights are read: (samples, processor)."""
+def _validate(args) -> Plan:
+    """Every check that can fail, before any file is written or weights are read."""
     valid = lofi.available()
     unknown = [m for m in args.methods if m not in valid]
     if unknown:
@@ -84,15 +95,20 @@ def _validate(args):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu or auto")
     try:
+        methods = [lofi.build(name, shared={"seed": args.seed}, keep=keep) for name in args.methods
+                   for keep in args.keep]
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    try:
         _, processor = check_model(args.model)
+        folder = resolve(args.model)
     except ModelError as e:
         raise UsageError(str(e)) from None
-    if "lvpruning" in args.methods:
-        from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
-        modules = resolve(args.model) / DEFAULT_FOLDER / WEIGHTS
-        if not modules.is_file():
-            raise UsageError(f"lvpruning needs trained decision modules at {modules}; train them with "
-                             f"`python -m analysis.train_lvpruning --model {args.model}` or leave lvpruning out")
+    for method in methods:
+        for file in method.weight_files(folder):
+            if not file.is_file():
+                raise UsageError(f"{method.name} needs its trained weights {file}; {method.weights_hint}"
+                                 f" (or leave {method.name} out)")
     try:
         samples = load_split(args.dataset, limit=args.limit or None)
         verify_images(samples)
@@ -101,7 +117,7 @@ def _validate(args):
         raise UsageError(str(e)) from None
     if not samples:
         raise UsageError(f"dataset {args.dataset} has no questions")
-    return samples, processor
+    return Plan(samples, processor, folder, methods)
 
 
 def _check_out(out: Path) -> None:
@@ -120,50 +136,18 @@ def _check_out(out: Path) -> None:
                          "choose another --out") from None
 
 
-def _config(args, samples, device) -> dict:
+def _config(args, plan: Plan, device: str) -> RunConfig:
     packages = {p: _version(p) for p in ("torch", "transformers", "numpy", "pandas", "lofi-vtp")}
-    return {"methods": args.methods, "keep": args.keep, "model": str(args.model), "dataset": str(args.dataset),
-            "limit": args.limit, "n_samples": len(samples), "seed": args.seed, "device": device,
-            "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "center": args.center,
-            "spectrum_layers": args.spectrum_layers,
-            "method_defaults": {m: repr(lofi.build(m, keep=args.keep[0], **({"path": None} if m == "lvpruning"
-                                                                                else {}))) for m in args.methods},
-            "weights": weights_fingerprint(args.model, args.methods),
-            "headline": HEADLINE, "packages": packages, "python": platform.python_version(),
-            "git_commit": _git_commit()}
-
-
-FULL_HASH_LIMIT, HASH_EDGE = 64 << 20, 8 << 20  # larger files: size, first and last 8 MiB (7B: 13 GiB)
-
-
-def weights_fingerprint(model: str | Path, methods) -> dict[str, str]:
-    """sha256 of every weights file the run reads (the model's safetensors, LVPruning's modules), keyed by
-    path relative to the model folder; empty for a hub id. Part of a run's identity: after retraining,
-    the same command must recompute, not return the finished run of the old weights. Files over
-    ``FULL_HASH_LIMIT`` hash their size and first and last ``HASH_EDGE`` bytes: retraining changes
-    those too, and hashing a 13 GiB checkpoint whole would add a minute to every run."""
-    from lofi.methods.lvpruning import DEFAULT_FOLDER, WEIGHTS
-    try:
-        folder = resolve(model)
-    except ModelError:
-        return {}
-    files = sorted(folder.glob("*.safetensors"))
-    if "lvpruning" in methods:
-        files.append(folder / DEFAULT_FOLDER / WEIGHTS)
-    out = {}
-    for file in files:
-        if file.is_file():
-            size, digest = file.stat().st_size, hashlib.sha256()
-            with file.open("rb") as f:
-                if size <= FULL_HASH_LIMIT:
-                    digest.update(f.read())
-                else:
-                    digest.update(str(size).encode())
-                    digest.update(f.read(HASH_EDGE))
-                    f.seek(max(0, size - HASH_EDGE))
-                    digest.update(f.read())
-            out[file.relative_to(folder).as_posix()] = digest.hexdigest()
-    return out
+    first = {}
+    for method in plan.methods:
+        first.setdefault(method.name, repr(method))
+    weight_files = sorted({f for m in plan.methods for f in m.weight_files(plan.model_folder)})
+    return RunConfig(
+        methods=args.methods, keep=args.keep, model=str(args.model), dataset=str(args.dataset), limit=args.limit,
+        n_samples=len(plan.samples), seed=args.seed, device=device, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, center=args.center, spectrum_layers=args.spectrum_layers,
+        method_defaults=first, weights=runfolder.weights_fingerprint(plan.model_folder, weight_files),
+        headline=HEADLINE, packages=packages, python=platform.python_version(), git_commit=_git_commit())
 
 
 def _version(package: str) -> str | None:
@@ -181,28 +165,6 @@ def _git_commit() -> str | None:
         return None
 
 
-RUN_IDENTITY = ("methods", "keep", "model", "weights", "dataset", "limit", "seed", "center", "max_new_tokens",
-                "spectrum_layers")
-
-
-def _refuse_another_run(folder: Path, config: dict, state: str, fix: str) -> None:
-    """A ``UsageError`` naming the ``RUN_IDENTITY`` keys on which ``folder``'s run differs from ``config``."""
-    if not (folder / "config.json").is_file():
-        return
-    done = json.loads((folder / "config.json").read_text())
-    defaults = {"spectrum_layers": "all"}  # configs written before the option existed
-    differ = [k for k in RUN_IDENTITY if done.get(k, defaults.get(k)) != config.get(k, defaults.get(k))]
-    if differ:
-        raise UsageError(f"{folder} holds {state} run with another configuration (differs in: "
-                         f"{', '.join(differ)}); {fix}")
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
 def default_out(args, n_samples: int) -> Path:
     """reports/<model>_<methods>_<dataset>_n<N>_seed<S>: one folder name, whatever the dataset path."""
     dataset = Path(str(args.dataset)).stem if str(args.dataset) not in ("test", "val") else str(args.dataset)
@@ -212,75 +174,56 @@ def default_out(args, n_samples: int) -> Path:
 
 
 def run(args) -> Path:
-    samples, processor = _validate(args)
+    plan = _validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    out = args.out or default_out(args, len(samples))
+    out = args.out or default_out(args, len(plan.samples))
     _check_out(out)
-    config = _config(args, samples, device)
-    if (out / "report.html").is_file():
-        _refuse_another_run(out, config, "a finished", "choose another --out or delete it")
-        shutil.rmtree(out / "shards", ignore_errors=True)  # left only if a run stopped right after its rename
-        print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
-        return out
-    if out.is_dir() and any(out.iterdir()):
-        raise UsageError(f"--out {out} holds an unfinished or damaged run (no report.html); delete it or "
-                         "choose another --out")
-    work = out.with_name(out.name + ".partial")
-    _refuse_another_run(work, config, "an unfinished", "delete it or use another --out")
+    config = _config(args, plan, device)
+    try:
+        if (out / "report.html").is_file():
+            runfolder.refuse_another_run(out, config, "a finished", "choose another --out or delete it")
+            runfolder.drop_resume_state(out)
+            print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
+            return out
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--out {out} holds an unfinished or damaged run (no report.html); delete it or "
+                             "choose another --out")
+        work = out.with_name(out.name + ".partial")
+        runfolder.refuse_another_run(work, config, "an unfinished", "delete it or use another --out")
+    except runfolder.RunFolderError as e:
+        raise UsageError(str(e)) from None
     (work / "shards").mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(config, indent=1))
-    print(f"compare: {len(samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
+    (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
+    print(f"compare: {len(plan.samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
           f"methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}", flush=True)
-
     model, processor = load_model(args.model, device)
-    torch.manual_seed(args.seed)
-    capture = {"center": args.center, "leverage_layers": [0, 2], "spectrum_layers": "all"}
-    if args.spectrum_layers == "headline":
-        capture["spectrum_layers"] = [tables.headline_layer(HEADLINE["layer"],
-                                                            model.config.text_config.num_hidden_layers)]
-    common = dict(seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  capture_options=capture, progress=not args.no_progress)
-    started = time.time()
-    baseline_file = work / "shards" / "baseline.pt"
-    if baseline_file.is_file() and _condition_done(work, "baseline", 1.0):
-        baseline = BaselineOutputs(**torch.load(baseline_file))
-    else:
-        rows, spectra, _, baseline = run_condition(model, processor, samples, method=None, keep=1.0,
-                                                   baseline=None, desc="baseline", **common)
-        tmp = baseline_file.with_suffix(".tmp")
-        torch.save(vars(baseline), tmp)
-        tmp.replace(baseline_file)
-        _save_condition(work, "baseline", 1.0, rows, spectra, [])
-    for method in args.methods:
-        for keep in args.keep:
-            if _condition_done(work, method, keep):
-                continue
-            rows, spectra, kept, _ = run_condition(model, processor, samples, method=method, keep=keep,
-                                                   baseline=baseline, desc=f"{method} keep={keep}", **common)
-            _save_condition(work, method, keep, rows, spectra, kept)
-    print(f"measured in {time.time() - started:.0f} s; writing tables and report", flush=True)
-    tables.assemble(work, model.config)
+    _measure(args, plan, model, processor, work)
+    tables.assemble(work, model.config, plan.methods)
     from analysis.study import report
     report.render(work)
-    if out.is_dir():
-        out.rmdir()  # empty (checked above): the finished folder takes its place
-    work.rename(out)  # the run folder appears complete, or not at all
-    shutil.rmtree(out / "shards")  # the resume state; the tables now hold everything
-    return out
+    return runfolder.complete(work, out)
 
 
-def _condition_done(work: Path, method: str, keep: float) -> bool:
-    """A condition is finished only when every one of its shards is on disk."""
-    return all(tables.shard_path(work, method, keep, kind).is_file() for kind in tables.SHARDS)
-
-
-def _save_condition(work, method, keep, rows, spectra, kept) -> None:
-    spectra_frame = pd.DataFrame([{k: v for k, v in vars(r).items() if k not in ("row", "call")}
-                                  for r in spectra]).assign(method=method, keep=keep)
-    _write_parquet(spectra_frame, tables.shard_path(work, method, keep, "spectra"))
-    _write_parquet(pd.DataFrame(kept, columns=["sample_id", "method", "keep", "stage", "layer", "kept",
-                                               "n_visual", "tiles"]), tables.shard_path(work, method, keep, "kept"))
-    _write_parquet(pd.DataFrame(rows), tables.shard_path(work, method, keep, "samples"))
+def _measure(args, plan: Plan, model, processor, work: Path) -> None:
+    """The unpruned model and every condition not finished yet, each saved as soon as it is done."""
+    torch.manual_seed(args.seed)
+    spectrum = "all"
+    if args.spectrum_layers == "headline":
+        spectrum = (tables.headline_layer(HEADLINE["layer"], model.config.text_config.num_hidden_layers),)
+    common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                  capture=CaptureOptions(center=args.center, leverage_layers=LEVERAGE_LAYERS, spectrum_layers=spectrum))
+    started = time.time()
+    baseline = runfolder.load_baseline(work)
+    if baseline is None:
+        result = run_condition(model, processor, plan.samples, method=None, baseline=None, desc="baseline", **common)
+        runfolder.save_condition(work, "baseline", 1.0, result)
+        baseline = result.baseline
+    for method in plan.methods:
+        if not runfolder.condition_done(work, method.name, method.keep):
+            result = run_condition(model, processor, plan.samples, method=method, baseline=baseline,
+                                   desc=f"{method.name} keep={method.keep:g}", **common)
+            runfolder.save_condition(work, method.name, method.keep, result)
+    print(f"measured in {time.time() - started:.0f} s; writing tables and report", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

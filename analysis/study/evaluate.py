@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
 from pathlib import Path
 from typing import Sequence
 
@@ -18,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import paths
-from analysis.measure.consistency import normalize_answer
 from analysis.benchmark.datasets import Sample, load_split
+from analysis.measure.consistency import normalize_answer
 from analysis.study.models import ModelError, batch_inputs, check_model, load_model  # noqa: F401  (re-exported)
 
 

@@ -17,7 +17,6 @@ import torch
 from analysis import paths
 
 
-
 class ModelError(ValueError):
     """A model that cannot be used; the message names what is missing or supported."""
 

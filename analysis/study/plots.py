@@ -5,9 +5,8 @@ Compute modules never import this one (nor matplotlib); it is imported only wher
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import sys
+from typing import Sequence
 
 import matplotlib
 

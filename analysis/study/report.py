@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
 
-from analysis.study import plots
-from analysis.measure.correlation import smallest_p
 from analysis.benchmark.datasets import load_split
+from analysis.measure.correlation import smallest_p
+from analysis.study import plots
 from analysis.study.tables import headline
 
 MIN_CONDITIONS = 5  # fewer: even a perfect correlation has permutation p >= 2/5! = 0.017 (4: 0.083)

@@ -1,37 +1,28 @@
 """Measuring one condition over a list of samples: answers, divergences, spectra, kept tokens.
 
-``run_condition`` is the unit of work of ``analysis.compare``: the baseline (``method=None``) or one
-(method, keep) over every sample, in batches. For each batch it greedily generates under
-``lofi.pruned`` with ``analysis.capture.Capture`` active (the prompt's forward pass is captured once),
-keeps the first-answer-position logits, and for pruned conditions teacher-forces the baseline's answer
-under the very kept sets the answer was generated with (``handle.replay()``) to get the forced KL. Everything returned is small: per-sample rows and per-layer statistics.
+``run_condition`` is the unit of work of ``analysis.compare``: the unpruned model (``method=None``) or one
+built method over every sample, in batches. For each batch it greedily generates under ``lofi.pruned``
+with ``Capture`` active (the prompt's forward pass is captured once), keeps the first-answer-position
+logits, and for pruned conditions scores the unpruned answer under the very kept sets the answer was
+generated with (``handle.replay()``) to get the forced KL. Everything returned is small: typed
+per-sample records (``analysis.study.records``) and per-layer statistics.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 import json
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 from tqdm.auto import tqdm
 
 import lofi
-from analysis.study.models import batch_inputs
-from lofi.families import family_class
-from analysis.measure.capture import Capture
+from analysis.measure.capture import Capture, CaptureOptions
 from analysis.measure.consistency import forced_kl, js_divergence, kl_divergence, normalize_answer
-
-
-@dataclass
-class BaselineOutputs:
-    """What every pruned condition is compared with, per sample (kept in memory and on disk)."""
-
-    answers: list[str]
-    first_logits: torch.Tensor                    # [N, vocab] float32
-    sequences: list[list[int]]                    # prompt ids + generated ids, unpadded
-    answer_lengths: list[int]                     # answer tokens before EOS
-    forced_logits: list[torch.Tensor] = field(default_factory=list)  # per sample [answer_len, vocab]
+from analysis.study.models import batch_inputs
+from analysis.study.records import BaselineOutputs, ConditionResult, KeptTokens, SampleResult
+from lofi.families import family_class
 
 
 def _prompt_inputs(processor, samples, device):
@@ -48,8 +39,8 @@ def _geometry(model, inputs) -> list[dict]:
     for b, visual in enumerate(n_visual):
         image = family.image_of(inputs, b)
         tiles = [asdict(t) for t in family.tiles(model.config, image)]
-        out.append({"image": json.dumps(image), "n_visual": visual, "n_text": int(valid[b].sum()) - visual,
-                    "tiles": json.dumps(tiles)})
+        out.append({"image": json.dumps(image), "n_visual": visual, "n_prunable": visual,
+                    "n_text": int(valid[b].sum()) - visual, "tiles": json.dumps(tiles)})
     return out
 
 
@@ -60,88 +51,88 @@ def _answer_length(tokens: list[int], stop: set[int]) -> int:
     return len(tokens)
 
 
+def _condition(method: lofi.PruningMethod | None) -> tuple[str, float]:
+    return ("baseline", 1.0) if method is None else (method.name, method.keep)
+
+
 @torch.no_grad()
-def run_condition(model, processor, samples, *, method: str | None, keep: float, seed: int,
-                  batch_size: int, max_new_tokens: int, baseline: BaselineOutputs | None,
-                  capture_options: dict, progress: bool = True, desc: str = ""):
-    """Returns (per-sample dict rows, LayerStatistics rows with sample ids, kept rows, BaselineOutputs|None)."""
+def run_condition(model, processor, samples, *, method: lofi.PruningMethod | None, batch_size: int,
+                  max_new_tokens: int, baseline: BaselineOutputs | None, capture: CaptureOptions | None = None,
+                  progress: bool = True, desc: str = "") -> ConditionResult:
+    """One condition over ``samples``: the unpruned model when ``method`` is None (its result carries the
+    ``BaselineOutputs`` the others need), else ``method`` (built once) compared with ``baseline``."""
     device = next(model.parameters()).device
     tokenizer = processor.tokenizer
     stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
-    rows, spectra, kept_rows = [], [], []
-    first_logits, answers, sequences, lengths, forced, geometry = [], [], [], [], [], []
-    options = {"keep": keep}
-    if method == "random":
-        options["seed"] = seed
-    with Capture(model, **capture_options) as capture:
+    result = ConditionResult([], [], [])
+    answers, first_logits, forced, geometry = [], [], [], []
+    sequences, lengths = [], []
+    with Capture(model, capture) as capturing:
         for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
             batch = samples[start:start + batch_size]
             inputs = _prompt_inputs(processor, batch, device)
-            prompt_len = inputs["input_ids"].shape[1]
-            context = lofi.pruned(model, method, **options) if method else nullcontext()
-            with context as handle:
+            with lofi.pruned(model, method) if method else nullcontext() as handle:
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
-            stats = capture.take()
-            for r in stats:
-                r.sample_id = batch[r.row].question_id
-            spectra += stats
-            new = out.sequences[:, prompt_len:]
-            batch_answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for statistics in capturing.take():
+                statistics.sample_id = batch[statistics.row].question_id
+                result.spectra.append(statistics)
+            new = out.sequences[:, inputs["input_ids"].shape[1]:]
             step_logits = torch.stack(out.logits, 1).float()  # [B, steps, vocab]
             shapes = _geometry(model, inputs)
             if handle is not None:
-                replay = handle.replay()  # the forced pass must see the tokens the answer was made with
-                for b, n_prunable in enumerate(handle.n_prunable.tolist()):
-                    shapes[b]["n_prunable"] = n_prunable
-                for stage in range(len(handle.kept)):
-                    for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
-                        kept_rows.append({"sample_id": s.question_id, "method": method, "keep": keep,
-                                          "stage": stage, "layer": handle.stages[stage], "kept": kept,
-                                          "n_visual": shapes[b]["n_visual"], "tiles": shapes[b]["tiles"]})
+                result.kept += _kept_tokens(handle, batch, shapes)
             geometry += shapes
-            for b, s in enumerate(batch):
-                length = _answer_length(new[b].tolist(), stop)
-                answers.append(batch_answers[b])
-                first_logits.append(step_logits[b, 0].cpu())
-                if baseline is None:
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+            first_logits += list(step_logits[:, 0].cpu())
+            if baseline is None:
+                for b in range(len(batch)):
+                    length = _answer_length(new[b].tolist(), stop)
                     valid = inputs["attention_mask"][b].bool()
                     sequences.append(inputs["input_ids"][b][valid].tolist() + new[b, :length].tolist())
                     lengths.append(length)
                     forced.append(step_logits[b, :length].cpu())
-            if baseline is not None:
-                with capture.paused():
+            else:
+                with capturing.paused():
                     forced += _forced_logits(model, processor, batch, baseline, range(start, start + len(batch)),
-                                             new, step_logits, replay)
+                                             new, step_logits, handle.replay())
     first = torch.stack(first_logits)
+    name, keep = _condition(method)
     if baseline is None:
-        result = BaselineOutputs(answers, first, sequences, lengths, forced)
-        for s, a, g in zip(samples, answers, geometry):
-            rows.append(_row(s, "baseline", 1.0, a, a, g))
-        return rows, spectra, kept_rows, result
-    kl = kl_divergence(baseline.first_logits, first)
-    js = js_divergence(baseline.first_logits, first)
+        result.baseline = BaselineOutputs(answers, first, sequences, lengths, forced)
+        result.samples = [_sample(s, name, keep, a, a, g) for s, a, g in zip(samples, answers, geometry)]
+        return result
+    kl, js = kl_divergence(baseline.first_logits, first), js_divergence(baseline.first_logits, first)
     for i, (s, a, g) in enumerate(zip(samples, answers, geometry)):
-        row = _row(s, method, keep, a, baseline.answers[i], g)
         n = baseline.answer_lengths[i]
-        row["kl"], row["js"] = float(kl[i]), float(js[i])
-        row["forced_kl"] = float(forced_kl(baseline.forced_logits[i][None], forced[i][None],
+        record = _sample(s, name, keep, a, baseline.answers[i], g)
+        record.kl, record.js = float(kl[i]), float(js[i])
+        record.forced_kl = float(forced_kl(baseline.forced_logits[i][None], forced[i][None],
                                            torch.ones(1, n))[0]) if n else 0.0
-        rows.append(row)
-    return rows, spectra, kept_rows, None
+        result.samples.append(record)
+    return result
 
 
-def _row(sample, method, keep, answer, baseline_answer, geometry: dict) -> dict:
-    gold = sample.answer
-    norm = normalize_answer
-    return {"sample_id": sample.question_id, "method": method, "keep": keep, "family": sample.family,
-            "question": sample.question, "gold": gold, "answer": norm(answer),
-            "baseline_answer": norm(baseline_answer),
-            "correct": None if gold is None else norm(answer) == norm(gold),
-            "baseline_correct": None if gold is None else norm(baseline_answer) == norm(gold),
-            "flip": norm(answer) != norm(baseline_answer), "kl": 0.0, "forced_kl": 0.0, "js": 0.0,
-            "image": geometry["image"], "n_visual": geometry["n_visual"], "n_text": geometry["n_text"],
-            "n_prunable": geometry.get("n_prunable", geometry["n_visual"])}
+def _kept_tokens(handle, batch, shapes) -> list[KeptTokens]:
+    """The handle's kept tokens as records; the samples' prunable counts go into ``shapes``."""
+    for b, n_prunable in enumerate(handle.n_prunable.tolist()):
+        shapes[b]["n_prunable"] = n_prunable
+    name, keep = handle.method.name, handle.method.keep
+    return [KeptTokens(s.question_id, name, keep, stage, handle.stages[stage], kept, shapes[b]["n_visual"],
+                       shapes[b]["tiles"])
+            for stage in range(len(handle.kept))
+            for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage)))]
+
+
+def _sample(sample, method: str, keep: float, answer: str, baseline_answer: str, geometry: dict) -> SampleResult:
+    gold, norm = sample.answer, normalize_answer
+    return SampleResult(
+        sample_id=sample.question_id, method=method, keep=keep, family=sample.family, question=sample.question,
+        gold=gold, answer=norm(answer), baseline_answer=norm(baseline_answer),
+        correct=None if gold is None else norm(answer) == norm(gold),
+        baseline_correct=None if gold is None else norm(baseline_answer) == norm(gold),
+        flip=norm(answer) != norm(baseline_answer), image=geometry["image"], n_visual=geometry["n_visual"],
+        n_prunable=geometry["n_prunable"], n_text=geometry["n_text"])
 
 
 def _forced_logits(model, processor, batch, baseline, index, generated, step_logits, replay) -> list[torch.Tensor]:

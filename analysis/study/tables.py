@@ -1,24 +1,11 @@
-"""The tables of a run folder (docs/definitions.md#run-folder), assembled from its per-condition shards.
+"""The tables of a run folder, assembled from its per-condition shards (docs/definitions.md#run-folder
+lists every file and column).
 
-Columns:
-
-* ``samples.parquet`` -- one row per (sample, method, keep): ``sample_id, method, keep, answer,
-  baseline_answer, correct, baseline_correct, flip, kl, forced_kl, js, rel_flops`` and ``family,
-  question, gold, n_visual, n_visual_kept, n_text, image`` (answers normalised; KL/JS at the first answer
-  position, natural log; ``n_visual``: visual tokens of the prompt, newline rows included; ``n_visual_kept``:
-  those left after the last stage; ``image``: the family's image description as JSON, e.g. LLaVA-NeXT's
-  [height, width] or Qwen2-VL's [frames, rows, cols] of patches).
-* ``spectra.parquet`` -- one row per (sample, method, keep, layer, group), baseline rows with method
-  ``baseline`` and keep 1: ``sample_id, method, keep, layer, group, n_tokens, ipr, pr, effective_rank,
-  delta_ipr, singular_values`` (top singular values; with ``--spectrum-layers headline`` they and
-  ``effective_rank`` are empty / NaN away from the headline and leverage layers).
-* ``summary.csv`` -- one row per condition: ``method, keep, n, accuracy, baseline_accuracy, flip_rate,
-  dutta_flips, c_to_i, i_to_c, mean_kl, mean_js, mean_forced_kl, mean_delta_ipr`` (headline layer and
-  group), ``rel_flops, rel_flops_llm, tokens_kept``.
-* ``correlation.csv`` -- per (level, layer, group, measure): n, Pearson and Spearman with 95% CIs.
-* ``kept.parquet`` (kept visual-token indices per sample, condition and stage, with ``n_visual`` and the
-  sample's ``tiles``: where its visual tokens lie on the image, as JSON) and
-  ``leverage.parquet`` (baseline per-token leverage scores at layers 0 and 2).
+``samples.parquet`` holds the ``SampleResult`` records of every pruned condition plus the columns derived
+here (``DERIVED``: relative FLOPs per sample and family, visual tokens left after the last stage);
+``spectra.parquet`` the per-layer statistics with Delta IPR; ``summary.csv`` one row per condition;
+``correlation.csv`` Delta IPR against every consistency measure, per layer and group; ``kept.parquet``
+the ``KeptTokens`` records; ``leverage.parquet`` the unpruned leverage scores at the leverage layers.
 """
 
 from __future__ import annotations
@@ -32,16 +19,12 @@ import pandas as pd
 import lofi
 from analysis.measure.consistency import flips
 from analysis.measure.correlation import condition_correlation, sample_correlation
+from analysis.study import runfolder
+from analysis.study.records import SampleResult, columns
 
 MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
-
-
-SHARDS = ("spectra", "kept", "samples")  # one parquet file each per finished condition
-
-
-def shard_path(work: Path, method: str, keep: float, kind: str) -> Path:
-    """Where a condition's ``kind`` shard lives in a run's work folder (the resume state)."""
-    return work / "shards" / f"{method}__{keep:g}__{kind}.parquet"
+DERIVED = ("rel_flops", "rel_flops_llm", "n_visual_kept")  # computed here from the shards
+SAMPLE_COLUMNS = [*columns(SampleResult), *DERIVED]  # samples.parquet
 
 
 def headline_layer(setting, last_layer: int) -> int:
@@ -54,45 +37,39 @@ def headline(spectra: pd.DataFrame, config: dict) -> tuple[int, str]:
     return headline_layer(config["headline"]["layer"], int(spectra["layer"].max())), config["headline"]["group"]
 
 
-def _read(work: Path, kind: str) -> pd.DataFrame:
-    frames = [pd.read_parquet(p) for p in sorted((work / "shards").glob(f"*__{kind}.parquet"))]
-    frames = [f for f in frames if len(f)]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
-def pruned_flops(model_config, method: str, keep: float, n_text: int, n_visual: int,
+def pruned_flops(model_config, method: lofi.PruningMethod, n_text: int, n_visual: int,
                  n_prunable: int | None = None, image=None):
     """(pruned, unpruned) ``lofi.Flops`` of one prompt of ``n_visual`` visual tokens, ``n_prunable`` of them
     prunable (default all; LLaVA-NeXT's newline rows are not), for the family's ``image``; the pruned count
     includes the method's decision modules."""
     n_prunable = n_visual if n_prunable is None else n_prunable
     base = lofi.count_flops(model_config, n_text, n_visual, image=image)
-    instance = lofi.build(method, keep=keep)
-    schedule = instance.schedule(model_config.text_config.num_hidden_layers, n_prunable, n_visual - n_prunable)
-    present = [n_prunable] + [n - (n_visual - n_prunable) for _, n in schedule[:-1]]
+    fixed = n_visual - n_prunable
+    schedule = method.schedule(model_config.text_config.num_hidden_layers, n_prunable, fixed)
+    present = [n_prunable] + [n - fixed for _, n in schedule[:-1]]
     pruned = lofi.count_flops(model_config, n_text, n_visual, schedule, image=image,
-                              decision=instance.decision_flops(model_config, n_text, present))
+                              decision=method.decision_flops(model_config, n_text, present))
     return pruned, base
 
 
-def relative_flops(model_config, method: str, keep: float, n_text: int, n_visual: int,
+def relative_flops(model_config, method: lofi.PruningMethod, n_text: int, n_visual: int,
                    n_prunable: int | None = None, image=None) -> tuple[float, float]:
     """(whole-model, LLM-only) FLOPs of the condition relative to the unpruned model."""
-    pruned, base = pruned_flops(model_config, method, keep, n_text, n_visual, n_prunable, image)
+    pruned, base = pruned_flops(model_config, method, n_text, n_visual, n_prunable, image)
     return pruned.total / base.total, pruned.llm / base.llm
 
 
-def assemble(work: Path, model_config) -> None:
+def assemble(work: Path, model_config, methods: list[lofi.PruningMethod]) -> None:
+    """The run folder's tables from its shards; ``methods`` are the run's conditions (for their FLOPs)."""
     config = json.loads((work / "config.json").read_text())
-    conditions = [("baseline", 1.0)] + [(m, k) for m in config["methods"] for k in config["keep"]]
-    missing = [p.name for m, k in conditions for kind in SHARDS
-               for p in [shard_path(work, m, k, kind)] if not p.is_file()]
+    by_condition = {(m.name, m.keep): m for m in methods}
+    missing = runfolder.missing_shards(work, [("baseline", 1.0), *by_condition])
     if missing:
         raise RuntimeError(f"{work} lacks the shard(s) {missing}: those conditions are not finished; "
                            "rerun the same command to compute them")
-    rows = _read(work, "samples")
-    spectra = _read(work, "spectra")
-    kept = _read(work, "kept")
+    rows = runfolder.read_shards(work, "samples")
+    spectra = runfolder.read_shards(work, "spectra")
+    kept = runfolder.read_shards(work, "kept")
     flops_cache: dict = {}
 
     def rel(row):
@@ -101,8 +78,8 @@ def assemble(work: Path, model_config) -> None:
         key = (row.method, row.keep, row.n_text, row.n_visual, row.n_prunable, row.image)
         if key not in flops_cache:
             image = json.loads(row.image)
-            flops_cache[key] = relative_flops(model_config, row.method, row.keep, int(row.n_text), int(row.n_visual),
-                                              int(row.n_prunable), tuple(image) if image else None)
+            flops_cache[key] = relative_flops(model_config, by_condition[(row.method, row.keep)], int(row.n_text),
+                                              int(row.n_visual), int(row.n_prunable), tuple(image) if image else None)
         return flops_cache[key]
 
     flops = [rel(row) for row in rows.itertuples()]
@@ -124,10 +101,7 @@ def assemble(work: Path, model_config) -> None:
 
     pruned = rows[rows.method != "baseline"].copy()
     pruned["changed_correctness"] = (pruned["correct"] != pruned["baseline_correct"]).astype(float)
-    columns = ["sample_id", "method", "keep", "answer", "baseline_answer", "correct", "baseline_correct",
-               "flip", "kl", "forced_kl", "js", "rel_flops", "rel_flops_llm", "family", "question", "gold",
-               "n_visual", "n_visual_kept", "n_text", "image"]
-    pruned[columns].to_parquet(work / "samples.parquet", index=False)
+    pruned[SAMPLE_COLUMNS].to_parquet(work / "samples.parquet", index=False)
     spectra.to_parquet(work / "spectra.parquet", index=False)
     kept.to_parquet(work / "kept.parquet", index=False)
     leverage.to_parquet(work / "leverage.parquet", index=False)

@@ -232,6 +232,13 @@ class LVPruning(PruningMethod):
         parameter = next(model.parameters())
         self.modules = self.modules.to(device=parameter.device, dtype=parameter.dtype)
 
+    weights_hint = "train them with `python -m analysis.train_lvpruning --model MODEL` or pass path="
+
+    def weight_files(self, model_folder: Path) -> list[Path]:
+        if self.modules is not None and self.path is None:
+            return []  # given in memory
+        return [(Path(self.path) if self.path is not None else Path(model_folder) / DEFAULT_FOLDER) / WEIGHTS]
+
     def stages(self, num_layers: int) -> list[int]:
         layers = self.modules.settings["layers"] if self.modules is not None else stage_layers(num_layers)
         if max(layers) >= num_layers:
