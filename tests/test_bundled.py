@@ -96,7 +96,7 @@ def test_training_smoke_on_a_tiny_config(tmp_path):
                     config_overrides=tiny, progress=False)
     log = [json.loads(line) for line in (out / "training_log.jsonl").open()]
     assert len(log) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
-    assert summary["steps"] == 3 and (out / "loss_curve.png").is_file()
+    assert summary.steps == 3 and (out / "loss_curve.png").is_file()
     assert not (tmp_path / "tiny-llava.partial").exists()
     model, processor = load_model(out)
     assert model.config.text_config.num_hidden_layers == 2
@@ -165,19 +165,35 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     log = [json.loads(line) for line in (tmp_path / "b" / "training_log.jsonl").open()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert [r.get("stage", 1) for r in log] == [1, 1, 1, 2, 2]
-    assert second["total_steps"] == 5 and second["previous"]["steps"] == first["steps"] == 3
-    assert second["total_wall_seconds"] >= first["wall_seconds"]
-    chain = model_card.stages(second)
-    assert [s["steps"] for s in chain] == [3, 2]
+    assert second.total_steps == 5 and second.previous.steps == first.steps == 3
+    assert second.total_wall_seconds >= first.wall_seconds
+    chain = second.chain()
+    assert [s.steps for s in chain] == [3, 2]
     commands = [model_card.command(s) for s in chain]
     assert "--init-from" not in commands[0] and "--init-from data/shapes-llava --start 1000" in commands[1]
     assert "--family-weights existence=3,spatial=0" in commands[1]
     assert commands[1].endswith("--bf16") and "--bf16" not in commands[0]
     captured = {}  # the card's command, fed to the script's own parser, asks for the same run
-    monkeypatch.setattr(train_bundled, "train", lambda *args, **kwargs: captured.update(
-        kwargs, steps=args[1], lr=args[4], seed=args[5]) or {})
+    monkeypatch.setattr(train_bundled, "train", lambda out, config, **kwargs: captured.update(vars(config)) or second)
     train_bundled.main(shlex.split(commands[1])[3:])
     assert (captured["steps"], captured["lr"], captured["seed"], captured["start"]) == (2, 5e-4, 1, 1000)
     assert captured["family_weights"]["existence"] == 3 and captured["family_weights"]["spatial"] == 0
     assert captured["curriculum"] == 2 and captured["vision_warmup"] == 0
     assert captured["bf16"] is True
+
+
+def test_the_schedule_is_linear_warm_up_then_cosine_to_a_floor():
+    import math
+
+    from analysis.bundled.train import warmup_cosine
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=2e-3)
+    schedule = warmup_cosine(optimizer, total=50, warmup=6, floor=0.05)
+    seen = []
+    for _ in range(50):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    expected = [2e-3 * (s + 1) / 6 if s < 6 else
+                2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - 6) / 44))) for s in range(50)]
+    assert seen == pytest.approx(expected, rel=1e-9)

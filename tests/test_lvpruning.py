@@ -9,17 +9,8 @@ import torch
 from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
-from lofi.methods.lvpruning import (
-    DecisionModules,
-    LVPruning,
-    decision_flops,
-    masked_attention,
-    ratio_loss,
-    sample_without_replacement,
-    soft_pruning,
-    stage_layers,
-    topk_decisions,
-)
+from lofi.methods.lvpruning import DecisionModules, LVPruning, decision_flops, sample_without_replacement, stage_layers
+from lofi.training.lvpruning import masked_attention, ratio_loss, soft_pruning, topk_decisions
 
 
 @pytest.fixture(scope="module")

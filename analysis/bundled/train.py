@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +192,9 @@ def warm_up_vision(model, heads: PatchHeads, batches: "ConversationBatches", ste
     tower, projector = model.model.vision_tower, model.model.multi_modal_projector
     parameters = [*tower.parameters(), *projector.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    schedule = warmup_cosine(optimizer, steps)
     log = []
     for step in tqdm(range(steps), desc="vision warm-up", disable=not progress):
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
         batch = next(batches)
         features = tower(batch["pixel_values"], output_hidden_states=True).hidden_states[
             model.config.vision_feature_layer][:, 1:]  # "default" strategy: CLS dropped
@@ -203,6 +202,7 @@ def warm_up_vision(model, heads: PatchHeads, batches: "ConversationBatches", ste
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         log.append({"warmup_step": step + 1, "aux_loss": round(loss.item(), 5)})
         if not progress and (step + 1) % 100 == 0:
@@ -226,13 +226,17 @@ def first_token_accuracy(model, processor, split: str = "val", limit: int | None
     return {family: round(float(a), 2) for family, a in accuracy_table(samples, answers)["accuracy"].items()}
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup: int | None = None, floor: float = 0.05) -> float:
-    """Linear warm-up (default: min(100, total // 10 + 1) steps), then cosine decay to ``floor`` x peak."""
+def warmup_cosine(optimizer, total: int, warmup: int | None = None, floor: float = 0.05):
+    """Linear warm-up over ``warmup`` steps (default: min(100, total // 10 + 1)), then cosine decay to
+    ``floor`` x the peak learning rate by step ``total``: torch's own schedulers, stepped once per step.
+    The learning rate of step s (0-based) is peak (s + 1) / warmup while warming up, then
+    peak (floor + (1 - floor) (1 + cos(pi (s - warmup) / (total - warmup))) / 2)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
     warmup = min(100, total // 10 + 1) if warmup is None else warmup
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    peak = optimizer.param_groups[0]["lr"]
+    return SequentialLR(optimizer, [LinearLR(optimizer, 1 / warmup, 1.0, max(1, warmup - 1)),
+                                    CosineAnnealingLR(optimizer, max(1, total - warmup), floor * peak)],
+                        milestones=[warmup])
 
 
 def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes.MIN_OBJECTS) -> int:
@@ -249,116 +253,213 @@ def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes
     return first + int(span * step / curriculum_steps)
 
 
-def train(out: Path, steps: int, batch_size: int, turns: int, lr: float, seed: int, eval_every: int,
-          config_overrides: dict | None = None, progress: bool = True, describe: bool = True,
-          init_from: Path | None = None, start: int = 0, aux_weight: float = 1.0,
-          curriculum: int = 0, curriculum_start: int = shapes.MIN_OBJECTS,
-          nearest_targets: bool = False, image_norm: str = "clip",
-          vision_warmup: int = 0, family_weights: dict[str, float] | None = None,
-          bf16: bool = False) -> dict:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    processor = bundled.build_processor(normalisation=image_norm)
-    if init_from is not None:  # continue from a checkpoint: its weights, fresh optimizer and schedule
-        model = LlavaForConditionalGeneration.from_pretrained(init_from, dtype=torch.float32).train()
-        config = model.config
-    else:
-        config = bundled.build_config(processor.tokenizer, **(config_overrides or {}))
-        model = LlavaForConditionalGeneration(config).train()
-    vision = config.vision_config
+@dataclass
+class TrainingConfig:
+    """One training run's settings (``python -m analysis.train_bundled`` flags; see ``main``)."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    turns: int = 8
+    lr: float = 2e-3
+    seed: int = 0
+    eval_every: int = 300
+    config_overrides: dict = field(default_factory=dict)
+    describe: bool = True
+    init_from: Path | None = None
+    start: int = 0
+    aux_weight: float = 1.0
+    curriculum: int = 0
+    curriculum_start: int = shapes.MIN_OBJECTS
+    nearest_targets: bool = False
+    image_norm: str = "clip"
+    vision_warmup: int = 0
+    family_weights: dict | None = None
+    bf16: bool = False
+
+
+@dataclass
+class TrainingSummary:
+    """``training_summary.json``: the run's settings and what it measured, with the run it continued
+    (``previous``) and totals over that whole chain."""
+
+    steps: int
+    batch_size: int
+    turns: int
+    lr: float
+    seed: int
+    describe: bool = True
+    curriculum: int = 0
+    curriculum_start: int = 1
+    text_init: float = 0.02
+    nearest_targets: bool = False
+    image_norm: str = "clip"
+    vision_warmup: int = 0
+    vision_warmup_final_aux: float | None = None
+    aux_weight: float = 0.0
+    family_weights: dict | None = None
+    bf16: bool = False
+    init_from: str | None = None
+    start: int = 0
+    previous: TrainingSummary | None = None
+    config: dict = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    threads: int = 0
+    final_loss: float = float("nan")
+    parameters: int = 0
+    total_steps: int = 0
+    total_wall_seconds: float = 0.0
+    config_overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainingSummary:
+        """A summary as saved, any version (fields older runs did not record take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("previous"):
+            values["previous"] = cls.from_dict(values["previous"])
+        values.setdefault("total_steps", values["steps"])
+        values.setdefault("total_wall_seconds", values.get("wall_seconds", 0.0))
+        return cls(**values)
+
+    def chain(self) -> list[TrainingSummary]:
+        """The runs behind a checkpoint, oldest first (``--init-from`` links them)."""
+        return ([] if self.previous is None else self.previous.chain()) + [self]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def train(out: Path, config: TrainingConfig | None = None, progress: bool = True, **settings) -> TrainingSummary:
+    """Train (or, with ``init_from``, continue) the bundled model into ``out``; ``settings`` are
+    ``TrainingConfig`` fields. The folder appears complete, with its log, curve and summary."""
+    config = config or TrainingConfig(**settings)
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    model, processor = _build(config)
+    vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
-    processor.patch_size = vision.patch_size
-    processor.image_processor.size = {"shortest_edge": vision.image_size}
-    processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
-    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns, start=start, describe=describe,
-                                  patch_targets=aux_weight > 0 or vision_warmup > 0,
-                                  family_weights=family_weights)
-    heads = PatchHeads(config.text_config.hidden_size, vision.image_size // vision.patch_size, nearest_targets)
-    projected: list[torch.Tensor] = []
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
-    parameters = list(model.named_parameters()) + list(heads.named_parameters())
-    decay = [p for n, p in parameters if p.ndim >= 2]
-    no_decay = [p for n, p in parameters if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    batches = ConversationBatches(processor, n_image_tokens, config.batch_size, config.turns, start=config.start,
+                                  describe=config.describe,
+                                  patch_targets=config.aux_weight > 0 or config.vision_warmup > 0,
+                                  family_weights=config.family_weights)
+    heads = PatchHeads(model.config.text_config.hidden_size, vision.image_size // vision.patch_size,
+                       config.nearest_targets)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.time()
-    warmup_log = warm_up_vision(model, heads, batches, vision_warmup, lr, progress) if vision_warmup else []
+    warmup_log = (warm_up_vision(model, heads, batches, config.vision_warmup, config.lr, progress)
+                  if config.vision_warmup else [])
+    log = _train_steps(model, processor, heads, batches, config, n_image_tokens, started, progress)
+    summary = _save(model, processor, tmp, config, log, warmup_log, started)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return summary
+
+
+def _build(config: TrainingConfig):
+    """(model, processor) in training mode: a fresh model of the bundled architecture, or ``init_from``'s
+    weights (a fresh optimizer, schedule and patch heads follow)."""
+    processor = bundled.build_processor(normalisation=config.image_norm)
+    if config.init_from is not None:
+        model = LlavaForConditionalGeneration.from_pretrained(config.init_from, dtype=torch.float32).train()
+    else:
+        model_config = bundled.build_config(processor.tokenizer, **config.config_overrides)
+        model = LlavaForConditionalGeneration(model_config).train()
+    vision = model.config.vision_config
+    processor.patch_size = vision.patch_size
+    processor.image_processor.size = {"shortest_edge": vision.image_size}
+    processor.image_processor.crop_size = {"height": vision.image_size, "width": vision.image_size}
+    return model, processor
+
+
+def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_image_tokens: int, started: float,
+                 progress: bool) -> list[dict]:
+    """The training loop: answer loss plus the weighted patch-head loss, AdamW, clipping, the schedule."""
+    projected: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    parameters = list(model.named_parameters()) + list(heads.named_parameters())
+    optimizer = torch.optim.AdamW([{"params": [p for _, p in parameters if p.ndim >= 2], "weight_decay": 0.05},
+                                   {"params": [p for _, p in parameters if p.ndim < 2], "weight_decay": 0.0}],
+                                  lr=config.lr, betas=(0.9, 0.98))
+    schedule = warmup_cosine(optimizer, config.steps)
     log = []
-    bar = tqdm(range(steps), desc="training", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr)
-        batches.max_objects = curriculum_max_objects(step, curriculum, curriculum_start)
-        batch = next(batches)
-        targets = batch.pop("patch_targets", None)
-        projected.clear()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            answer_loss = model(**batch).loss
-            loss = answer_loss
+    bar = tqdm(range(config.steps), desc="training", disable=not progress)
+    try:
+        for step in bar:
+            batches.max_objects = curriculum_max_objects(step, config.curriculum, config.curriculum_start)
+            batch = next(batches)
+            targets = batch.pop("patch_targets", None)
+            projected.clear()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                answer_loss = model(**batch).loss
+                loss = answer_loss
+                if targets is not None:
+                    aux = heads.loss(projected[0].view(len(batch["input_ids"]), n_image_tokens, -1), targets)
+                    loss = answer_loss + config.aux_weight * aux
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            record = {"step": step + 1, "loss": round(answer_loss.item(), 5),
+                      "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - started, 1)}
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
             if targets is not None:
-                visual = projected[0].view(len(batch["input_ids"]), n_image_tokens, -1)
-                aux = heads.loss(visual, targets)
-                loss = answer_loss + aux_weight * aux
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "loss": round(answer_loss.item(), 5), "lr": optimizer.param_groups[0]["lr"],
-                  "seconds": round(time.time() - started, 1)}
-        if targets is not None:
-            record["aux_loss"] = round(aux.item(), 5)
-        if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            families = first_token_accuracy(model, processor)
-            record["val_accuracy"] = families.pop("overall")
-            record["val_families"] = families
-        log.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": record["val_accuracy"]}
-                                                          if "val_accuracy" in record else {}))
-        if not progress and ("val_accuracy" in record or (step + 1) % 25 == 0):
-            print(json.dumps(record), flush=True)
-    hook.remove()
+                record["aux_loss"] = round(aux.item(), 5)
+            if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                families = first_token_accuracy(model, processor)
+                record["val_accuracy"] = families.pop("overall")
+                record["val_families"] = families
+            log.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **({"val": record["val_accuracy"]}
+                                                              if "val_accuracy" in record else {}))
+            if not progress and ("val_accuracy" in record or (step + 1) % 25 == 0):
+                print(json.dumps(record), flush=True)
+    finally:
+        hook.remove()
+    return log
+
+
+def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict], warmup_log: list[dict],
+          started: float) -> TrainingSummary:
+    """The checkpoint, processor, log (continuing its source's), loss curve and summary into ``folder``."""
     model.eval()
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
     previous, history = None, []
-    source = Path(init_from) if init_from is not None else None
+    source = Path(config.init_from) if config.init_from is not None else None
     if source is not None and (source / "training_summary.json").is_file():
-        previous = json.loads((source / "training_summary.json").read_text())
+        previous = TrainingSummary.from_dict(json.loads((source / "training_summary.json").read_text()))
     if source is not None and (source / "training_log.jsonl").is_file():
         # one log and one curve for the whole chain of runs: later stages continue the step count
         history = [json.loads(line) for line in (source / "training_log.jsonl").open()]
         stage, offset = history[-1].get("stage", 1) + 1, history[-1]["step"]
         log = [{**r, "step": r["step"] + offset, "stage": stage} for r in log]
-    with (tmp / "training_log.jsonl").open("w") as f:
+    with (folder / "training_log.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in history + log)
     from analysis.study.plots import loss_curve
-    loss_curve(history + log).savefig(tmp / "loss_curve.png", dpi=120, bbox_inches="tight")
-    prior = previous or {}
-    summary = {"steps": steps, "batch_size": batch_size, "turns": turns, "describe": describe, "lr": lr,
-               "curriculum": curriculum, "curriculum_start": curriculum_start,
-               "text_init": config.text_config.initializer_range,
-               "nearest_targets": nearest_targets, "image_norm": image_norm, "vision_warmup": vision_warmup,
-               "vision_warmup_final_aux": warmup_log[-1]["aux_loss"] if warmup_log else None,
-               "aux_weight": aux_weight, "family_weights": family_weights, "bf16": bf16,
-               "init_from": str(init_from) if init_from else None, "start": start, "previous": previous,
-               "seed": seed, "config": {k: v for k, v in config.text_config.to_dict().items()
-                                        if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
-               "wall_seconds": round(time.time() - started, 1), "threads": torch.get_num_threads(),
-               "final_loss": log[-1]["loss"], "parameters": sum(p.numel() for p in model.parameters()),
-               # the whole chain of runs that made these weights (this one and every --init-from before it)
-               "total_steps": steps + prior.get("total_steps", prior.get("steps", 0)),
-               "total_wall_seconds": round(time.time() - started + prior.get(
-                   "total_wall_seconds", prior.get("wall_seconds", 0)), 1),
-               "config_overrides": config_overrides or {}}
-    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    loss_curve(history + log).savefig(folder / "loss_curve.png", dpi=120, bbox_inches="tight")
+    wall = round(time.time() - started, 1)
+    text = model.config.text_config
+    summary = TrainingSummary(
+        steps=config.steps, batch_size=config.batch_size, turns=config.turns, lr=config.lr, seed=config.seed,
+        describe=config.describe, curriculum=config.curriculum, curriculum_start=config.curriculum_start,
+        text_init=text.initializer_range, nearest_targets=config.nearest_targets, image_norm=config.image_norm,
+        vision_warmup=config.vision_warmup,
+        vision_warmup_final_aux=warmup_log[-1]["aux_loss"] if warmup_log else None, aux_weight=config.aux_weight,
+        family_weights=config.family_weights, bf16=config.bf16,
+        init_from=str(config.init_from) if config.init_from else None, start=config.start, previous=previous,
+        config={k: v for k, v in text.to_dict().items()
+                if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},
+        wall_seconds=wall, threads=torch.get_num_threads(), final_loss=log[-1]["loss"],
+        parameters=sum(p.numel() for p in model.parameters()),
+        total_steps=config.steps + (previous.total_steps if previous else 0),
+        total_wall_seconds=round(wall + (previous.total_wall_seconds if previous else 0), 1),
+        config_overrides=config.config_overrides)
+    (folder / "training_summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
     return summary
 
 
@@ -411,15 +512,14 @@ def main(argv: list[str] | None = None) -> None:
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
                     "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
                     "text_init": args.text_init}
-    summary = train(args.out, args.steps, args.batch_size, args.turns, args.lr, args.seed,
-                    args.eval_every, config_overrides=architecture, progress=not args.no_progress,
-                    describe=not args.no_describe,
-                    init_from=args.init_from, start=args.start, aux_weight=args.aux_weight,
-                    curriculum=args.curriculum, curriculum_start=args.curriculum_start,
-                    nearest_targets=args.nearest_targets,
-                    image_norm=args.image_norm, vision_warmup=args.vision_warmup,
-                    family_weights=args.family_weights, bf16=args.bf16)
-    print(json.dumps(summary, indent=1))
+    config = TrainingConfig(
+        steps=args.steps, batch_size=args.batch_size, turns=args.turns, lr=args.lr, seed=args.seed,
+        eval_every=args.eval_every, config_overrides=architecture, describe=not args.no_describe,
+        init_from=args.init_from, start=args.start, aux_weight=args.aux_weight, curriculum=args.curriculum,
+        curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets, image_norm=args.image_norm,
+        vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16)
+    summary = train(args.out, config, progress=not args.no_progress)
+    print(json.dumps(summary.as_dict(), indent=1))
 
 
 if __name__ == "__main__":

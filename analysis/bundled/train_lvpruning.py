@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.bundled import recipe as bundled
-from analysis.bundled.train import IGNORE, ConversationBatches, cosine_lr
+from analysis.bundled.train import IGNORE, ConversationBatches, warmup_cosine
 from analysis.study.evaluate import load_model
-from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, ratio_loss, soft_pruning
+from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, LVPruning
+from lofi.training.lvpruning import ratio_loss, soft_pruning
 
 LABELS = ("dataset", "model")
 DECISIONS = ("gumbel", "topk")
@@ -61,21 +62,20 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     model, processor = load_model(model_path)
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [rho, rho - 0.2, rho - 0.4]
+    targets = LVPruning(keep=rho).ratios()  # the stage ratios inference keeps
     modules = DecisionModules.for_model(model).start_at(targets).train()
     vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     # a stream offset far from the base model's training scenes, still inside the train seed range
     batches = ConversationBatches(processor, n_image_tokens, batch_size, turns=1, start=start)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
+    schedule = warmup_cosine(optimizer, steps, warmup=max(1, int(0.03 * steps)))
     out = out or Path(model_path) / DEFAULT_FOLDER
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     log, started = [], time.time()
     bar = tqdm(range(steps), desc="lvpruning", disable=not progress)
     for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, warmup=max(1, int(0.03 * steps)))
         batch = next(batches)
         if labels == "model":
             batch = model_labels(model, batch, processor.tokenizer.eos_token_id)
@@ -88,6 +88,7 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": round(loss.item(), 5), "causal": round(causal.item(), 5),
                   "ratio": round(ratio.item(), 6), "seconds": round(time.time() - started, 1),

@@ -10,23 +10,19 @@ image's visual tokens (cumulative, as eq. 10-11 train them).
 
 * Inference (3.3): at each stage keep the top ceil(ratio x n_visual) present tokens by keep
   probability (at least one), dropped for real by the ``lofi`` runtime with original positions (eq. 14).
-* Training (3.2): ``soft_pruning`` runs the frozen model on every token; Gumbel-Softmax decisions
-  (eq. 5-6), made cumulative (eq. 10), enter each layer's attention as the multiplicative mask of
-  eq. 7-9, so the causal loss reaches the modules; ``ratio_loss`` is eq. 11.
+* Training (3.2) lives in ``lofi.training.lvpruning``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lofi.families import family_for
 from lofi.registry import PruningMethod, StageInput, register
 
 PAPER_LAYERS, PAPER_DEPTH = (1, 8, 16), 32
@@ -271,173 +267,3 @@ class LVPruning(PruningMethod):
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         width = config.text_config.hidden_size
         return sum(decision_flops(width, n_text, n) for n in n_visual_per_stage)
-
-
-# --------------------------------------------------------------------------------------- training
-
-class _SoftMaskState:
-    """The per-layer keep weights of the training forward pass (eq. 7-10)."""
-
-    def __init__(self):
-        self.layer_weights: dict[int, torch.Tensor] = {}  # layer -> [B, n] key weights (1 for text)
-        self.decisions: list[torch.Tensor] = []           # per stage: [B, n_visual] cumulative D
-
-
-_ACTIVE_SOFT: _SoftMaskState | None = None
-
-
-def _soft_mask_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention whose probabilities are reweighted by M (eq. 9): exp(A) M / sum exp(A) M."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    scores = (query @ key.transpose(-1, -2)) * scaling
-    q_len, k_len = scores.shape[-2:]
-    if attention_mask is None:
-        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
-    elif attention_mask.dtype == torch.bool:
-        allowed = attention_mask
-    else:
-        allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    weights = _ACTIVE_SOFT.layer_weights.get(module.layer_idx) if _ACTIVE_SOFT is not None else None
-    if weights is None:
-        # a padding query may see no key at all: its row is 0, not NaN (NaN would leak through 0 * NaN)
-        probs = torch.softmax(scores.float(), -1).nan_to_num(0.0)
-        out = probs.to(value.dtype) @ value
-    else:
-        m = weights[:, None, None, :].expand(-1, 1, q_len, -1)
-        eye = torch.eye(q_len, k_len, device=query.device, dtype=torch.bool)  # M_ii = 1 (eq. 7)
-        out, probs = masked_attention(scores, torch.where(eye, torch.ones_like(m), m), value)
-    return out.transpose(1, 2).contiguous(), probs
-
-
-def masked_attention(scores: torch.Tensor, m: torch.Tensor, value: torch.Tensor):
-    """Eq. 9 for 0/1 decisions M: exp(A_ij) M_ij / sum_k exp(A_ik) M_ik, then times V; (out, probs).
-
-    The forward pass is a softmax over the kept keys alone, as true dropping computes it: eq. 9 written
-    with the full softmax underflows where the kept keys hold less than float32's smallest mass.
-
-    The gradient with respect to M is bounded: d out_i / d M_ij = c_ij (v_j - out_i) with c_ij eq. 9's
-    own p_ij / Sigma_i at kept keys (Sigma_i = sum_k p_ik M_ik, the mass left on kept keys), and at a
-    dropped key the attention it would receive were it kept again, p_ij / (Sigma_i + p_ij). Eq. 9's
-    derivative there is p_ij / Sigma_i, unbounded as Sigma_i -> 0; on the bundled model under stage-3
-    masks 9-16% of text queries at layers 4-7 keep less than 1e-3 of their mass (down to 1e-22): mean
-    per-token derivatives reached 1e6, and after clipping a few such rows decided every update alone.
-    """
-    kept = m.detach() > 0.5
-    kept_scores = scores.float().masked_fill(~kept, float("-inf"))
-    probs = torch.softmax(kept_scores, -1).nan_to_num(0.0)  # rows with no key left: 0, not NaN
-    out = probs.to(value.dtype) @ value
-    if m.requires_grad:
-        with torch.no_grad():
-            readded = torch.sigmoid(scores.float() - torch.logsumexp(kept_scores, -1, keepdim=True))
-            c = torch.where(kept, probs, readded).nan_to_num(0.0)
-        delta = ((m - m.detach()) * c).to(value.dtype)  # zero in value; its derivative in M is c
-        out = out + delta @ value.detach() - delta.sum(-1, keepdim=True) * out.detach()
-    return out, probs
-
-
-def topk_decisions(keep_log_odds: torch.Tensor, k: int, previous: torch.Tensor | None, tau: float = 1.0,
-                   noise: float = 0.0) -> torch.Tensor:
-    """Straight-through top-k: in value the 0/1 choice of inference (the k highest keep log-odds among
-    the tokens ``previous`` kept, nested as at inference), plus ``noise`` x standard Gumbel noise on
-    the scores (exploration; 1 draws the k without replacement with weights = keep odds, 0 is
-    inference's top-k); in gradient, that of the keep probability sigmoid(log-odds / tau)."""
-    soft = torch.sigmoid(keep_log_odds / tau)
-    scores = keep_log_odds.detach()
-    if noise > 0:
-        scores = scores + noise * standard_gumbel(torch.rand_like(scores))
-    if previous is not None:
-        scores = scores.masked_fill(previous.detach() < 0.5, float("-inf"))
-    hard = torch.zeros_like(soft).scatter(1, scores.topk(k, dim=1).indices, 1.0)
-    return hard + soft - soft.detach()
-
-
-@contextmanager
-def soft_pruning(model, modules: DecisionModules, image_token_id: int | None = None, tau: float = 1.0,
-                 fixed: list[torch.Tensor] | None = None, readable: torch.Tensor | None = None,
-                 topk: list[float] | None = None, noise: float = 0.0):
-    """Train-time forward: decisions at each stage layer mask visual keys from that layer on.
-
-    Yields the ``_SoftMaskState``; after a forward pass ``state.decisions`` holds each stage's
-    cumulative decisions (for ``ratio_loss``). Nothing is removed, the model is restored on exit.
-    ``fixed`` replaces the Gumbel draws by given per-stage 0/1 decisions [batch, n_visual] (tests).
-    ``readable`` ([batch, seq] bool) limits the text tokens the modules read; pass the prompt: at
-    inference they decide at prefill, before any answer token exists, and a teacher-forced answer in
-    their keys would let them choose by the answer instead of the question.
-    ``topk`` (per-stage keep ratios) replaces the paper's independent Gumbel-Softmax decisions (eq. 5-6)
-    by inference's own choice, ``topk_decisions`` with ``noise``: exactly ceil(ratio x n) tokens.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    global _ACTIVE_SOFT
-    name = "lofi_lvpruning_soft"
-    AttentionInterface.register(name, _soft_mask_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
-    text_config = model.config.text_config
-    previous = text_config._attn_implementation
-    family = family_for(model)
-    layers = family.layers()
-    state = _SoftMaskState()
-    inputs: dict = {}
-    stage_of_layer = {layer: s for s, layer in enumerate(modules.settings["layers"])}
-    hooks = []
-
-    def on_multimodal(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        inputs["visual"] = family.visual_mask(ids) if image_token_id is None else ids == image_token_id
-        inputs["valid"] = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-        state.layer_weights.clear()
-        state.decisions.clear()
-
-    def on_layer(index):
-        def hook(module, args, kwargs):
-            if index in stage_of_layer:
-                hidden = args[0] if args else kwargs["hidden_states"]
-                visual, valid = inputs["visual"], inputs["valid"]
-                n = int(visual[0].sum())
-                positions = visual.nonzero()[:, 1].view(len(hidden), n)
-                visual_hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
-                text = valid & ~visual if readable is None else valid & ~visual & readable.to(valid.device)
-                text_hidden, text_mask = text_tokens(hidden, text)
-                stage = stage_of_layer[index]
-                logits = modules.stages[stage](visual_hidden, text_hidden, text_mask)
-                if topk is not None:
-                    k = max(1, math.ceil(topk[stage] * n - 1e-9))
-                    odds = logits[..., 0].float() - logits[..., 1].float()
-                    previous = state.decisions[-1] if state.decisions else None
-                    decision = topk_decisions(odds, k, previous, tau, noise)
-                else:
-                    decision = F.gumbel_softmax(logits.float(), tau=tau, hard=True)[..., 0]  # eq. 5-6
-                if fixed is not None:
-                    decision = fixed[stage].to(decision) + 0 * decision
-                if state.decisions:
-                    decision = decision * state.decisions[-1]                          # eq. 10
-                state.decisions.append(decision)
-                weights = torch.ones(visual.shape, dtype=decision.dtype, device=hidden.device)
-                state.current = weights.scatter(1, positions, decision)
-            if state.decisions:
-                state.layer_weights[index] = state.current
-        return hook
-
-    try:
-        text_config._attn_implementation = name
-        hooks.append(family.multimodal_model().register_forward_pre_hook(on_multimodal, with_kwargs=True))
-        first = min(stage_of_layer)
-        for i in range(first, len(layers)):
-            hooks.append(layers[i].register_forward_pre_hook(on_layer(i), with_kwargs=True))
-        _ACTIVE_SOFT = state
-        yield state
-    finally:
-        _ACTIVE_SOFT = None
-        text_config._attn_implementation = previous
-        for h in hooks:
-            h.remove()
-
-
-def ratio_loss(decisions: list[torch.Tensor], targets: list[float]) -> torch.Tensor:
-    """Eq. 11: (1/S) sum_s (rho_s - mean_i D_{s,i})^2, averaged over the batch."""
-    terms = [(rho - d.mean(-1)).pow(2).mean() for d, rho in zip(decisions, targets)]
-    return torch.stack(terms).mean()

@@ -1,0 +1,1 @@
+"""Training what a method learns: LVPruning's decision modules (``lofi.training.lvpruning``)."""
