@@ -17,10 +17,11 @@ ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choi
   a token's leverage depends on all the others, a decision module scores each token on its own).
 
 The ground-truth rows show what keeping the right patches gives on this schedule (not a strict bound
-on what a module could choose); their FLOPs equal LVPruning's with free decisions. Accuracy and flip rate (against the unpruned model's
-greedy answers on the same questions) in %, with the flips per question family. ``kept_cosine`` and
-``kept_spread``: of the tokens kept after the last stage, the mean pairwise cosine of their language-
-model input features (redundancy) and their mean pairwise distance in patches (spatial spread).
+on what a module could choose); their FLOPs equal LVPruning's with free decisions. Accuracy and flip rate
+(against the unpruned model's greedy answers on the same questions) in %, with the flips per question
+family. ``kept_cosine`` and ``kept_spread``: of the tokens kept after the last stage, the mean pairwise
+cosine of their language-model input features (redundancy) and their mean pairwise distance in patches
+(spatial spread).
 
 ``--seeds N`` reruns the seeded choices (``lvpruning-sample`` and the ``schedule-`` rows but ``lofi``) with
 seeds 1 .. N-1 and prints their flip rate per seed, with mean, min and max.

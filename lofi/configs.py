@@ -102,7 +102,8 @@ def synthetic_inputs(config, image=None, n_text: int = 30, batch: int = 1, devic
     vision = config.vision_config
     extra: dict = {}
     if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        ids = before[:-1] + [config.vision_start_token_id] + [image_token] * n_visual + [config.vision_end_token_id] + after[1:]
+        image_span = [config.vision_start_token_id] + [image_token] * n_visual + [config.vision_end_token_id]
+        ids = before[:-1] + image_span + after[1:]
         frames, rows, cols = image
         patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
         pixels = torch.randn(batch * frames * rows * cols, patch, generator=generator)

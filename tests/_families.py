@@ -152,7 +152,8 @@ def inputs(model, images, texts=None, seed: int = 0) -> dict:
 def sample(batch: dict, row: int) -> dict:
     """Sample ``row`` of a batch from ``inputs``, alone and unpadded."""
     keep = batch["attention_mask"][row].bool()
-    out = {"input_ids": batch["input_ids"][row:row + 1, keep], "attention_mask": batch["attention_mask"][row:row + 1, keep]}
+    out = {"input_ids": batch["input_ids"][row:row + 1, keep],
+           "attention_mask": batch["attention_mask"][row:row + 1, keep]}
     if "image_grid_thw" in batch:
         grids = batch["image_grid_thw"]
         sizes = grids.prod(1).tolist()
@@ -189,7 +190,8 @@ def save_folder(name: str, folder, seed: int = 0):
     model_config.text_config.pad_token_id = tokenizer.pad_token_id
     if name.startswith("qwen"):
         model_config.image_token_id, model_config.video_token_id = ids["<|image_pad|>"], ids["<|video_pad|>"]
-        model_config.vision_start_token_id, model_config.vision_end_token_id = ids["<|vision_start|>"], ids["<|vision_end|>"]
+        model_config.vision_start_token_id = ids["<|vision_start|>"]
+        model_config.vision_end_token_id = ids["<|vision_end|>"]
         image_processor = Qwen2VLImageProcessorPil(patch_size=4, merge_size=2, temporal_patch_size=2,
                                                    size={"shortest_edge": 16 * 16, "longest_edge": 32 * 32})
         processor = None  # Qwen2VLProcessor needs a video processor, which needs torchvision: saved in parts

@@ -61,7 +61,7 @@ def test_training_conversation_starts_with_the_evaluation_prompt(bundled_model):
 
 @pytest.fixture(scope="module")
 def test_split_tables(bundled_model):
-    """Per-family accuracy on the whole test split (1,200 questions, about a minute), with real and with blank images."""
+    """Per-family accuracy on the whole test split (1,200 questions, about a minute), real and blank images."""
     model, processor = bundled_model
     samples = load_split("test")
     return (accuracy_table(samples, answer(model, processor, samples, progress=False)),

@@ -59,14 +59,14 @@ def test_inside_pruned_it_measures_the_tokens_each_layer_holds(model, layer):
         with lofi.pruned(model, "lofi", keep=0.25, layer=layer) as handle:
             out = model(**inputs, output_hidden_states=True)
         pruned = {(r.layer, r.group): r for r in capture.take()}
-    for (l, group), r in pruned.items():
-        if l < layer:
-            assert r.ipr == base[l, group].ipr  # Delta IPR is exactly 0 before the pruning layer
-        elif l < len(model.model.language_model.layers):
-            expected = 4 if group == "visual" else base[l, group].n_tokens - 12
+    for (at, group), r in pruned.items():
+        if at < layer:
+            assert r.ipr == base[at, group].ipr  # Delta IPR is exactly 0 before the pruning layer
+        elif at < len(model.model.language_model.layers):
+            expected = 4 if group == "visual" else base[at, group].n_tokens - 12
             assert r.n_tokens == expected
-            H = out.hidden_states[l][0]
-            index = handle.sequence_index(l)[0]
+            H = out.hidden_states[at][0]
+            index = handle.sequence_index(at)[0]
             if len(H) != len(index):  # HF records layer K's input before the pruning hook drops tokens
                 H = H[index]
             if group == "visual":

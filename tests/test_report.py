@@ -8,7 +8,8 @@ SUMMARY = pd.DataFrame([
     {"method": m, "keep": k, "n": 150, "accuracy": a, "baseline_accuracy": 0.86, "flip_rate": f, "dutta_flips": f,
      "c_to_i": 3, "i_to_c": 1, "mean_kl": 0.1, "mean_js": 0.01, "mean_forced_kl": 0.1, "mean_delta_ipr": d,
      "rel_flops": r, "rel_flops_llm": r, "tokens_kept": t}
-    for m, k, a, f, d, r, t in [("lofi", 0.5, 0.86, 0.0, -0.04, 0.70, 72.0), ("lofi", 0.1, 0.873, 0.053, -0.06, 0.49, 15.0),
+    for m, k, a, f, d, r, t in [("lofi", 0.5, 0.86, 0.0, -0.04, 0.70, 72.0),
+                                ("lofi", 0.1, 0.873, 0.053, -0.06, 0.49, 15.0),
                                 ("fastv", 0.5, 0.833, 0.027, -0.02, 0.70, 72.0)]])
 
 

@@ -63,7 +63,8 @@ def _continuation(number: int, stage: TrainingSummary) -> str:
                f"growing to 6 over {stage.curriculum} steps." if stage.curriculum else "")
     return (f"Stage {number}: {stage.steps} more steps on fresh scenes (the stream from scene {stage.start:,}), "
             f"lr {stage.lr} with a new warm-up and cosine, fresh patch heads (weight {stage.aux_weight})."
-            f"{mix}{restart}" + (" Matmuls in bfloat16 autocast (weights and optimizer in float32)." if stage.bf16 else ""))
+            f"{mix}{restart}"
+            + (" Matmuls in bfloat16 autocast (weights and optimizer in float32)." if stage.bf16 else ""))
 
 
 def evaluation_table(model, processor, samples) -> pd.DataFrame:

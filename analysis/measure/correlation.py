@@ -9,8 +9,9 @@ smallest attainable two-sided p-value is about 2 / k! (1/3 for 3 conditions), so
 never support a claim, however tight the bootstrap interval. Sample level: pooled |Delta IPR|
 against per-sample KL over all conditions (no p-value: pooled rows of one sample are not independent).
 
-All resamples are computed at once (one array per bootstrap, ranks with ``scipy.stats.rankdata``);
-the draws are those of one ``numpy.random.default_rng(seed)`` stream, resample after resample.
+Resamples are drawn by ``scipy.stats.bootstrap`` from ``numpy.random.default_rng(seed)`` and evaluated all
+at once: a resample is represented by how often it draws each item, so every resample's means, r and
+rho (of the resample's own average ranks) come from a few matrix products.
 """
 
 from __future__ import annotations
@@ -121,6 +122,21 @@ def smallest_p(n_points: int) -> float:
     return min(1.0, 2 / math.factorial(n_points)) if n_points >= 1 else 1.0
 
 
+def _bootstrap(statistic, n: int, n_boot: int, seed: int) -> np.ndarray:
+    """[2, n_boot]: (Pearson, Spearman) of ``statistic(draws)`` on ``n_boot`` resamples of n items, drawn by
+    ``scipy.stats.bootstrap`` from ``numpy.random.default_rng(seed)`` (``integers(0, n, (n_boot, n))``).
+    ``statistic`` maps [resamples, n] item indices to [2, resamples]."""
+    def batched(draws, axis=-1):
+        out = statistic(np.atleast_2d(draws))
+        return out if np.ndim(draws) > 1 else out[:, 0]
+
+    with warnings.catch_warnings():  # constant resamples give NaN, which the intervals leave out
+        warnings.simplefilter("ignore")
+        result = stats.bootstrap((np.arange(n),), batched, vectorized=True, n_resamples=n_boot, batch=None,
+                                 method="percentile", rng=np.random.default_rng(seed))
+    return np.asarray(result.bootstrap_distribution).reshape(2, n_boot)
+
+
 def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("method", "keep"),
                           sample: str = "sample_id", n_boot: int = 1000, seed: int = 0) -> Correlation:
     """Correlate condition means of ``x`` and ``y`` (per-sample columns of ``frame``).
@@ -140,9 +156,12 @@ def condition_correlation(frame: pd.DataFrame, x: str, y: str, *, condition=("me
         keep = np.isfinite(mx) & np.isfinite(my)
         pearson, spearman = (float(v) for v in (pearson_rows(mx[keep], my[keep]),
                                                 spearman_rows(mx[keep], my[keep])))
-        counts = _draw_counts(np.random.default_rng(seed).integers(0, len(X), (n_boot, len(X))), len(X))
-        boot_x, boot_y = _resampled_means(counts, X), _resampled_means(counts, Y)  # [n_boot, conditions]
-    boot_pearson, boot_spearman = _finite_rows(boot_x, boot_y)
+
+        def resampled(draws):  # every condition's mean over the drawn questions, then r and rho
+            counts = _draw_counts(draws, len(X))
+            return np.stack(_finite_rows(_resampled_means(counts, X), _resampled_means(counts, Y)))
+
+        boot_pearson, boot_spearman = _bootstrap(resampled, len(X), n_boot, seed)
     return Correlation(X.shape[1], pearson, *_interval(boot_pearson), spearman, *_interval(boot_spearman),
                        int(np.isfinite(boot_pearson).sum()),
                        permutation_p(mx[keep], my[keep], pearson_rows, seed),
@@ -160,15 +179,17 @@ def sample_correlation(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, seed
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     n = len(x)
-    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
-    boot_pearson, boot_spearman = np.full(n_boot, np.nan), np.full(n_boot, np.nan)
-    chunk = max(1, CHUNK_VALUES // max(1, n))  # memory: a few [chunk, n] arrays
-    for start in range(0, n_boot, chunk):
-        rows = draws[start:start + chunk]
-        counts = _draw_counts(rows, n)
-        boot_pearson[start:start + chunk] = _weighted_pearson(counts, x, y)
-        boot_spearman[start:start + chunk] = _weighted_pearson(counts, _resample_ranks(counts, x),
-                                                               _resample_ranks(counts, y))
+
+    def resampled(draws):
+        chunk = max(1, CHUNK_VALUES // max(1, n))  # memory: a few [chunk, n] arrays at a time
+        out = []
+        for start in range(0, len(draws), chunk):
+            counts = _draw_counts(draws[start:start + chunk], n)
+            out.append(np.stack([_weighted_pearson(counts, x, y),
+                                 _weighted_pearson(counts, _resample_ranks(counts, x), _resample_ranks(counts, y))]))
+        return np.concatenate(out, axis=1)
+
+    boot_pearson, boot_spearman = _bootstrap(resampled, n, n_boot, seed)
     return Correlation(n, float(pearson_rows(x, y)), *_interval(boot_pearson),
                        float(spearman_rows(x, y)), *_interval(boot_spearman),
                        int(np.isfinite(boot_pearson).sum()))

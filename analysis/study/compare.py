@@ -61,7 +61,8 @@ def parse_args(argv):
     parser.add_argument("--methods", nargs="+", required=True, help="method names, or 'list'")
     parser.add_argument("--keep", nargs="+", type=float, default=list(DEFAULT_KEEP))
     parser.add_argument("--model", default=str(paths.BUNDLED_MODEL))
-    parser.add_argument("--dataset", default="test", help="test, val, or a JSONL/JSON split (docs/definitions.md#splits, LLaVA, POPE)")
+    parser.add_argument("--dataset", default="test",
+                        help="test, val, or a JSONL/JSON split (docs/definitions.md#splits, LLaVA, POPE)")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="first N questions (0: all)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -90,7 +90,8 @@ CORRELATION_GLOSSARY = (
     ("r, rho", "Pearson and Spearman correlation of mean Delta IPR with the measure"),
     ("[95% CI]", "percentile bootstrap over questions (1,000 resamples, seeded): how much the value moves "
                  "with the questions asked, not with the choice of conditions"),
-    ("p", "two-sided permutation p-value across the conditions (every re-pairing up to 7 conditions, 9,999 seeded random ones above); with "
+    ("p", "two-sided permutation p-value across the conditions (every re-pairing up to 7 conditions, 9,999 "
+          "seeded random ones above); with "
           "k conditions it cannot be below about 2/k!, so a few conditions never show a relation. Not given "
           "at the sample level, whose pooled rows are not independent"),
 )
@@ -259,7 +260,8 @@ def correlation_table(correlation: pd.DataFrame) -> pd.DataFrame:
         "level": correlation["level"], "measure": correlation["measure"].map(lambda m: MEASURE_NAMES.get(m, m)),
         "n": correlation["n"],
         "pearson": [ci(*v) for v in correlation[["pearson", "pearson_low", "pearson_high"]].to_numpy()],
-        "pearson_p": p, "spearman": [ci(*v) for v in correlation[["spearman", "spearman_low", "spearman_high"]].to_numpy()],
+        "pearson_p": p,
+        "spearman": [ci(*v) for v in correlation[["spearman", "spearman_low", "spearman_high"]].to_numpy()],
         "spearman_p": sp})
 
 
