@@ -44,3 +44,25 @@ def test_tables_use_the_texts_units_and_define_every_column():
     assert all(definition for _, _, definition in report.SUMMARY_COLUMNS.values())
     text = " ".join(map(str, report.reading(SUMMARY, _correlation(9), 8, "all")))
     assert "accuracy moves from 86.0% to 87.3%" in text  # the table above prints the same 87.3
+
+
+def test_the_committed_default_run_recomputes_to_the_same_tables_and_page():
+    """Every table and number the committed report shows comes out of its own shards' successors, the
+    parquet tables, unchanged: the code that writes them has not drifted from what is committed."""
+    import json
+    from pathlib import Path
+
+    from analysis.study import tables
+
+    run = Path(__file__).resolve().parents[1] / "reports" / "default"
+    config = json.loads((run / "config.json").read_text())
+    samples, spectra = pd.read_parquet(run / "samples.parquet"), pd.read_parquet(run / "spectra.parquet")
+    pruned = samples.assign(changed_correctness=(samples.correct != samples.baseline_correct).astype(float))
+    layer, group = tables.headline(spectra, config)
+    summary = tables.summary_frame(pruned, spectra, layer, group)
+    correlation = tables.correlation_frame(pruned, spectra, seed=config["seed"])
+    committed_summary, committed_correlation = pd.read_csv(run / "summary.csv"), pd.read_csv(run / "correlation.csv")
+    pd.testing.assert_frame_equal(summary, committed_summary, check_dtype=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(correlation, committed_correlation, check_dtype=False, rtol=1e-12)
+    page = report.page_html(run, config, committed_summary, committed_correlation, layer, group)
+    assert page == (run / "report.html").read_text()
