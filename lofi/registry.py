@@ -42,6 +42,7 @@ class StageInput:
             (averaged over heads and the method's query tokens); only for methods that ask for it.
         fingerprint: [batch] int64, a hash of each sample's tokens and visual features (``lofi.seeding``).
         model: the model being pruned.
+        keep_width: the largest ``n_keep`` of the batch, already on the host (the width ``select`` returns).
     """
 
     layer: int
@@ -56,6 +57,7 @@ class StageInput:
     attention: Callable[[], torch.Tensor] | None
     fingerprint: torch.Tensor
     model: torch.nn.Module | None = None
+    keep_width: int | None = None
 
     def uniform(self, salt: int) -> torch.Tensor:
         """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens
@@ -126,7 +128,7 @@ class PruningMethod(ABC):
         keeps fewer than the widest row pads its row with -1. Default: each sample's top ``n_keep`` by
         ``scores`` among its real entries."""
         scores = self.scores(state).double().masked_fill(~state.visual_valid, float("-inf"))
-        width = int(state.n_keep.max()) if state.n_keep.numel() else 0
+        width = state.keep_width if state.keep_width is not None else int(state.n_keep.max())
         top = scores.topk(width, dim=1).indices
         return torch.where(torch.arange(width, device=top.device) < state.n_keep[:, None], top, -1)
 

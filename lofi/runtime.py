@@ -270,24 +270,25 @@ class _Runtime:
         batch, width = current.shape
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
         n_present = prunable.sum(1)
-        most = int(n_present.max())
+        n_keep = self.method.n_keep(stage - 1, seq.n_prunable, n_present).to(n_present.device)
+        fixed = ((current >= 0) & ~prunable).sum(1)
+        # the three sizes this stage's shapes need, in one device-to-host copy
+        most, widest, new_width = torch.stack([n_present.max(), n_keep.max(), (fixed + n_keep).max()]).tolist()
         order = torch.sort((~prunable).to(torch.int8), dim=1, stable=True).indices[:, :most]
         visual_valid = torch.arange(most, device=order.device) < n_present[:, None]
         visual_index = torch.where(visual_valid, seq.at(current, seq.visual_rank).gather(1, order), -1)
-        n_keep = self.method.n_keep(stage - 1, seq.n_prunable, n_present).to(order.device)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
             visual_index=visual_index, text=valid & ~seq.at(current, seq.is_visual), valid=valid, n_keep=n_keep,
             attention=(lambda: self._attention_received(layer - 1, current, valid))
             if self.method.attention_queries else None,
-            fingerprint=seq.fingerprint, model=self.model)
+            fingerprint=seq.fingerprint, model=self.model, keep_width=widest)
         chosen = self._checked(self.method.select(state), state)
         picked = chosen >= 0
         keep = (current >= 0) & ~prunable
         marks = torch.zeros_like(current).scatter_add(1, order.gather(1, chosen.clamp_min(0)), picked.long())
         keep |= marks > 0
         lengths = keep.sum(1)
-        new_width = int(lengths.max())
         # kept columns in order, each row ending at the last column; padding slots in front
         destination = torch.where(keep, keep.long().cumsum(1) - 1 + (new_width - lengths)[:, None], new_width)
         new_index = torch.full((batch, new_width + 1), -1, device=current.device).scatter(
@@ -301,23 +302,24 @@ class _Runtime:
         return hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
 
     def _checked(self, chosen: torch.Tensor, state: StageInput) -> torch.Tensor:
-        """The method's choice, or one error that says how it breaks the ``select`` contract."""
+        """The method's choice, or one error that says how it breaks the ``select`` contract (one host
+        sync when it holds)."""
         name = self.method.name
         batch, most = state.visual.shape
         if chosen.ndim != 2 or chosen.shape[0] != batch:
             raise RuntimeError(f"{name}.select returned shape {tuple(chosen.shape)}, expected ({batch}, max n_keep)")
         chosen = chosen.to(device=state.visual.device, dtype=torch.long)
         picked = chosen >= 0
-        in_range = bool((chosen < most).all())
-        counts_ok = torch.equal(picked.sum(1), state.n_keep)
-        real = in_range and bool(state.visual_valid.gather(1, chosen.clamp(0, max(most - 1, 0)))[picked].all())
-        if not (in_range and counts_ok and real):
-            raise RuntimeError(f"{name}.select must return, per sample, n_keep = {state.n_keep.tolist()} distinct "
-                               f"indices of its real visual tokens (-1 padding after them)")
-        marks = torch.zeros_like(state.visual).scatter_add(1, chosen.clamp_min(0), picked.long())
-        if bool((marks > 1).any()):
+        real = state.visual_valid.gather(1, chosen.clamp(0, max(most - 1, 0)))
+        marks = torch.zeros_like(state.visual).scatter_add(1, chosen.clamp(0, max(most - 1, 0)), picked.long())
+        holds = torch.stack([(chosen < most).all(), (picked.sum(1) == state.n_keep).all(), (real | ~picked).all(),
+                             (marks <= 1).all()])
+        if bool(holds.all()):
+            return chosen
+        if not bool(holds[3]) and bool(holds[:3].all()):
             raise RuntimeError(f"{name}.select chose the same token twice")
-        return chosen
+        raise RuntimeError(f"{name}.select must return, per sample, n_keep = {state.n_keep.tolist()} distinct "
+                           f"indices of its real visual tokens (-1 padding after them)")
 
     def _stage_arguments(self, stage: int, kwargs: dict, dtype: torch.dtype) -> dict:
         """Mask, rotary tables and position ids of the tokens that stage ``stage`` sees."""

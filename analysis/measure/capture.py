@@ -56,6 +56,23 @@ class LayerStatistics:
     sample_id: str | None = None  # filled in by the caller, who knows which sample each row was
 
 
+def _to_host(records: list[dict]) -> list[dict]:
+    """The tensors of ``records`` on the CPU with one device-to-host copy: flattened into one buffer per
+    dtype, moved, and split back into their shapes."""
+    by_dtype: dict = {}
+    for r, record in enumerate(records):
+        for name, value in record.items():
+            by_dtype.setdefault(value.dtype, []).append((r, name, value))
+    out: list[dict] = [{} for _ in records]
+    for dtype, items in by_dtype.items():
+        flat = torch.cat([value.reshape(-1) for _, _, value in items]).cpu()
+        start = 0
+        for r, name, value in items:
+            out[r][name] = flat[start:start + value.numel()].view(value.shape)
+            start += value.numel()
+    return out
+
+
 def _visual_positions(is_visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """([batch, P] positions of each sample's visual tokens in order, padded with 0; [batch, P] real)."""
     counts = is_visual.sum(1)
@@ -121,6 +138,8 @@ class Capture:
         self.layers = self.family.layers()
         self._hooks: list = []
         self._rows: list[LayerStatistics] = []
+        self._pending: list = []  # this forward pass's statistics, still on the device
+        self._geometries: dict = {}
         self._calls = 0
         self._is_visual: torch.Tensor | None = None
         self._valid: torch.Tensor | None = None
@@ -158,6 +177,7 @@ class Capture:
             return
         mask = self._valid
         self._valid = torch.ones_like(is_visual) if mask is None else mask.bool()
+        self._pending, self._geometries = [], {}  # nothing left over from an interrupted pass
         self._calls += 1
 
     def _pre_layer(self, layer: int):
@@ -171,19 +191,29 @@ class Capture:
         if self._active:
             hidden = output[0] if isinstance(output, tuple) else output
             self._record(len(self.layers), hidden)
+            self._flush()
 
     # ------------------------------------------------------------------------------- statistics
-    @torch.no_grad()
-    def _record(self, layer: int, hidden: torch.Tensor) -> None:
-        is_visual, valid = self._is_visual, self._valid
-        visual_rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)  # original visual index
+    def _geometry(self, layer: int):
+        """(is_visual, valid, visual_rank, positions, present) of the tokens ``layer`` holds: computed once
+        per pruning stage and forward pass (one host sync for its width), reused by its layers."""
         handle = lofi.active(self.model)
         index = handle.sequence_index(layer) if handle is not None else None
-        if index is not None and index.shape[1] != is_visual.shape[1]:
-            real, safe = index >= 0, index.clamp_min(0)  # -1: a padding slot of a ragged pruned batch
-            is_visual, valid = is_visual.gather(1, safe) & real, valid.gather(1, safe) & real
-            visual_rank = torch.where(real, visual_rank.gather(1, safe), -1)
-        positions, present = _visual_positions(is_visual)
+        key = None if index is None or index.shape[1] == self._is_visual.shape[1] else id(index)
+        if key not in self._geometries:
+            is_visual, valid = self._is_visual, self._valid
+            visual_rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)  # original visual index
+            if key is not None:
+                real, safe = index >= 0, index.clamp_min(0)  # -1: a padding slot of a ragged pruned batch
+                is_visual, valid = is_visual.gather(1, safe) & real, valid.gather(1, safe) & real
+                visual_rank = torch.where(real, visual_rank.gather(1, safe), -1)
+            self._geometries[key] = (is_visual, valid, visual_rank, *_visual_positions(is_visual))
+        return self._geometries[key]
+
+    @torch.no_grad()
+    def _record(self, layer: int, hidden: torch.Tensor) -> None:
+        """The statistics of one layer as device tensors, kept until the forward pass ends (``_flush``)."""
+        is_visual, valid, visual_rank, positions, present = self._geometry(layer)
         H = hidden.detach().float()
         # Uncentred, with rows <= cols: one Gram matrix of all real tokens serves both groups (the
         # visual Gram is its sub-block), and its eigenvalues are the squared singular values.
@@ -193,8 +223,8 @@ class Capture:
             gram_all = masked @ masked.transpose(-1, -2)
         for group in self.groups:
             counts = (is_visual if group == "visual" else valid).sum(1)
-            needs_matrix = not shared or (group == "visual" and layer in self.leverage_layers)
-            matrix = self._group_matrix(H, group, valid, positions, present) if needs_matrix else None
+            leverage_here = group == "visual" and layer in self.leverage_layers
+            matrix = self._group_matrix(H, group, valid, positions, present) if not shared or leverage_here else None
             gram = None
             if shared:
                 gram = gram_all
@@ -202,7 +232,7 @@ class Capture:
                     gram = gram_all.gather(1, positions[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
                         2, positions[:, None, :].expand(-1, positions.shape[1], -1))
                     gram = gram * (present[:, :, None] & present[:, None, :]).to(gram.dtype)
-            if self._decomposes(layer) or (group == "visual" and layer in self.leverage_layers):
+            if self._decomposes(layer) or leverage_here:
                 if gram is not None:
                     s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
                 else:
@@ -212,19 +242,30 @@ class Capture:
                 ipr = spectral.ipr_from_gram(gram) if gram is not None else spectral.ipr_from_matrix(matrix)
                 pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
                 erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(H), 0)
-            leverage = visual_index = None
-            if group == "visual" and layer in self.leverage_layers:
-                leverage = spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)).cpu()
-                visual_index = visual_rank.gather(1, positions).cpu()
-                present_rows = present.cpu()
-            s, ipr, pr, erank, counts = (t.cpu() for t in (s[..., :self.top_k], ipr, pr, erank, counts))
-            for row in range(len(H)):
+            extra = {}
+            if leverage_here:
+                extra = {"leverage": spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)),
+                         "visual_index": visual_rank.gather(1, positions), "present": present}
+            self._pending.append((layer, group, {"ipr": ipr, "pr": pr, "effective_rank": erank, "n_tokens": counts,
+                                                 "singular_values": s[..., :self.top_k], **extra}))
+
+    def _flush(self) -> None:
+        """Every pending layer's statistics to the host in one transfer, as ``LayerStatistics`` rows."""
+        pending, self._pending = self._pending, []
+        self._geometries = {}
+        if not pending:
+            return
+        host = _to_host([values for _, _, values in pending])
+        for (layer, group, _), values in zip(pending, host):
+            for row in range(len(values["ipr"])):
+                present = values["present"][row] if "present" in values else None
                 self._rows.append(LayerStatistics(
-                    row=row, call=self._calls, layer=layer, group=group, n_tokens=int(counts[row]),
-                    ipr=float(ipr[row]), pr=float(pr[row]), effective_rank=float(erank[row]),
-                    singular_values=s[row].tolist(),
-                    leverage=None if leverage is None else leverage[row][present_rows[row]].tolist(),
-                    visual_index=None if visual_index is None else visual_index[row][present_rows[row]].tolist()))
+                    row=row, call=self._calls, layer=layer, group=group, n_tokens=int(values["n_tokens"][row]),
+                    ipr=float(values["ipr"][row]), pr=float(values["pr"][row]),
+                    effective_rank=float(values["effective_rank"][row]),
+                    singular_values=values["singular_values"][row].tolist(),
+                    leverage=None if present is None else values["leverage"][row][present].tolist(),
+                    visual_index=None if present is None else values["visual_index"][row][present].tolist()))
 
     def _decomposes(self, layer: int) -> bool:
         return self.spectrum_layers == "all" or layer in self.spectrum_layers

@@ -70,6 +70,7 @@ class Family(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
+        self._ids: dict = {}
 
     # ----------------------------------------------------------------------------------- modules
     def multimodal_model(self) -> nn.Module:
@@ -96,7 +97,10 @@ class Family(ABC):
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: positions holding visual features."""
-        return torch.isin(input_ids, torch.tensor(self.visual_token_ids(), device=input_ids.device))
+        ids = self._ids.get(input_ids.device)
+        if ids is None:  # one host-to-device copy per device, not one per call
+            ids = self._ids[input_ids.device] = torch.tensor(self.visual_token_ids(), device=input_ids.device)
+        return torch.isin(input_ids, ids)
 
     def prunable_mask(self, is_visual: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: the visual positions a method may drop (all of them by default)."""

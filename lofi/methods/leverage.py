@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lofi.linalg import leverage_at_energy, leverage_scores
+from lofi.linalg import leverage_at_energy, leverage_at_energy_randomized, leverage_scores
 from lofi.registry import PruningMethod, StageInput, register
 
 
@@ -27,14 +27,24 @@ class LoFi(PruningMethod):
         keep: fraction of visual tokens kept.  layer: K (default 2; 0 = projector outputs).
         tau: energy threshold for k (default 0.9).  k: a fixed rank instead of tau.
         center: subtract the mean visual row before the SVD (default False).
+        solver: ``"exact"`` (an eigendecomposition of H_v H_v^T), ``"randomized"`` (subspace iteration:
+            a few matrix products, ``lofi.linalg.leverage_at_energy_randomized``), or ``"auto"``
+            (default): exact below ``RANDOMIZED_FROM`` visual tokens, randomized from there, where a
+            batched eigendecomposition dominates the selection (LLaVA-1.5-7B: 576 tokens).
     """
+
+    RANDOMIZED_FROM = 256
+    SOLVERS = ("auto", "exact", "randomized")
 
     name = "lofi"
     default_layer = 2
 
     def __init__(self, keep: float = 0.5, layer: int | None = None, tau: float = 0.9,
-                 k: int | None = None, center: bool = False):
+                 k: int | None = None, center: bool = False, solver: str = "auto"):
         super().__init__(keep, layer)
+        if solver not in self.SOLVERS:
+            raise ValueError(f"unknown lofi solver {solver!r}; valid: {list(self.SOLVERS)}")
+        self.solver = solver
         if not 0 < tau <= 1:
             raise ValueError(f"lofi tau must be in (0, 1], got {tau}")
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -51,7 +61,8 @@ class LoFi(PruningMethod):
             H = (H - (H * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)) * weight
         if self.k is not None:
             return leverage_scores(H, torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device))
-        return leverage_at_energy(H, self.tau)[0]
+        randomized = self.solver == "randomized" or (self.solver == "auto" and H.shape[-2] >= self.RANDOMIZED_FROM)
+        return (leverage_at_energy_randomized if randomized else leverage_at_energy)(H, self.tau)[0]
 
     def scores(self, state: StageInput) -> torch.Tensor:
         return self.leverage(state.visual_hidden(), state.visual_valid)

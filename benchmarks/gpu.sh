@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU measurement of benchmarks/README.md in one run (about 8 minutes on one H100/H200), for a
+# session that is lent a GPU. Prepare once on this machine, from the repository root (the device has
+# torch and an older transformers, and no network):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       transformers==5.23.0 tokenizers==0.22.1 huggingface_hub==1.3.0 safetensors==0.6.2
+# then run it through the device tool with `carry: [".whl"]` and the command `bash benchmarks/gpu.sh`.
+# Everything it prints is also written under $OUT (or ./gpu-results when OUT is unset).
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$OUT/all.log"; }
+
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+# 1. LoFi's selection: exact eigendecomposition against subspace iteration, kept-set agreement and time
+run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
+# 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
+run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
+run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5
+# 3. every other family at its 7B shape, batch 16, keep 0.25
+for shape in llava-next-7b llava-onevision-7b qwen2-vl-7b qwen2.5-vl-7b; do
+  run python3 benchmarks/prefill.py --shape $shape --device cuda --dtype bfloat16 --batch 16 --keep 0.25 --repeats 3
+done
+# 4. capture overhead at 7B shape, batch 8 (IPR/PR every layer; spectra at the last layer; every layer)
+run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 8 --repeats 5
+# 5. the default study on the GPU (compare its tables with reports/default: they should agree to float tolerance)
+start=$(date +%s)
+run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
+echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"

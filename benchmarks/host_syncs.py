@@ -1,0 +1,92 @@
+"""Count the calls that would make a GPU wait for the host, per prefill, on any device.
+
+    python benchmarks/host_syncs.py                 # bundled model, batch 16, CPU
+
+A CUDA device synchronises with the host whenever a value must leave it: ``.item()``, ``.tolist()``,
+``.cpu()``/``.numpy()``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero()`` (its size),
+``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
+project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
+without a GPU. The script counts them during one prefill under ``lofi.pruned`` for each method, and
+during one prefill with ``Capture`` (IPR/PR at every layer) active.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+import lofi
+
+WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
+OURS = ("/lofi/", "/analysis/")
+
+
+@contextmanager
+def counting():
+    """Count WATCHED tensor calls (and ``torch.equal``) made from the project's own files."""
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in WATCHED}
+    equal = torch.equal
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if any(part in caller for part in OURS):
+                counts[name] += 1
+            return original(self, *args, **kwargs)
+        return counted
+
+    def counted_equal(*args, **kwargs):
+        if any(part in sys._getframe(1).f_code.co_filename for part in OURS):
+            counts["equal"] += 1
+        return equal(*args, **kwargs)
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, wrap(name, original))
+        torch.equal = counted_equal
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.equal = equal
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
+    args = parser.parse_args(argv)
+    try:
+        from analysis.benchmark.datasets import load_split
+        from analysis.measure.capture import Capture
+        from analysis.study.models import batch_inputs, load_model
+    except ImportError:  # the layout before analysis/ had subpackages
+        from analysis.capture import Capture
+        from analysis.datasets import load_split
+        from analysis.evaluate import batch_inputs, load_model
+    model, processor = load_model()
+    inputs = batch_inputs(processor, load_split("test", limit=args.batch))
+    print(f"bundled model, batch {args.batch}, {model.config.text_config.num_hidden_layers} layers; calls from "
+          "lofi/ and analysis/ during one prefill")
+    with torch.no_grad():
+        for label, method, capture in [("unpruned + Capture (IPR/PR, every layer)", None, True),
+                                       *[(f"{m} keep=0.5", m, False) for m in args.methods]]:
+            model(**inputs, logits_to_keep=1)  # warm-up: one-off loading (LVPruning's modules) is not counted
+            with (Capture(model, spectrum_layers=()) if capture else nullcontext()) as capturing, \
+                    (lofi.pruned(model, method, keep=0.5) if method else nullcontext()):
+                if method:
+                    model(**inputs, logits_to_keep=1)
+                with counting() as counts:
+                    model(**inputs, logits_to_keep=1)
+                if capturing is not None:
+                    capturing.take()
+            print(f"{label:<42} {sum(counts.values()):4d}  {dict(counts)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The randomized route to leverage scores agrees with the exact one where energy is concentrated, and
+falls back to the exact one where it is not."""
+
+import pytest
+import torch
+
+from lofi.linalg import energy_rank, leverage_at_energy, leverage_at_energy_randomized, singular_values
+
+
+def _low_rank(batch, rows, cols, rank, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(1, 0, rank)  # a decaying spectrum, as hidden states have
+    A = torch.randn(batch, rows, rank, generator=g) * scales
+    return A @ torch.randn(batch, rank, cols, generator=g) + noise * torch.randn(batch, rows, cols, generator=g)
+
+
+@pytest.mark.parametrize("rows,cols", [(576, 1024), (400, 64)])  # H H^T and, rows > cols, H^T H
+def test_randomized_leverage_matches_the_exact_route_on_concentrated_energy(rows, cols):
+    H = _low_rank(3, rows, cols, rank=12, noise=0.01)
+    exact, k_exact = leverage_at_energy(H.double(), 0.9)
+    fast, k_fast = leverage_at_energy_randomized(H.double(), 0.9)
+    assert torch.equal(k_fast, k_exact) and (k_exact < 12).all()
+    torch.testing.assert_close(fast, exact, atol=1e-6, rtol=1e-5)
+    for keep in (0.5, 0.25, 0.1):
+        n = int(keep * rows)
+        same = [len(set(a.topk(n).indices.tolist()) & set(b.topk(n).indices.tolist())) / n
+                for a, b in zip(fast, exact)]
+        assert min(same) >= 0.99
+
+
+def test_spread_energy_falls_back_to_the_exact_decomposition():
+    H = torch.randn(2, 300, 512, generator=torch.Generator().manual_seed(1))  # energy in most directions
+    assert (energy_rank(singular_values(H), 0.9) > 150).all()
+    fast, k = leverage_at_energy_randomized(H, 0.9)
+    exact, k_exact = leverage_at_energy(H, 0.9)
+    assert torch.equal(k, k_exact)
+    torch.testing.assert_close(fast, exact)
+
+
+def test_zero_rows_and_zero_matrices_stay_defined():
+    H = _low_rank(2, 300, 256, rank=5, noise=0.0)
+    H[0, 200:] = 0  # a ragged sample: zero padding rows get zero leverage
+    H[1] = 0
+    fast, k = leverage_at_energy_randomized(H, 0.9)
+    assert torch.isfinite(fast).all() and (fast[0, 200:] == 0).all()
+    assert k[1] == 0 and (fast[1] == 0).all()
