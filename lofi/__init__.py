@@ -1,4 +1,4 @@
-"""lofi: visual-token pruning that truly drops tokens inside any Hugging Face LLaVA model.
+"""lofi: visual-token pruning that truly drops tokens inside Hugging Face VLMs of every family it knows.
 
     import lofi
     lofi.available()                      # ['fastv', 'lofi', 'random', ...]
@@ -7,8 +7,9 @@
         handle.kept                       # per stage: [batch, n_kept] kept visual-token indices
 
 Methods only choose which visual tokens to keep (``lofi.registry``); one runtime applies the choice
-(``lofi.runtime``); ``lofi.count_flops`` gives the FLOPs of a pruning schedule. This package never
-imports ``analysis``.
+(``lofi.runtime``); each model family is a small adapter (``lofi.families``: LLaVA-1.5, LLaVA-NeXT,
+LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL); ``lofi.count_flops`` gives the FLOPs of a pruning schedule.
+This package never imports ``analysis``.
 """
 
 from lofi import methods as _methods  # noqa: F401  (registers the built-in methods)

@@ -9,7 +9,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from analysis.benchmark import shapes
 from analysis.benchmark.datasets import load_split
 from analysis.bundled import recipe as bundled
-from analysis.bundled.train import ConversationBatches, encode_conversation, train
+from analysis.bundled.batches import ConversationBatches, encode_conversation
+from analysis.bundled.train import train
 from analysis.study.evaluate import accuracy_table, answer, load_model
 
 
@@ -105,7 +106,7 @@ def test_training_smoke_on_a_tiny_config(tmp_path):
 
 
 def test_curriculum_grows_from_one_object_and_batches_respect_it():
-    from analysis.bundled.train import curriculum_max_objects
+    from analysis.bundled.batches import curriculum_max_objects
     assert curriculum_max_objects(0, 600) == 1
     assert [curriculum_max_objects(s, 600) for s in (99, 100, 599, 600)] == [1, 2, 6, 6]
     assert curriculum_max_objects(0, 0) == shapes.MAX_OBJECTS  # off
@@ -130,7 +131,7 @@ def test_family_weights_shift_the_training_mix_and_reject_typos():
 
     import numpy as np
 
-    from analysis.bundled.train import parse_family_weights, weighted_questions
+    from analysis.bundled.batches import parse_family_weights, weighted_questions
     weights = parse_family_weights("existence=3, colour=0")
     assert weights == {"existence": 3.0, "colour": 0.0, "shape": 1.0, "count": 1.0, "spatial": 1.0}
     counts: collections.Counter = collections.Counter()

@@ -46,6 +46,7 @@ def test_the_run_folder_holds_every_table_and_figure(run_folder):
     assert len(summary) == 6 and (summary.rel_flops < 1.1).all()
     config = json.loads((run_folder / "config.json").read_text())
     assert config["seed"] == 0 and "transformers" in config["packages"] and config["n_samples"] == 6
+    assert config["spectrum_layers"] == "all"  # "auto" on the CPU: every layer
     assert not (run_folder / "shards").exists() and not run_folder.with_name("run.partial").exists()
     page = (run_folder / "report.html").read_text()
     assert page.count("data:image/png;base64") == len(report.FIGURES) and "<h2>Reading</h2>" in page

@@ -44,3 +44,13 @@ def test_zero_rows_and_zero_matrices_stay_defined():
     fast, k = leverage_at_energy_randomized(H, 0.9)
     assert torch.isfinite(fast).all() and (fast[0, 200:] == 0).all()
     assert k[1] == 0 and (fast[1] == 0).all()
+
+
+def test_lofi_takes_a_solver_and_auto_is_exact_on_the_cpu():
+    from lofi.methods.leverage import LoFi
+    H = _low_rank(2, 300, 512, rank=8, noise=0.01)
+    exact = LoFi(solver="exact").leverage(H)
+    torch.testing.assert_close(LoFi(solver="auto").leverage(H), exact, atol=0, rtol=0)
+    torch.testing.assert_close(LoFi(solver="randomized").leverage(H), exact, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="valid: \\['auto', 'exact', 'randomized'\\]"):
+        LoFi(solver="svd")

@@ -251,7 +251,7 @@ def test_decision_flops_are_counted():
 
 
 def test_model_labels_are_the_frozen_models_greedy_answers(model):
-    from analysis.bundled.train import IGNORE
+    from analysis.bundled.batches import IGNORE
     from analysis.bundled.train_lvpruning import model_labels
     eos = 2
     inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8, 9, 10))])

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.bundled import recipe as bundled
-from analysis.bundled.train import IGNORE, ConversationBatches, warmup_cosine
+from analysis.bundled.batches import IGNORE, ConversationBatches
+from analysis.bundled.train import warmup_cosine
 from analysis.study.evaluate import load_model
 from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, LVPruning
 from lofi.training.lvpruning import ratio_loss, soft_pruning

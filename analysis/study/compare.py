@@ -70,10 +70,12 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--center", action="store_true", help="centre hidden states before spectra")
-    parser.add_argument("--spectrum-layers", choices=["all", "headline"], default="all",
+    parser.add_argument("--spectrum-layers", choices=["auto", "all", "headline"], default="auto",
                         help="layers whose full singular spectrum (effective rank, spectra figure) is "
-                             "computed; IPR and PR are exact at every layer either way. 'headline' is "
-                             "much faster on small models, where a decomposition costs about a layer")
+                             "computed; IPR and PR are exact at every layer either way. 'headline' decomposes "
+                             "one layer only; 'auto' (default): every layer on the CPU, the headline layer on "
+                             "a GPU, where one eigendecomposition per layer and group costs more than the "
+                             "forward pass (benchmarks/README.md)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -177,6 +179,8 @@ def default_out(args, n_samples: int) -> Path:
 def run(args) -> Path:
     plan = _validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if args.spectrum_layers == "auto":  # resolved before it enters the run's identity
+        args.spectrum_layers = "headline" if device.startswith("cuda") else "all"
     out = args.out or default_out(args, len(plan.samples))
     _check_out(out)
     config = _config(args, plan, device)

@@ -28,9 +28,12 @@ class LoFi(PruningMethod):
         tau: energy threshold for k (default 0.9).  k: a fixed rank instead of tau.
         center: subtract the mean visual row before the SVD (default False).
         solver: ``"exact"`` (an eigendecomposition of H_v H_v^T), ``"randomized"`` (subspace iteration:
-            a few matrix products, ``lofi.linalg.leverage_at_energy_randomized``), or ``"auto"``
-            (default): exact below ``RANDOMIZED_FROM`` visual tokens, randomized from there, where a
-            batched eigendecomposition dominates the selection (LLaVA-1.5-7B: 576 tokens).
+            a few matrix products where the energy sits in few directions,
+            ``lofi.linalg.leverage_at_energy_randomized``), or ``"auto"`` (default): randomized on a GPU
+            from ``RANDOMIZED_FROM`` visual tokens on (there a batch of eigendecompositions runs one matrix
+            at a time: 94 ms for 16 of 576 x 576 on an H200), exact elsewhere (on 2 CPU cores the
+            randomized route is no faster: benchmarks/README.md). Both keep the same tokens on the bundled
+            model's states and at LLaVA-1.5-7B's shape.
     """
 
     RANDOMIZED_FROM = 256
@@ -61,7 +64,8 @@ class LoFi(PruningMethod):
             H = (H - (H * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)) * weight
         if self.k is not None:
             return leverage_scores(H, torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device))
-        randomized = self.solver == "randomized" or (self.solver == "auto" and H.shape[-2] >= self.RANDOMIZED_FROM)
+        randomized = self.solver == "randomized" or (self.solver == "auto" and H.is_cuda
+                                                     and H.shape[-2] >= self.RANDOMIZED_FROM)
         return (leverage_at_energy_randomized if randomized else leverage_at_energy)(H, self.tau)[0]
 
     def scores(self, state: StageInput) -> torch.Tensor:

@@ -1,0 +1,129 @@
+"""The bundled model's training data: one image of the training stream with several benchmark questions
+as a LLaVA-1.5 multi-turn conversation, batched, with per-patch targets for the training-only heads.
+
+``ConversationBatches`` draws scenes from ``analysis.benchmark.shapes``'s training stream (seeds disjoint
+from the test and val splits); ``encode_conversation`` lays one out (loss on answers and their ``</s>``
+only: the rest is ``IGNORE``); ``weighted_questions`` draws question families with weights
+(``--family-weights``); ``curriculum_max_objects`` grows the objects per scene over training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from analysis.benchmark import shapes
+
+IGNORE = -100
+
+
+def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
+                        turns: list[shapes.Question]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation about one image."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    ids = [tokenizer.bos_token_id] + enc("USER:") + [image_token_id] * n_image_tokens
+    labels = [IGNORE] * len(ids)
+    for k, q in enumerate(turns):
+        question = enc((f"{q.question} ASSISTANT:") if k == 0 else f"USER: {q.question} ASSISTANT:")
+        target = enc(q.answer) + [tokenizer.eos_token_id]
+        ids += question + target
+        labels += [IGNORE] * len(question) + target
+    return ids, labels
+
+
+def weighted_questions(objects, rng: np.random.Generator, n: int, weights: dict[str, float]
+                       ) -> list[shapes.Question]:
+    """Up to ``n`` distinct questions about the scene, each family drawn with probability ~ ``weights``.
+
+    Why: one-bit yes/no answers (existence, spatial) give the weakest gradient of all the families, and
+    with families in equal shares the model settled on answering them with a constant.
+    """
+    families = [f for f in shapes.FAMILIES if weights.get(f, 0) > 0]
+    p = np.array([weights[f] for f in families], dtype=float)
+    questions: list[shapes.Question] = []
+    for _ in range(4 * n):
+        if len(questions) == n:
+            break
+        q = shapes.make_question(objects, families[int(rng.choice(len(families), p=p / p.sum()))], rng)
+        if q is not None and q.question not in {x.question for x in questions}:
+            questions.append(q)
+    return questions
+
+
+def parse_family_weights(text: str) -> dict[str, float]:
+    """``"existence=3,spatial=3"`` -> a weight per family (families not named weigh 1)."""
+    weights = dict.fromkeys(shapes.FAMILIES, 1.0)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        family, _, value = item.partition("=")
+        if family not in weights or not value:
+            raise ValueError(f"bad family weight {item!r}: write family=weight with a family of "
+                             f"{list(shapes.FAMILIES)}, e.g. existence=3,spatial=3")
+        weights[family] = float(value)
+    if sum(weights.values()) <= 0 or min(weights.values()) < 0:
+        raise ValueError(f"family weights must be >= 0 and not all zero, got {weights}")
+    return weights
+
+
+class ConversationBatches:
+    """Endless batches of the training stream, as model inputs with labels (right padded)."""
+
+    def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
+                 describe: bool = False, patch_targets: bool = False,
+                 family_weights: dict[str, float] | None = None):
+        self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
+        self.family_weights = family_weights
+        self.patch_targets = patch_targets
+        self.n_image_tokens = n_image_tokens
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.index = start
+        self.max_objects = shapes.MAX_OBJECTS  # the curriculum lowers this early in training
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        images, sequences, scenes = [], [], []
+        while len(images) < self.batch_size:
+            objects, rng = shapes.scene("train", self.index)
+            if len(objects) > self.max_objects:
+                self.index += 1
+                continue
+            scenes.append(objects)
+            if self.family_weights is None:
+                questions = shapes.scene_questions(objects, rng, self.turns,
+                                                   first_family=self.index % len(shapes.FAMILIES))
+            else:
+                questions = weighted_questions(objects, rng, self.turns, self.family_weights)
+            if self.describe:
+                questions.append(shapes.describe(objects))
+            images.append(shapes.render(objects))
+            sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
+                                                 self.image_token_id, questions))
+            self.index += 1
+        width = max(len(ids) for ids, _ in sequences)
+        pad = self.processor.tokenizer.pad_token_id
+        input_ids = torch.full((len(sequences), width), pad)
+        labels = torch.full((len(sequences), width), IGNORE)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(sequences):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            labels[row, :len(ids)] = torch.tensor(lab)
+            mask[row, :len(ids)] = 1
+        pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+        if self.patch_targets:
+            grid = int(round(self.n_image_tokens ** 0.5))
+            targets = [shapes.patch_labels(o, grid) for o in scenes]
+            batch["patch_targets"] = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
+        return batch
+
+
+def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes.MIN_OBJECTS) -> int:
+    """Most objects a training scene may hold at ``step``: ``first`` at first, growing linearly to every
+    size by ``curriculum_steps``.
+
+    Why: with one object per image any pooling of the visual tokens answers every question, so the
+    language model learns to read the tokens before it has to learn to *select* among them; two-object
+    scenes are the easiest on which a spatial relation can be asked.
+    """
+    if step >= curriculum_steps:
+        return shapes.MAX_OBJECTS
+    span = shapes.MAX_OBJECTS - first + 1
+    return first + int(span * step / curriculum_steps)
