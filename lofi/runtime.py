@@ -96,6 +96,8 @@ class _Sequence:
     fingerprint: torch.Tensor     # [B] int64 (lofi.seeding)
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
     last_position: torch.Tensor   # [B] 1-D position of the last token so far
+    dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
+    slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
@@ -188,11 +190,14 @@ class _Runtime:
                              "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
         is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
-        if is_visual is not None and bool(is_visual.any()):
+        has_visual, unpadded = (False, True) if is_visual is None else torch.stack(  # one host copy
+            [is_visual.any(), mask2d.bool().all() if mask2d is not None else is_visual.new_ones(())]).tolist()
+        if has_visual:
             if past:
                 raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a "
                                  "cached prefix are not supported")
             self._start(input_ids, embeds, is_visual, mask2d, kwargs.get("position_ids"))
+            self._seq.dense = unpadded and self.attention_kind == "sdpa"
             self._phase = "prefill"
         elif self._seq is not None and past:
             self._continue(length, mask2d)
@@ -272,8 +277,10 @@ class _Runtime:
         n_present = prunable.sum(1)
         n_keep = self.method.n_keep(stage - 1, seq.n_prunable, n_present).to(n_present.device)
         fixed = ((current >= 0) & ~prunable).sum(1)
-        # the three sizes this stage's shapes need, in one device-to-host copy
-        most, widest, new_width = torch.stack([n_present.max(), n_keep.max(), (fixed + n_keep).max()]).tolist()
+        # the sizes this stage's shapes need, in one device-to-host copy
+        most, widest, new_width, narrowest = torch.stack(
+            [n_present.max(), n_keep.max(), (fixed + n_keep).max(), (fixed + n_keep).min()]).tolist()
+        seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
         order = torch.sort((~prunable).to(torch.int8), dim=1, stable=True).indices[:, :most]
         visual_valid = torch.arange(most, device=order.device) < n_present[:, None]
         visual_index = torch.where(visual_valid, seq.at(current, seq.visual_rank).gather(1, order), -1)
@@ -342,6 +349,11 @@ class _Runtime:
             key_valid = torch.cat([key_valid, seq.tail_valid], 1)
             queries = keys[:, -seq.new_tokens:]
             arguments = {}
+        if seq.dense and not any(seq.slotted[:stage]) and (self._phase == "prefill" or seq.new_tokens == 1):
+            # kept tokens stay in their original order, so "causal by original index" is plain causal
+            # order: SDPA's own causal path (prefill) or no mask at all (one new token sees every key)
+            arguments["attention_mask"] = None
+            return arguments
         allowed = (keys[:, None, :] <= queries[:, :, None]) & key_valid[:, None, :]
         allowed = allowed[:, None]
         if self.attention_kind == "eager":  # eager adds its mask to the scores

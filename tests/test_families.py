@@ -302,3 +302,33 @@ def test_a_continuation_call_continues_the_prompts_numbering(name):
                                                torch.zeros_like(more, dtype=torch.bool)], 1), mask):
         reference = model(**whole).logits[:, -2:]
     torch.testing.assert_close(continued, reference, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "llava_next"])
+def test_an_unpadded_batch_uses_sdpas_causal_path_and_still_equals_the_masked_reference(name, layer):
+    """Without padding the pruned layers pass no mask (kept tokens keep their causal order); the result
+    is the masked reference's, in prefill and in generate."""
+    model = model_of(name)
+    batch = inputs(model, [DEFAULT_IMAGES[name]] * 2, [((5, 6), (7, 8, 9)), ((6, 5), (9, 8, 7))], seed=4)
+    assert bool(batch["attention_mask"].bool().all())
+    masks = []
+    hook = family_for(model).layers()[-1].register_forward_pre_hook(
+        lambda m, a, k: masks.append(k.get("attention_mask")), with_kwargs=True)
+    try:
+        with lofi.pruned(model, "lofi", keep=0.3, layer=layer) as handle:
+            out = model(**batch, use_cache=False).logits
+            ids, steps = _generate(model, batch)
+    finally:
+        hook.remove()
+    assert all(m is None for m in masks)
+    dropped = dropped_positions(model, batch, handle.kept[0])
+    with masked_reference(model, layer, dropped, batch["attention_mask"]):
+        reference = model(**batch, use_cache=False).logits
+        ref_ids, ref_steps = _generate(model, batch)
+    index = handle.sequence_index(len(family_for(model).layers()))
+    torch.testing.assert_close(out, reference.gather(1, index[..., None].expand(-1, -1, reference.shape[-1])),
+                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(steps, ref_steps, atol=ATOL, rtol=0)
+    assert torch.equal(ids, ref_ids)

@@ -257,15 +257,16 @@ class Capture:
             return
         host = _to_host([values for _, _, values in pending])
         for (layer, group, _), values in zip(pending, host):
-            for row in range(len(values["ipr"])):
-                present = values["present"][row] if "present" in values else None
+            v = {name: tensor.tolist() for name, tensor in values.items()}  # one conversion per tensor
+            for row in range(len(v["ipr"])):
+                present = v["present"][row] if "present" in v else None
                 self._rows.append(LayerStatistics(
-                    row=row, call=self._calls, layer=layer, group=group, n_tokens=int(values["n_tokens"][row]),
-                    ipr=float(values["ipr"][row]), pr=float(values["pr"][row]),
-                    effective_rank=float(values["effective_rank"][row]),
-                    singular_values=values["singular_values"][row].tolist(),
-                    leverage=None if present is None else values["leverage"][row][present].tolist(),
-                    visual_index=None if present is None else values["visual_index"][row][present].tolist()))
+                    row=row, call=self._calls, layer=layer, group=group, n_tokens=v["n_tokens"][row],
+                    ipr=v["ipr"][row], pr=v["pr"][row], effective_rank=v["effective_rank"][row],
+                    singular_values=v["singular_values"][row],
+                    leverage=None if present is None else [x for x, p in zip(v["leverage"][row], present) if p],
+                    visual_index=None if present is None else [x for x, p in zip(v["visual_index"][row], present)
+                                                               if p]))
 
     def _decomposes(self, layer: int) -> bool:
         return self.spectrum_layers == "all" or layer in self.spectrum_layers
