@@ -6,8 +6,9 @@ A CUDA device synchronises with the host whenever a value must leave it: ``.item
 ``.cpu()``/``.numpy()``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero()`` (its size),
 ``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
 project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
-without a GPU (reads of tensors already on the host, in ``Capture._flush``, are not counted). The script counts them during one prefill under ``lofi.pruned`` for each method, and
-during one prefill with ``Capture`` (IPR/PR at every layer) active.
+without a GPU (reads of tensors already on the host, in ``Capture._flush``, are not counted). The
+script counts them during one prefill under ``lofi.pruned`` for each method, and during one prefill
+with ``Capture`` (IPR/PR at every layer) active.
 """
 
 from __future__ import annotations
