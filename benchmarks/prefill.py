@@ -30,6 +30,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 import lofi
 from lofi import configs
 from lofi.families import family_class
+from lofi.methods.lvpruning import DecisionModules
 
 MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
            vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4))
@@ -157,16 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
           f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats}", flush=True)
+    shared = {"layer": args.layer}
+    if any("modules" in lofi.options(method) for method in args.methods):
+        # random decision modules (LVPruning's): their cost, not their choices, is what is timed here
+        shared["modules"] = DecisionModules.for_model(model).to(args.device, dtype)
     rows = []
     with torch.inference_mode():
         prefill()  # warm-up
         for method in args.methods:
             for keep in args.keep:
-                if method == "lvpruning":  # random decision modules: their cost is what is timed here
-                    from lofi.methods.lvpruning import DecisionModules, LVPruning
-                    instance = LVPruning(keep=keep, modules=DecisionModules.for_model(model).to(args.device, dtype))
-                else:
-                    instance = lofi.build(method, keep=keep, layer=args.layer)
+                instance = lofi.build(method, shared=shared, keep=keep)
                 timer = TimedSelect(instance, sync)
                 base_times, pruned_times = [], []
                 for repeat in range(args.repeats + 1):  # the first pair warms up

@@ -104,3 +104,13 @@ def test_leverage_at_energy_equals_the_two_step_route():
 def test_ipr_from_matrix_needs_no_decomposition():
     for H in list(_cases().values()) + [torch.zeros(4, 6, dtype=torch.float64)]:
         torch.testing.assert_close(spectral.ipr_from_matrix(H), spectral.ipr(spectral.singular_values(H)))
+
+
+def test_tall_float32_leverage_matches_float64_svd():
+    # more tokens than channels (LLaVA-OneVision-7B: 3,699 x 3,584) goes through H^T H's eigenvectors
+    g = torch.Generator().manual_seed(4)
+    H = torch.randn(300, 64, generator=g, dtype=torch.float64) * torch.logspace(0, -2, 64, dtype=torch.float64)
+    ref = _reference(H.numpy())
+    lev, k = spectral.leverage_scores(H.float(), ref["energy_rank"]), ref["energy_rank"]
+    np.testing.assert_allclose(lev.numpy(), ref["leverage"], atol=2e-5)
+    assert lev.sum().item() == pytest.approx(k, rel=1e-5)

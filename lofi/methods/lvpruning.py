@@ -180,17 +180,15 @@ class LVPruning(PruningMethod):
 
     SELECTIONS = ("topk", "sample")
 
-    def __init__(self, keep: float = 0.5, layer: int | None = None, offsets=(0.0, 0.2, 0.4),
+    def __init__(self, keep: float = 0.5, offsets=(0.0, 0.2, 0.4),
                  path: str | Path | None = None, selection: str = "topk", seed: int = 0,
                  modules: DecisionModules | None = None):
-        super().__init__(keep, layer if layer is not None else 1)
+        super().__init__(keep, 1)  # its stages' layers come from the trained modules
         if modules is not None and path is not None:
             raise ValueError("lvpruning takes trained modules from path= or modules=, not both")
         if selection not in self.SELECTIONS:
             raise ValueError(f"unknown lvpruning selection {selection!r}; valid: {list(self.SELECTIONS)}")
         self.selection, self.seed = selection, int(seed)
-        if layer is not None:
-            raise ValueError("lvpruning's layers are fixed by its trained modules; pass no layer")
         if len(offsets) != 3 or any(o < 0 for o in offsets):
             raise ValueError(f"lvpruning offsets must be three non-negative numbers, got {offsets!r}")
         self.offsets, self.path = tuple(offsets), path
