@@ -30,7 +30,9 @@ for shape in llava-next-7b llava-onevision-7b qwen2-vl-7b qwen2.5-vl-7b; do
 done
 # 4. capture overhead at 7B shape, batch 8 (IPR/PR every layer; spectra at the last layer; every layer)
 run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 8 --repeats 5
-# 5. the default study on the GPU (compare its tables with reports/default: they should agree to float tolerance)
+# 5. the default study on the GPU, timed (2 CPU cores: 35-38 s)
 start=$(date +%s)
 run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
 echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
+# 6. how far the GPU run's tables are from the committed CPU run's (same job, same seed)
+run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda"
