@@ -10,19 +10,12 @@ RUN_DIR = "reports/default"
 LIMIT = 20
 
 # %%
-import tempfile
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from analysis.study import compare, plots
 
-if RUN_DIR is None:
-    RUN_DIR = Path(tempfile.mkdtemp()) / "run"
-    compare.main(["--methods", "lofi", "lvpruning", "fastv", "random", "--keep", "0.5", "0.25", "0.1",
-                  "--limit", str(LIMIT), "--out", str(RUN_DIR), "--no-progress"])
-RUN_DIR = Path(RUN_DIR)
+RUN_DIR = compare.example_run(RUN_DIR, LIMIT)
 summary = pd.read_csv(RUN_DIR / "summary.csv")
 print(RUN_DIR, len(summary), "conditions")
 

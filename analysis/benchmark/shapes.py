@@ -204,22 +204,21 @@ def _existence(objects, rng) -> Question:
     return Question(f"Is there a {c} {s}?", "no", "existence", kind)
 
 
+def _one_of_a_kind(objects, attribute: str, rng):
+    """A random object whose ``attribute`` no other object shares (so a question can name it), or None."""
+    values = [getattr(o, attribute) for o in objects]
+    unique = [o for o in objects if values.count(getattr(o, attribute)) == 1]
+    return unique[int(rng.integers(len(unique)))] if unique else None
+
+
 def _colour(objects, rng) -> Question | None:
-    shapes = [o.shape for o in objects]
-    unique = [o for o in objects if shapes.count(o.shape) == 1]
-    if not unique:
-        return None
-    o = unique[int(rng.integers(len(unique)))]
-    return Question(f"What color is the {o.shape}?", o.colour, "colour", o.shape)
+    o = _one_of_a_kind(objects, "shape", rng)
+    return None if o is None else Question(f"What color is the {o.shape}?", o.colour, "colour", o.shape)
 
 
 def _shape(objects, rng) -> Question | None:
-    colours = [o.colour for o in objects]
-    unique = [o for o in objects if colours.count(o.colour) == 1]
-    if not unique:
-        return None
-    o = unique[int(rng.integers(len(unique)))]
-    return Question(f"What shape is the {o.colour} object?", o.shape, "shape", o.colour)
+    o = _one_of_a_kind(objects, "colour", rng)
+    return None if o is None else Question(f"What shape is the {o.colour} object?", o.shape, "shape", o.colour)
 
 
 def _count(objects, rng) -> Question:

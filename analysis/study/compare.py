@@ -231,6 +231,17 @@ def _measure(args, plan: Plan, model, processor, work: Path) -> None:
     print(f"measured in {time.time() - started:.0f} s; writing tables and report", flush=True)
 
 
+def example_run(run_dir: str | Path | None, limit: int = 20) -> Path:
+    """``run_dir`` as a path, or, for ``None``, a new run of every method at keeps 0.5 / 0.25 / 0.1 on the
+    first ``limit`` bundled test questions, in a temporary folder: the run a notebook reads."""
+    if run_dir is not None:
+        return Path(run_dir)
+    out = Path(tempfile.mkdtemp()) / "run"
+    run(parse_args(["--methods", *lofi.available(), "--keep", "0.5", "0.25", "0.1", "--limit", str(limit),
+                    "--out", str(out), "--no-progress"]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.methods == ["list"]:

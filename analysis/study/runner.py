@@ -77,21 +77,22 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
             for statistics in capturing.take():
                 statistics.sample_id = batch[statistics.row].question_id
                 result.spectra.append(statistics)
-            new = out.sequences[:, inputs["input_ids"].shape[1]:]
-            step_logits = torch.stack(out.logits, 1).float()  # [B, steps, vocab]
+            # one device-to-host copy per batch of what the per-sample loops below read
+            new = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()
+            step_logits = torch.stack(out.logits, 1).float().cpu()  # [B, steps, vocab]
             shapes = _geometry(model, inputs)
             if handle is not None:
                 result.kept += _kept_tokens(handle, batch, shapes)
             geometry += shapes
             answers += tokenizer.batch_decode(new, skip_special_tokens=True)
-            first_logits += list(step_logits[:, 0].cpu())
+            first_logits += list(step_logits[:, 0])
             if baseline is None:
+                prompts, valid = inputs["input_ids"].cpu(), inputs["attention_mask"].bool().cpu()
                 for b in range(len(batch)):
                     length = _answer_length(new[b].tolist(), stop)
-                    valid = inputs["attention_mask"][b].bool()
-                    sequences.append(inputs["input_ids"][b][valid].tolist() + new[b, :length].tolist())
+                    sequences.append(prompts[b][valid[b]].tolist() + new[b, :length].tolist())
                     lengths.append(length)
-                    forced.append(step_logits[b, :length].cpu())
+                    forced.append(step_logits[b, :length])
             else:
                 with capturing.paused():
                     forced += _forced_logits(model, processor, batch, baseline, range(start, start + len(batch)),
@@ -136,8 +137,9 @@ def _sample(sample, method: str, keep: float, answer: str, baseline_answer: str,
 
 
 def _forced_logits(model, processor, batch, baseline, index, generated, step_logits, replay) -> list[torch.Tensor]:
-    """Per sample, [n, vocab]: the pruned model's logits predicting each of the n tokens of the baseline's
-    answer, read with the kept sets the answer was generated with.
+    """Per sample, [n, vocab] on the host: the pruned model's logits predicting each of the n tokens of the
+    baseline's answer, read with the kept sets the answer was generated with (``generated`` and
+    ``step_logits``: the generation's tokens and logits, on the host).
 
     Position j depends on the answer tokens before j only. Where the generation itself produced the
     baseline's first n-1 tokens, its step logits are exactly these. Otherwise the baseline's answer is
@@ -148,15 +150,15 @@ def _forced_logits(model, processor, batch, baseline, index, generated, step_log
     for b, i in enumerate(index):
         n = baseline.answer_lengths[i]
         answer = baseline.sequences[i][len(baseline.sequences[i]) - n:]
-        out.append(step_logits[b, :n].cpu())
+        out.append(step_logits[b, :n])
         if n > 1 and generated[b, :n - 1].tolist() != answer[:n - 1]:
             redo.append((b, answer))
     if redo:
         rows = [b for b, _ in redo]
         continued = _teacher_forced(model, processor, [batch[b] for b in rows], [a[:-1] for _, a in redo],
-                                    replay.subset(rows))
+                                    replay.subset(rows)).cpu()
         for (b, answer), logits in zip(redo, continued):
-            out[b] = torch.cat([step_logits[b, :1].cpu(), logits[:len(answer) - 1].cpu()])
+            out[b] = torch.cat([step_logits[b, :1], logits[:len(answer) - 1]])
     return out
 
 
