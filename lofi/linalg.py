@@ -97,10 +97,10 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     eigenpairs. Ritz values never exceed the eigenvalues they approximate, so the energy rank read from
     them is >= the true k. ``width`` is twice the participation ratio tr(G)^2 / ||G||_F^2 (the effective
     number of directions, read without a decomposition), at least ``block``. One attempt: if its Ritz
-    energy reaches ``tau`` of tr(G) in every sample (one host sync), its leverage scores are returned;
-    otherwise, or when the block would cover half the rows, the exact route. On the bundled model's
-    layer-2 states (k = 1-5) the two agree on every kept token; on spread spectra the attempt costs a
-    few products before the exact route (``benchmarks/lofi_solver.py``).
+    energy reaches ``tau`` of tr(G) in every sample, its leverage scores are returned; otherwise, or when
+    the block would cover half the rows, the exact route (the width and this check: two host syncs).
+    On the bundled model's layer-2 states (k = 1-5) the two agree on every kept token; on spread spectra
+    the attempt costs a few products before the exact route (``benchmarks/lofi_solver.py``).
     """
     rows, cols = H.shape[-2:]
     G = H @ H.transpose(-1, -2) if rows <= cols else H.transpose(-1, -2) @ H

@@ -48,9 +48,11 @@ class UsageError(Exception):
 
 @dataclass
 class Plan:
-    """A checked command: its questions, model folder and processor, and its conditions, built once."""
+    """A checked command: its questions, model folder, configuration and processor, and its conditions,
+    built once."""
 
     samples: list
+    config: object
     processor: object
     model_folder: Path | None
     methods: list[lofi.PruningMethod]
@@ -103,7 +105,7 @@ def _validate(args) -> Plan:
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     try:
-        _, processor = check_model(args.model)
+        config, processor = check_model(args.model)
         folder = resolve(args.model)
     except ModelError as e:
         raise UsageError(str(e)) from None
@@ -120,7 +122,7 @@ def _validate(args) -> Plan:
         raise UsageError(str(e)) from None
     if not samples:
         raise UsageError(f"dataset {args.dataset} has no questions")
-    return Plan(samples, processor, folder, methods)
+    return Plan(samples, config, processor, folder, methods)
 
 
 def _check_out(out: Path) -> None:
@@ -201,7 +203,7 @@ def run(args) -> Path:
     (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
     print(f"compare: {len(plan.samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
           f"methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}", flush=True)
-    model, processor = load_model(args.model, device)
+    model, processor = load_model(args.model, device, checked=(plan.config, plan.processor))
     _measure(args, plan, model, processor, work)
     tables.assemble(work, model.config, plan.methods)
     from analysis.study import report

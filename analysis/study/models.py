@@ -77,12 +77,14 @@ def check_model(model: str | Path = paths.BUNDLED_MODEL):
     return config, processor
 
 
-def load_model(model: str | Path = paths.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """(model, processor) of a checked model (``check_model``) with its family's class, in eval mode."""
+def load_model(model: str | Path = paths.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               checked: tuple | None = None):
+    """(model, processor) of a checked model (``check_model``) with its family's class, in eval mode.
+    ``checked``: the (config, processor) ``check_model`` already returned for it, not read again."""
     import transformers
 
     from lofi.families import family_class
-    config, processor = check_model(model)
+    config, processor = checked or check_model(model)
     model_class = getattr(transformers, family_class(config).classes[0])
     loaded = model_class.from_pretrained(resolve(model), dtype=dtype).to(device).eval()
     return loaded, processor
