@@ -6,9 +6,10 @@ A CUDA device synchronises with the host whenever a value must leave it: ``.item
 ``.cpu()``/``.numpy()``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero()`` (its size),
 ``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
 project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
-without a GPU (reads of tensors already on the host, in ``Capture._flush``, are not counted). The
-script counts them during one prefill under ``lofi.pruned`` for each method, and during one prefill
-with ``Capture`` (IPR/PR at every layer) active.
+without a GPU (reads of tensors already on the host -- ``Capture._flush``, the runtime's
+``_HostSizes.from_counts`` and ``_stage_sizes`` -- are not counted). The script counts them during one
+prefill under ``lofi.pruned`` for each method, and during one prefill with ``Capture`` (IPR/PR at every
+layer) active.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import lofi
 
 WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
 OURS = ("/lofi/", "/analysis/")
-HOST_SIDE = ("_flush",)  # reads tensors already moved to the host in one transfer: no device waits there
+# read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes): no device waits
+HOST_SIDE = ("_flush", "from_counts", "_stage_sizes")
 
 
 @contextmanager
@@ -37,7 +39,8 @@ def counting():
     def wrap(name, original):
         def counted(self, *args, **kwargs):
             code = sys._getframe(1).f_code
-            if any(part in code.co_filename for part in OURS) and code.co_name not in HOST_SIDE:
+            scope = getattr(code, "co_qualname", code.co_name).split(".")  # comprehensions: f.<locals>.<listcomp>
+            if any(part in code.co_filename for part in OURS) and not set(scope) & set(HOST_SIDE):
                 counts[name] += 1
             return original(self, *args, **kwargs)
         return counted

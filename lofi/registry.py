@@ -43,6 +43,7 @@ class StageInput:
         fingerprint: [batch] int64, a hash of each sample's tokens and visual features (``lofi.seeding``).
         model: the model being pruned.
         keep_width: the largest ``n_keep`` of the batch, already on the host (the width ``select`` returns).
+        text_width: the largest number of real text tokens of a sample, already on the host.
     """
 
     layer: int
@@ -58,6 +59,7 @@ class StageInput:
     fingerprint: torch.Tensor
     model: torch.nn.Module | None = None
     keep_width: int | None = None
+    text_width: int | None = None
 
     def uniform(self, salt: int) -> torch.Tensor:
         """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens

@@ -85,6 +85,47 @@ class PruningHandle:
 
 
 @dataclass
+class _HostSizes:
+    """A prompt's per-row counts, copied to the host once when it starts. Every shape of the pruning stages
+    follows from them (a stage keeps exactly ``n_keep`` of the prunable tokens present), so no stage waits
+    for the device to say how wide its rows are."""
+
+    has_visual: bool
+    unpadded: bool               # no padding in the batch
+    n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
+    n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
+    n_text: torch.Tensor         # [B] CPU long: real text tokens
+    n_present: torch.Tensor      # [B] CPU long: prunable visual tokens entering the next stage
+    text_width: int              # the most real text tokens of a row
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, batch: int, length: int) -> "_HostSizes":
+        """From ``[any visual, unpadded, n_prunable (B), n_text (B)]``, already on the host."""
+        n_prunable, n_text = counts[2:2 + batch], counts[2 + batch:]
+        return cls(bool(counts[0]), bool(counts[1]), n_prunable, length - n_prunable, n_text, n_prunable,
+                   int(n_text.max()))
+
+
+def _host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> _HostSizes:
+    """The counts of a call's tokens, in one device-to-host copy (the runtime's one host sync per prompt)."""
+    batch, length = is_visual.shape
+    valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
+    flags = torch.stack([is_visual.any(), valid.all()]).long()
+    counts = torch.cat([flags, prunable.sum(1), (valid & ~is_visual).sum(1)])
+    return _HostSizes.from_counts(counts.cpu(), batch, length)
+
+
+def _stage_sizes(method: PruningMethod, stage: int, host: _HostSizes) -> tuple[torch.Tensor, list[int]]:
+    """On the host: each row's n_keep at ``stage``, and the widths the stage's tensors take (prunable tokens
+    present, widest n_keep, widest and narrowest row after it). Advances ``host.n_present``."""
+    n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
+    after = host.n_fixed + n_keep
+    widths = [int(host.n_present.max()), int(n_keep.max()), int(after.max()), int(after.min())]
+    host.n_present = n_keep
+    return n_keep, widths
+
+
+@dataclass
 class _Sequence:
     """Bookkeeping of one prompt (and its decoding steps), in original sequence indices."""
 
@@ -96,6 +137,7 @@ class _Sequence:
     fingerprint: torch.Tensor     # [B] int64 (lofi.seeding)
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
     last_position: torch.Tensor   # [B] 1-D position of the last token so far
+    host: _HostSizes | None = None  # the prompt's counts on the host
     dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
     slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
     decoded: int = 0              # tokens appended after the prompt, before this call
@@ -131,6 +173,9 @@ class _Runtime:
         if method.attention_queries and self.stage_layers[0] < 1:
             raise ValueError(f"{method.name} ranks tokens by the attention of layer K-1, so layer must be >= 1")
         self.handle = PruningHandle(method, list(self.stage_layers), self.family)
+        # the inherited select (top n_keep of masked scores) keeps the contract by construction; a method's
+        # own select is checked on every stage (one host sync)
+        self._check_selection = type(method).select is not PruningMethod.select
         self._hooks: list = []
         self._input_ids: torch.Tensor | None = None
         self._seq: _Sequence | None = None
@@ -190,14 +235,14 @@ class _Runtime:
                              "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
         is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
-        has_visual, unpadded = (False, True) if is_visual is None else torch.stack(  # one host copy
-            [is_visual.any(), mask2d.bool().all() if mask2d is not None else is_visual.new_ones(())]).tolist()
-        if has_visual:
+        prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
+        sizes = None if is_visual is None else _host_sizes(is_visual, prunable, mask2d)
+        if sizes is not None and sizes.has_visual:
             if past:
                 raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a "
                                  "cached prefix are not supported")
-            self._start(input_ids, embeds, is_visual, mask2d, kwargs.get("position_ids"))
-            self._seq.dense = unpadded and self.attention_kind == "sdpa"
+            self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
+            self._seq.dense = sizes.unpadded and self.attention_kind == "sdpa"
             self._phase = "prefill"
         elif self._seq is not None and past:
             self._continue(length, mask2d)
@@ -213,11 +258,10 @@ class _Runtime:
             kwargs["attention_mask"] = None  # every layer gets its own mask; the model's would mismatch
         return args, kwargs
 
-    def _start(self, input_ids, embeds, is_visual, mask2d, position_ids) -> None:
+    def _start(self, input_ids, embeds, is_visual, prunable, mask2d, position_ids, sizes: _HostSizes) -> None:
         batch, length = is_visual.shape
         device = is_visual.device
         valid = torch.ones_like(is_visual) if mask2d is None else mask2d.bool()
-        prunable = self.family.prunable_mask(is_visual, embeds)
         rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
         if position_ids is None:
             last = torch.full((batch,), length - 1, device=device)
@@ -225,7 +269,8 @@ class _Runtime:
             last = self.family.text_positions(position_ids)[..., -1].expand(batch).clone()
         index = torch.arange(length, device=device).expand(batch, length)
         self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1),
-                              seeding.fingerprints(input_ids, embeds, valid, is_visual), [index], last)
+                              seeding.fingerprints(input_ids, embeds, valid, is_visual), [index], last,
+                              host=sizes)
         self.handle.kept = []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual, self.handle.n_prunable = is_visual.sum(1), self._seq.n_prunable
@@ -275,11 +320,8 @@ class _Runtime:
         batch, width = current.shape
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
         n_present = prunable.sum(1)
-        n_keep = self.method.n_keep(stage - 1, seq.n_prunable, n_present).to(n_present.device)
-        fixed = ((current >= 0) & ~prunable).sum(1)
-        # the sizes this stage's shapes need, in one device-to-host copy
-        most, widest, new_width, narrowest = torch.stack(
-            [n_present.max(), n_keep.max(), (fixed + n_keep).max(), (fixed + n_keep).min()]).tolist()
+        n_keep, (most, widest, new_width, narrowest) = _stage_sizes(self.method, stage - 1, seq.host)
+        n_keep = n_keep.to(current.device, non_blocking=True)
         seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
         order = torch.sort((~prunable).to(torch.int8), dim=1, stable=True).indices[:, :most]
         visual_valid = torch.arange(most, device=order.device) < n_present[:, None]
@@ -289,8 +331,11 @@ class _Runtime:
             visual_index=visual_index, text=valid & ~seq.at(current, seq.is_visual), valid=valid, n_keep=n_keep,
             attention=(lambda: self._attention_received(layer - 1, current, valid))
             if self.method.attention_queries else None,
-            fingerprint=seq.fingerprint, model=self.model, keep_width=widest)
-        chosen = self._checked(self.method.select(state), state)
+            fingerprint=seq.fingerprint, model=self.model, keep_width=widest,
+            text_width=seq.host.text_width)
+        chosen = self.method.select(state)
+        if self._check_selection:
+            chosen = self._checked(chosen, state)
         picked = chosen >= 0
         keep = (current >= 0) & ~prunable
         marks = torch.zeros_like(current).scatter_add(1, order.gather(1, chosen.clamp_min(0)), picked.long())

@@ -224,3 +224,59 @@ def test_pruned_refuses_a_missing_model_and_a_static_cache(model):
     with pytest.raises(ValueError, match="dynamic KV cache"):
         with lofi.pruned(model, "lofi", keep=0.5), torch.no_grad():
             model(**inputs, past_key_values=cache, use_cache=True)
+
+
+class _Chooses(lofi.PruningMethod):
+    """A method whose own ``select`` returns a fixed (possibly contract-breaking) choice."""
+
+    name = "chooses"
+
+    def __init__(self, chosen):
+        super().__init__(0.25, 2)
+        self.chosen = chosen
+
+    def select(self, state):
+        return self.chosen(state)
+
+
+@pytest.mark.parametrize("chosen, message", [
+    (lambda s: torch.zeros(s.visual.shape[0], 4, dtype=torch.long), "the same token twice"),
+    (lambda s: torch.arange(3).expand(s.visual.shape[0], 3), "n_keep = \\[4\\] distinct"),
+    (lambda s: torch.arange(4).expand(s.visual.shape[0], 4) + N_VISUAL, "n_keep = \\[4\\] distinct"),
+    (lambda s: torch.arange(4), "expected \\(1, max n_keep\\)"),
+])
+def test_a_methods_own_select_is_checked_against_the_contract(model, chosen, message):
+    with pytest.raises(RuntimeError, match=f"chooses.select {'returned shape' if 'expected' in message else ''}"
+                       f".*{message}"), torch.no_grad(), lofi.pruned(model, _Chooses(chosen)):
+        model(**make_inputs())
+
+
+def test_the_inherited_select_keeps_the_contract_whatever_the_scores(model):
+    class Unruly(lofi.PruningMethod):
+        name = "unruly"
+
+        def scores(self, state):  # NaN and ties everywhere: top-k of the masked scores still keeps n_keep tokens
+            return torch.full(state.visual.shape, float("nan")).masked_fill(state.visual_index % 3 == 0, 1.0)
+
+    batch = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, text_before=(5,))])
+    with torch.no_grad(), lofi.pruned(model, Unruly(keep=0.25)) as handle:
+        model(**batch)
+    kept = handle.kept_lists()
+    assert [len(row) for row in kept] == [4, 4] and all(len(set(row)) == 4 for row in kept)
+    assert all(0 <= i < N_VISUAL for row in kept for i in row)
+
+
+@pytest.mark.parametrize("method", METHODS + ["lvpruning"])
+def test_a_pruned_prefill_reads_the_device_once(model, method):
+    """Every stage's shapes come from the prompt's counts, copied to the host once: no other call that
+    makes a GPU wait (.cpu(), .tolist(), int(), ...) happens in lofi/ during a pruned prefill."""
+    from benchmarks.host_syncs import counting
+    from lofi.methods.lvpruning import DecisionModules
+
+    batch = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, text_before=(5,))])
+    options = {"modules": DecisionModules.for_model(model)} if method == "lvpruning" else {}
+    with torch.no_grad(), lofi.pruned(model, method, keep=0.25, **options):
+        model(**batch)
+        with counting() as counts:
+            model(**batch)
+    assert dict(counts) == {"cpu": 1}

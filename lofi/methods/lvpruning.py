@@ -131,10 +131,13 @@ class DecisionModules(nn.Module):
         return modules.eval()
 
 
-def text_tokens(hidden: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather each row's text tokens to the front: [batch, n_text_max, d] and its validity mask."""
+def text_tokens(hidden: torch.Tensor, text: torch.Tensor, width: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather each row's text tokens to the front: [batch, n_text_max, d] and its validity mask (``width``:
+    n_text_max if the caller knows it on the host; otherwise one host sync reads it)."""
     counts = text.sum(1)
-    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :int(counts.max())]
+    width = int(counts.max()) if width is None else width
+    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :width]
     mask = torch.arange(order.shape[1], device=text.device)[None] < counts[:, None]
     return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), mask
 
@@ -244,19 +247,20 @@ class LVPruning(PruningMethod):
         return torch.minimum(wanted.clamp_min(1), n_present)
 
     @torch.no_grad()
-    def keep_log_odds(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor):
+    def keep_log_odds(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
+                      text_width: int | None = None):
         """[batch, n_present] log(p / (1 - p)) of each present visual token's keep probability p (W_O's keep
         logit minus its drop logit)."""
         width = hidden.shape[-1]
         visual_hidden = hidden.gather(1, visual[..., None].expand(-1, -1, width))
-        text_hidden, text_mask = text_tokens(hidden, text)
+        text_hidden, text_mask = text_tokens(hidden, text, text_width)
         logits = self.modules.stages[stage](visual_hidden, text_hidden, text_mask).float()
         return logits[..., 0] - logits[..., 1]
 
     def scores(self, state: StageInput) -> torch.Tensor:
         if self.modules is None:
             self.bind(state.model)
-        scores = self.keep_log_odds(state.stage, state.hidden, state.visual, state.text)
+        scores = self.keep_log_odds(state.stage, state.hidden, state.visual, state.text, state.text_width)
         if self.selection == "topk":
             return scores
         # Gumbel-top-k: the top n_keep of log w + G draw without replacement with weights w = keep odds

@@ -31,6 +31,7 @@ class Replay(PruningMethod):
         super().__init__(1.0, stages[0])
         self.recorded_stages = list(stages)
         self.kept = [k.detach().clone() for k in kept]
+        self._counts = [(k >= 0).sum(1).cpu() for k in self.kept]  # on the host: the runtime sizes stages there
 
     def subset(self, rows) -> "Replay":
         """The recorded selection of some samples of the batch, in the order of ``rows``."""
@@ -47,7 +48,7 @@ class Replay(PruningMethod):
         if kept.shape[0] != n_visual.shape[0]:
             raise ValueError(f"the recorded selection is of a batch of {kept.shape[0]}, this pass has "
                              f"{n_visual.shape[0]} samples; replay it on the same samples, in order")
-        return (kept >= 0).sum(1).to(n_present.device)
+        return self._counts[stage].to(n_present.device)
 
     def select(self, state: StageInput) -> torch.Tensor:
         kept = self.kept[state.stage].to(state.visual_index.device)
