@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md in one run (about 8 minutes on one H100/H200), for a
-# session that is lent a GPU. Prepare once on this machine, from the repository root (the device has
-# torch and an older transformers, and no network):
+# Every GPU measurement of benchmarks/README.md in one run (about 8 minutes on one H100/H200, up to 4 more
+# for step 7's compiled path), for a session that is lent a GPU. Prepare once on this machine, from the
+# repository root (the device has torch and an older transformers, and no network):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -36,3 +36,9 @@ run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --o
 echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
 # 6. how far the GPU run's tables are from the committed CPU run's (same job, same seed)
 run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda"
+# 7. the compiled path at batch 1 (item 2 of issue [G]): baseline and pruned both through lofi.compiled;
+#    inductor alone, then CUDA graphs (each layer compiles once, seconds per layer, before the timed pairs)
+run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
+  --methods fastv lofi random --keep 0.5 0.25 --compile
+run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
+  --methods fastv lofi random --keep 0.5 0.25 --compile reduce-overhead

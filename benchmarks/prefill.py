@@ -3,9 +3,11 @@
     python benchmarks/prefill.py                        # mid-size random LLaVA on CPU (16 x 1024)
     python benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16
     python benchmarks/prefill.py --shape qwen2.5-vl-7b --text-layers 4 --vision-layers 1   # fewer layers
+    python benchmarks/prefill.py --shape llava-7b --device cuda --dtype bfloat16 --compile reduce-overhead
 
-``--shape`` is ``mid`` or a checkpoint of ``lofi.configs`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision,
-Qwen2-VL, Qwen2.5-VL at 7B; random weights of the true widths), with the benchmark image of
+``--shape`` is ``mid``, ``overhead`` (7B depth at width 64: per-op overhead, as at batch 1 on a GPU) or a
+checkpoint of ``lofi.configs`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL at 7B; random
+weights of the true widths), with the benchmark image of
 ``lofi.configs.BENCHMARK_IMAGES`` (672 x 672 for LLaVA-NeXT and Qwen, 768 x 768 for OneVision) and 30
 text tokens. For every (method, keep) the script times ``model(**inputs, logits_to_keep=1)`` (the
 prefill that ``generate`` runs first), interleaving the baseline with the pruned runs so that drifts in
@@ -14,6 +16,7 @@ machine speed hit both, and prints the measured speedup beside the speedup the F
 method's own selection (``select``) as a share of the pruned prefill, and reports the KV cache held
 after prefill (exact bytes of the cache tensors) and the peak memory of the forward pass: on CUDA the
 allocator's peak, on Linux CPUs the growth of the process's peak RSS (VmHWM, reset before each run).
+``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path).
 """
 
 from __future__ import annotations
@@ -33,21 +36,31 @@ from lofi.families import family_class
 from lofi.methods.lvpruning import DecisionModules
 
 MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
-           vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4))
-SHAPES = ["mid", *configs.CHECKPOINTS]
+           vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+           image_size=336)
+# LLaVA-1.5-7B's depth (32 text, 24 vision layers) at width 64, 64 visual tokens: every op is tiny, so the time
+# is the per-op overhead (Python, dispatch) that dominates a batch-1 prefill on a GPU
+OVERHEAD = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=2),
+                vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=2),
+                image_size=112)
+SMALL = {"mid": MID, "overhead": OVERHEAD}
+SHAPES = [*SMALL, *configs.CHECKPOINTS]
 ALIASES = {"llava-7b": "llava-1.5-7b"}
 N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
 def shape_config(shape: str, text_layers: int | None = None, vision_layers: int | None = None):
-    """``mid`` (a mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B)
-    or a 7B checkpoint's configuration, optionally with fewer layers."""
+    """``mid`` (a mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B),
+    ``overhead`` (tiny widths at 7B depth: the time is per-op overhead), or a 7B checkpoint's configuration,
+    optionally with fewer layers."""
     shape = ALIASES.get(shape, shape)
-    if shape != "mid":
+    if shape not in SMALL:
         return configs.config(shape, text_layers, vision_layers)
-    text = {**MID["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers})}
-    vision = {**MID["vision"], **({} if vision_layers is None else {"num_hidden_layers": vision_layers})}
-    return LlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14, **vision),
+    small = SMALL[shape]
+    text = {**small["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers})}
+    vision = {**small["vision"], **({} if vision_layers is None else {"num_hidden_layers": vision_layers})}
+    return LlavaConfig(vision_config=CLIPVisionConfig(image_size=small["image_size"], patch_size=14, **vision),
                        text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text),
                        image_token_index=32000, vision_feature_layer=-2)
 
@@ -118,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                        help="baseline and pruned prefills both through lofi.compiled (torch.compile mode; "
+                             "default: 'default'); the first pair, which compiles, is not timed")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
@@ -136,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def prefill():
         sync()
+        if args.compile:  # a new step for CUDA graphs: the previous prefill's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         start = time.perf_counter()
         out = model(**inputs, logits_to_keep=1)
         sync()
@@ -157,13 +175,15 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
-          f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats}", flush=True)
+          f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
+          f"compile={args.compile or 'no'}", flush=True)
     shared = {"layer": args.layer}
     if any("modules" in lofi.options(method) for method in args.methods):
         # random decision modules (LVPruning's): their cost, not their choices, is what is timed here
         shared["modules"] = DecisionModules.for_model(model).to(args.device, dtype)
     rows = []
-    with torch.inference_mode():
+    compiling = lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()
+    with compiling, torch.inference_mode():
         prefill()  # warm-up
         for method in args.methods:
             for keep in args.keep:

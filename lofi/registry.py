@@ -40,7 +40,8 @@ class StageInput:
         n_keep: [batch] long: how many of its present visual tokens each sample keeps.
         attention: callable returning [batch, n] attention each token receives at layer ``layer - 1``
             (averaged over heads and the method's query tokens); only for methods that ask for it.
-        fingerprint: [batch] int64, a hash of each sample's tokens and visual features (``lofi.seeding``).
+        fingerprint: [batch] int64, a hash of each sample's tokens and visual features (``lofi.seeding``);
+            None unless the method ``draws``.
         model: the model being pruned.
         keep_width: the largest ``n_keep`` of the batch, already on the host (the width ``select`` returns).
         text_width: the largest number of real text tokens of a sample, already on the host.
@@ -56,7 +57,7 @@ class StageInput:
     valid: torch.Tensor
     n_keep: torch.Tensor
     attention: Callable[[], torch.Tensor] | None
-    fingerprint: torch.Tensor
+    fingerprint: torch.Tensor | None
     model: torch.nn.Module | None = None
     keep_width: int | None = None
     text_width: int | None = None
@@ -64,7 +65,10 @@ class StageInput:
     def uniform(self, salt: int) -> torch.Tensor:
         """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens
         and visual features), ``salt`` and the token's original index only: the same alone or in any batch,
-        under ``model(...)`` or ``generate()``."""
+        under ``model(...)`` or ``generate()``. Only for methods whose ``draws`` is true."""
+        if self.fingerprint is None:
+            raise TypeError("StageInput.uniform needs the samples' fingerprints, which the runtime computes only "
+                            "for methods that draw: set `draws = True` on the method's class")
         return uniform(self.fingerprint, salt, self.visual_index)
 
     def visual_hidden(self) -> torch.Tensor:
@@ -82,12 +86,14 @@ class PruningMethod(ABC):
             (``"last"``: the last prompt token; ``"text"``: every text token).
         default_layer: K when the caller gives none.
         min_layer: the smallest valid K.
+        draws: the method calls ``StageInput.uniform`` (the runtime hashes each sample only for such methods).
     """
 
     name: ClassVar[str] = ""
     attention_queries: ClassVar[str | None] = None
     default_layer: ClassVar[int] = 2
     min_layer: ClassVar[int] = 0
+    draws: ClassVar[bool] = False
 
     def __init__(self, keep: float = 0.5, layer: int | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:

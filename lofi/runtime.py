@@ -14,8 +14,9 @@ While it is active, every forward pass and ``generate()`` call runs like this:
 * Every layer from the first stage on gets its own attention mask (causal by *original* sequence
   index, padding respected) and the rotary tables of the kept tokens' *original* positions (1-D RoPE or
   M-RoPE alike: positions are never renumbered; decoding continues the prompt's numbering).
-* Methods that rank by attention (FastV) get the attention rows they need from layer K-1's own
-  query and key projections, captured by hooks: any attention kernel (SDPA, eager) keeps running.
+* Methods that rank by attention (FastV) get the attention rows they need rebuilt from the hidden states
+  entering layer K-1, through that layer's own norm and query/key projections: any attention kernel
+  (SDPA, eager, a compiled layer) keeps running, and nothing hooks inside a layer.
 
 Batches may be padded (left or right) and ragged: samples may hold different numbers of visual tokens
 (image sizes, tiles, resolutions). Each sample keeps ceil(keep x its own prunable visual tokens); where
@@ -134,7 +135,7 @@ class _Sequence:
     prunable: torch.Tensor        # [B, T] bool: visual tokens a method may drop
     visual_rank: torch.Tensor     # [B, T] long: 0..n_visual-1 at visual tokens, -1 elsewhere
     n_prunable: torch.Tensor      # [B]
-    fingerprint: torch.Tensor     # [B] int64 (lofi.seeding)
+    fingerprint: torch.Tensor | None  # [B] int64 (lofi.seeding), for methods that draw
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
     last_position: torch.Tensor   # [B] 1-D position of the last token so far
     host: _HostSizes | None = None  # the prompt's counts on the host
@@ -150,6 +151,11 @@ class _Sequence:
 
     def at(self, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``values`` [B, T] read at ``index`` [B, n]; False / -1 / 0 at padding slots."""
+        stage = next((s for s, seen in enumerate(self.index) if seen is index), None)
+        if stage == 0:  # the prompt as it came: nothing to read (each kernel saved is a launch at batch 1)
+            return values
+        if stage is not None and not self.slotted[stage - 1]:  # rows without padding slots
+            return values.gather(1, index)
         read = values.gather(1, index.clamp_min(0))
         return torch.where(index >= 0, read, torch.zeros((), dtype=read.dtype) if read.dtype == torch.bool
                            else torch.full((), -1 if read.dtype == torch.long else 0, dtype=read.dtype))
@@ -195,11 +201,6 @@ class _Runtime:
             for i in range(first, len(self.layers)):
                 self._hooks.append(self.layers[i].register_forward_pre_hook(
                     self._layer_hook(i), with_kwargs=True, prepend=True))
-            if self.method.attention_queries:
-                for layer in self.stage_layers:
-                    attn = self.layers[layer - 1].self_attn
-                    self._hooks.append(attn.q_proj.register_forward_hook(self._capture("q")))
-                    self._hooks.append(attn.k_proj.register_forward_hook(self._capture("k")))
         except BaseException:
             self.detach()
             raise
@@ -268,8 +269,8 @@ class _Runtime:
         else:
             last = self.family.text_positions(position_ids)[..., -1].expand(batch).clone()
         index = torch.arange(length, device=device).expand(batch, length)
-        self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1),
-                              seeding.fingerprints(input_ids, embeds, valid, is_visual), [index], last,
+        fingerprint = seeding.fingerprints(input_ids, embeds, valid, is_visual) if self.method.draws else None
+        self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1), fingerprint, [index], last,
                               host=sizes)
         self.handle.kept = []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
@@ -301,16 +302,11 @@ class _Runtime:
                 if stage not in self._stage_kwargs:
                     self._stage_kwargs[stage] = self._stage_arguments(stage, kwargs, hidden.dtype)
                 kwargs.update(self._stage_kwargs[stage])
-            if ranks_next and self._phase == "prefill":
-                self._captured["rotary"] = kwargs["position_embeddings"]  # as layer K-1 applies them
+            if ranks_next and self._phase == "prefill":  # what layer K-1 computes its queries and keys from
+                self._captured["hidden"] = hidden
+                self._captured["rotary"] = kwargs["position_embeddings"]
             return (hidden, *args[1:]), kwargs
 
-        return hook
-
-    def _capture(self, name: str):
-        def hook(module, args, output):
-            if self._phase == "prefill":
-                self._captured[name] = output
         return hook
 
     # ------------------------------------------------------------------ the pruning step
@@ -410,19 +406,20 @@ class _Runtime:
     def _attention_received(self, layer: int, current: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """[batch, n]: attention each token gets at ``layer``, mean over heads and the query tokens."""
         attn = self.layers[layer].self_attn
-        q = self.family.attention_heads(attn, self._captured["q"], "q").float()
-        k = self.family.attention_heads(attn, self._captured["k"], "k").float()
+        x = self.family.attention_input(self.layers[layer], self._captured["hidden"])
+        k = self.family.attention_heads(attn, attn.k_proj(x), "k").float()
         batch, n = k.shape[0], k.shape[2]
-        head_dim = k.shape[-1]
         cos, sin = (t.float().expand(batch, *t.shape[1:]) for t in self._captured["rotary"])
         if self.method.attention_queries == "last":
-            # the last real token of each row (the last column with left padding, earlier with right)
+            # the last real token of each row (the last column with left padding, earlier with right): only its
+            # query is projected
             last = (valid.long() * torch.arange(n, device=valid.device)).argmax(1, keepdim=True)
-            q = q.gather(2, last[:, None, :, None].expand(-1, q.shape[1], 1, head_dim))
             pick = lambda t: t.gather(1, last[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
+            q = self.family.attention_heads(attn, attn.q_proj(pick(x)), "q").float()
             q = self.family.rotate(attn, q, pick(cos), pick(sin))
             query_index, query_valid = current.gather(1, last), valid.gather(1, last)
         else:
+            q = self.family.attention_heads(attn, attn.q_proj(x), "q").float()
             q = self.family.rotate(attn, q, cos, sin)
             query_index = current
             query_valid = valid & ~self._seq.at(current, self._seq.is_visual)

@@ -120,3 +120,14 @@ def test_the_7b_configs_hold_the_checkpoints_shapes():
     assert configs.config("qwen2.5-vl-7b", vision_layers=9).vision_config.fullatt_block_indexes == [7]
     with pytest.raises(ValueError, match="valid: llava-1.5-7b"):
         configs.config("llava-13b")
+
+
+def test_fastv_counts_the_attention_rows_it_rebuilds():
+    """Keys of every token, the ranking rows' queries and their scores at layer K-1, by hand."""
+    config = tiny_llava(kv_heads=2).config  # d 64, 4 heads of 16, 2 key-value heads
+    n_text, n_visual, d, d_kv = 6, 16, 64, 32
+    n = n_text + n_visual
+    last = lofi.build("fastv", keep=0.25).decision_flops(config, n_text, [n_visual])
+    assert last == 2 * n * d * d_kv + 2 * 1 * d * d + 2 * 1 * n * d
+    text = lofi.build("fastv", keep=0.25, queries="text").decision_flops(config, n_text, [n_visual])
+    assert text == 2 * n * d * d_kv + 2 * n_text * d * d + 2 * n_text * n * d

@@ -280,3 +280,18 @@ def test_a_pruned_prefill_reads_the_device_once(model, method):
         with counting() as counts:
             model(**batch)
     assert dict(counts) == {"cpu": 1}
+
+
+def test_a_method_that_draws_without_saying_so_is_told_how_to_fix_it(model):
+    class Undeclared(lofi.PruningMethod):
+        name = "undeclared"
+
+        def scores(self, state):
+            return state.uniform(0)
+
+    with pytest.raises(TypeError, match="set `draws = True`"), torch.no_grad(), lofi.pruned(model, Undeclared()):
+        model(**make_inputs())
+    Undeclared.draws = True
+    with torch.no_grad(), lofi.pruned(model, Undeclared(keep=0.25)) as handle:
+        model(**make_inputs())
+    assert len(handle.kept_lists()[0]) == 4

@@ -83,6 +83,14 @@ class Family(ABC):
     def layers(self) -> nn.ModuleList:
         return self.language_model().layers
 
+    def vision_tower(self) -> nn.Module:
+        """The vision encoder."""
+        return self.multimodal_model().vision_tower
+
+    def vision_layers(self) -> nn.ModuleList:
+        """The vision encoder's repeated blocks: its longest ``ModuleList`` (CLIP, SigLIP, Qwen2-VL's ViT)."""
+        return max((m for m in self.vision_tower().modules() if isinstance(m, nn.ModuleList)), key=len)
+
     # ------------------------------------------------------------------------------------ tokens
     def visual_token_ids(self) -> list[int]:
         """Token ids that stand for visual features: the image token, and the video token if any."""
@@ -116,6 +124,10 @@ class Family(ABC):
         return positions
 
     # -------------------------------------------------------------------------------- attention
+    def attention_input(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What decoder layer ``layer``'s attention projects: its input ``hidden`` after the pre-attention norm."""
+        return layer.input_layernorm(hidden)
+
     def attention_heads(self, attention: nn.Module, projected: torch.Tensor, which: str) -> torch.Tensor:
         """[batch, heads, T, head_dim] queries (``which="q"``) or keys from ``q_proj`` / ``k_proj`` outputs,
         after the per-head norm some models apply before RoPE (Qwen3's ``q_norm`` / ``k_norm``)."""

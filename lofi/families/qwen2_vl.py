@@ -29,6 +29,9 @@ class Qwen2VL(Family):
     classes = ("Qwen2VLForConditionalGeneration",)
     multimodal_rope = True
 
+    def vision_tower(self):
+        return self.multimodal_model().visual
+
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         # the last row is an M-RoPE row in both the 3- and the 4-row layout; on text tokens all rows agree
         return position_ids[-1] if position_ids.ndim == 3 else position_ids

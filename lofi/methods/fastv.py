@@ -17,8 +17,9 @@ class FastV(PruningMethod):
         queries: ``"last"`` (the official code: the last prompt token's row) or ``"text"`` (the mean
             over every text token's row, the paper's "average attention").
 
-    The attention rows are rebuilt from layer K-1's own query and key projections, so the model keeps
-    its SDPA kernel (no switch to eager, no second run of layer K-1, no duplicate KV entries).
+    The attention rows are rebuilt from the hidden states entering layer K-1, through that layer's own norm
+    and key (and the ranking rows') query projections, so the model keeps its SDPA kernel or compiled layers
+    (no switch to eager, no second run of layer K-1, no duplicate KV entries).
     """
 
     name = "fastv"
@@ -34,6 +35,17 @@ class FastV(PruningMethod):
     @property
     def attention_queries(self) -> str:  # type: ignore[override]
         return self.queries
+
+    def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
+        """Rebuilding layer K-1's attention rows for n = n_text + n_visual tokens and r ranking rows (1 for
+        ``"last"``, n_text for ``"text"``): keys 2 n d d_kv, queries 2 r d d_q, scores 2 r n d_q, with d_q =
+        heads x head_dim and d_kv = kv heads x head_dim (newline rows, never pruned, are not in n_visual)."""
+        text = config.get_text_config()
+        d, heads = text.hidden_size, text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or d // heads
+        d_q, d_kv = heads * head_dim, (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+        n, rows = n_text + n_visual_per_stage[0], 1 if self.queries == "last" else n_text
+        return 2.0 * n * d * d_kv + 2.0 * rows * d * d_q + 2.0 * rows * n * d_q
 
     def scores(self, state: StageInput) -> torch.Tensor:
         return state.attention().gather(1, state.visual)

@@ -201,6 +201,10 @@ class LVPruning(PruningMethod):
                              "(raise keep or lower the offsets)")
         self.modules: DecisionModules | None = modules
 
+    @property
+    def draws(self) -> bool:  # type: ignore[override]
+        return self.selection == "sample"
+
     def ratios(self) -> list[float]:
         """Each stage's keep ratio (cumulative, of the image's visual tokens).
 

@@ -21,6 +21,7 @@ class Random(PruningMethod):
     """
 
     name = "random"
+    draws = True
     default_layer = 2
 
     def __init__(self, keep: float = 0.5, layer: int | None = None, seed: int = 0):

@@ -1,0 +1,138 @@
+"""The opt-in compiled path (``lofi.compiled``): pruning under compiled layers computes what it computes
+eagerly (prefill and generate, every family), a new keep fraction compiles nothing, and the model is
+given back exactly as it was. Dynamo's ``eager`` backend traces as the GPU path does but runs the traced
+graphs with the same kernels, so its results must be bit-identical; inductor (slow lane) is held to
+float tolerance."""
+
+import pytest
+import torch
+from _families import FAMILIES, build, inputs
+from _tiny import make_inputs, prompt_ids, tiny_llava
+from torch._dynamo.utils import counters
+
+import lofi
+from lofi.compiled import compiled_modules
+from lofi.methods.lvpruning import DecisionModules
+
+METHODS = ["fastv", "lofi", "random", "lvpruning"]
+_IMAGES = {"llava": [(16, 16)] * 2, "llava_next": [(16, 30), (30, 14)], "llava_onevision": [(40, 20), (16, 16)],
+           "qwen2_vl": [(1, 4, 6), (1, 4, 8)], "qwen2_5_vl": [(1, 6, 8), (1, 4, 8)]}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llava()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_inputs(prompts=[prompt_ids(3), prompt_ids(3, text_before=(5,))])  # left-padded
+
+
+def method(name, model, keep=0.25):
+    options = {"modules": DecisionModules.for_model(model)} if name == "lvpruning" else {}
+    torch.manual_seed(0)
+    return lofi.build(name, keep=keep, **options)
+
+
+def _generate(model, batch):
+    return model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", METHODS)
+def test_pruning_under_compiled_layers_computes_what_it_computes_eagerly(model, batch, name):
+    pruning = method(name, model)
+    with lofi.pruned(model, pruning) as handle:
+        logits, generated = model(**batch).logits, _generate(model, batch)
+        kept = handle.kept_lists()
+    with lofi.compiled(model, backend="eager"), lofi.pruned(model, pruning) as handle:
+        assert torch.equal(model(**batch).logits, logits)
+        again = _generate(model, batch)
+        assert handle.kept_lists() == kept
+    assert torch.equal(again.sequences, generated.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(again.logits, generated.logits))
+
+
+@torch.no_grad()
+def test_keep_all_under_compiled_layers_is_the_compiled_unpruned_model(model, batch):
+    with lofi.compiled(model, backend="eager"):
+        unpruned = model(**batch).logits
+        with lofi.pruned(model, "lofi", keep=1.0):
+            assert torch.equal(model(**batch).logits, unpruned)
+
+
+@torch.no_grad()
+def test_a_new_keep_fraction_compiles_nothing(model, batch):
+    """Dynamic shapes: one graph per layer serves every kept count."""
+    with lofi.compiled(model, backend="eager"):
+        with lofi.pruned(model, "random", keep=0.5):
+            model(**batch)
+        graphs = counters["stats"]["unique_graphs"]
+        for keep in (0.25, 0.1):
+            with lofi.pruned(model, "random", keep=keep):
+                model(**batch)
+        assert counters["stats"]["unique_graphs"] == graphs
+
+
+@torch.no_grad()
+def test_every_layer_gets_its_own_graph_past_the_recompile_limit():
+    """Layers sharing one compiled function would pass torch's recompile limit (8) and run eagerly."""
+    model = tiny_llava(layers=10)
+    batch = make_inputs()
+    before = counters["stats"]["unique_graphs"]
+    with lofi.compiled(model, vision=False, backend="eager"):
+        model(**batch)
+    assert counters["stats"]["unique_graphs"] - before == 10
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", [f for f in FAMILIES if f != "llava"])
+def test_every_family_prunes_a_ragged_batch_under_compiled_layers(name):
+    model = build(name)
+    batch = inputs(model, _IMAGES[name], [((5, 6), (7, 8, 9, 10)), ((5,), (7, 8, 11, 12, 13))])
+    with lofi.pruned(model, "fastv", keep=0.3) as handle:
+        logits, kept = model(**batch).logits, handle.kept_lists()
+    with lofi.compiled(model, backend="eager"), lofi.pruned(model, "fastv", keep=0.3) as handle:
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-6, rtol=0)
+        assert handle.kept_lists() == kept
+
+
+@torch.no_grad()
+def test_the_model_is_given_back_exactly_after_an_error(model, batch):
+    before = model(**batch).logits
+    modules = compiled_modules(model)
+    with pytest.raises(ValueError, match="inside"):
+        with lofi.compiled(model, backend="eager"):
+            assert all("forward" in vars(m) for m in modules)
+            with pytest.raises(RuntimeError, match="already inside lofi.compiled"):
+                with lofi.compiled(model):
+                    pass
+            raise ValueError("inside")
+    assert not any("forward" in vars(m) for m in modules)
+    assert torch.equal(model(**batch).logits, before)
+    with lofi.compiled(model, backend="eager"):  # usable again after the error
+        assert torch.equal(model(**batch).logits, before)
+
+
+@pytest.mark.parametrize("options, message", [({"mode": "fastest"}, "Unrecognized mode"),
+                                              ({"backend": "nope"}, "Invalid backend"),
+                                              ({"fuse": True}, "unexpected keyword")])
+def test_a_bad_compile_option_fails_at_the_block_not_at_the_first_forward(model, options, message):
+    with pytest.raises(Exception, match=message):
+        with lofi.compiled(model, **options):
+            pass
+    assert not any("forward" in vars(m) for m in compiled_modules(model))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["fastv", "lofi"])
+def test_inductor_prunes_within_float_tolerance(model, batch, name):
+    pruning = method(name, model)
+    with lofi.pruned(model, pruning) as handle:
+        logits, kept = model(**batch).logits, handle.kept_lists()
+    with lofi.compiled(model), lofi.pruned(model, pruning) as handle:
+        torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
+        assert handle.kept_lists() == kept
