@@ -4,11 +4,13 @@
     python benchmarks/capture_overhead.py --shape llava-7b --device cuda --dtype bfloat16
     python benchmarks/capture_overhead.py --shape llava-7b --text-layers 4 --batch 1   # 7B widths, CPU
 
-Baseline and captured forward passes alternate, on the same batch, and the medians are compared:
-overhead = captured / plain - 1. Both groups (visual, all) at every layer are measured, as
-``analysis.compare`` does; the rows < cols case takes the Gram-matrix route. Three modes: the full
-singular spectrum at every layer, at the last layer only, and at none (IPR and PR stay exact
-everywhere: they need no decomposition).
+Blocks of ``--block`` plain and of ``--block`` captured forward passes alternate, on the same batch, and
+the medians of the time per pass are compared: overhead = captured / plain - 1. Within a captured block
+each pass takes the records that are ready (``take(wait=False)``) and the block ends by taking the rest,
+so spectra decomposed on the host overlap the next pass but are all paid for. Both groups (visual, all)
+at every layer are measured, as ``analysis.compare`` does; the rows < cols case takes the Gram-matrix
+route. Four modes: the full singular spectrum at every layer, at the last layer only (inline on the
+device, or on the host), and at none (IPR and PR stay exact everywhere: they need no decomposition).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--block", type=int, default=3, help="consecutive passes per timed block")
     parser.add_argument("--model", help="a local LLaVA folder (default: the bundled model)")
     parser.add_argument("--text-layers", type=int, help="a checkpoint shape's decoder layers (default: all)")
     args = parser.parse_args(argv)
@@ -57,29 +60,36 @@ def main(argv=None):
     else:
         model, inputs = shape_inputs(args.shape, args.batch, args.device, getattr(torch, args.dtype), args.text_layers)
 
-    def timed(capture: Capture | None):
+    def timed(capture: Capture | None, passes: int):
+        """Seconds per pass of ``passes`` consecutive forward passes, each taking the records ready by then."""
         sync()
         start = time.perf_counter()
-        model(**inputs, logits_to_keep=1)
+        for _ in range(passes):
+            model(**inputs, logits_to_keep=1)
+            if capture is not None:
+                capture.take(wait=False)
         if capture is not None:
             capture.take()
         sync()
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / passes
 
     layers = model.config.text_config.num_hidden_layers + 1
-    print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups")
-    modes = {"full spectrum, every layer": "all", "full spectrum, last layer only": [layers - 1],
-             "IPR/PR only (no decomposition)": ()}
-    for mode, spectrum_layers in modes.items():
+    print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups, "
+          f"threads={torch.get_num_threads()}, blocks of {args.block} passes")
+    modes = {"full spectrum, every layer": ("all", "device"),
+             "full spectrum, last layer only": ([layers - 1], "device"),
+             "full spectrum, last layer, on the host": ([layers - 1], "host"),
+             "IPR/PR only (no decomposition)": ((), "device")}
+    for mode, (spectrum_layers, spectra_on) in modes.items():
         plain, captured = [], []
         with torch.inference_mode():
-            timed(None)
-            with Capture(model, spectrum_layers=spectrum_layers) as capture:
-                timed(capture)
+            timed(None, 1)
+            with Capture(model, spectrum_layers=spectrum_layers, spectra_on=spectra_on) as capture:
+                timed(capture, 1)
             for _ in range(args.repeats):
-                plain.append(timed(None))
-                with Capture(model, spectrum_layers=spectrum_layers) as capture:
-                    captured.append(timed(capture))
+                plain.append(timed(None, args.block))
+                with Capture(model, spectrum_layers=spectrum_layers, spectra_on=spectra_on) as capture:
+                    captured.append(timed(capture, args.block))
         p, c = statistics.median(plain), statistics.median(captured)
         print(f"{mode:<34} forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: "
               f"overhead {100 * (c / p - 1):.1f}%")

@@ -26,7 +26,7 @@ import lofi
 WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
 OURS = ("/lofi/", "/analysis/")
 # read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes): no device waits
-HOST_SIDE = ("_flush", "from_counts", "_stage_sizes")
+HOST_SIDE = ("_flush", "_Deferred", "from_counts", "_stage_sizes")
 
 
 @contextmanager

@@ -3,6 +3,7 @@ memory does not grow with samples."""
 
 import gc
 import math
+import threading
 import warnings
 
 import pytest
@@ -12,6 +13,7 @@ from _tiny import make_inputs, positions, prompt_ids, tiny_llava
 import lofi
 from analysis.measure import spectral
 from analysis.measure.capture import Capture
+from analysis.measure.host_spectra import HostSpectra, gram_statistics
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +163,68 @@ def test_spectrum_layers_decompose_only_there_with_the_same_ipr_and_pr(model):
 def test_spectrum_layers_rejects_a_misspelt_mode(model):
     with pytest.raises(ValueError, match="spectrum_layers"):
         Capture(model, spectrum_layers="first")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("spectrum_layers", ["all", [4]])
+def test_spectra_decomposed_on_the_host_equal_the_inline_ones(model, spectrum_layers):
+    """The host route (float64, a background thread, what a GPU run uses) gives the inline route's records,
+    in the same order, inside a pruned ragged batch, with leverage layers still decomposed inline."""
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    options = dict(spectrum_layers=spectrum_layers, leverage_layers=[2])
+    with Capture(model, spectra_on="device", **options) as inline, \
+            Capture(model, spectra_on="host", **options) as host, lofi.pruned(model, "lofi", keep=0.5):
+        assert host._spectra is not None and inline._spectra is None
+        model(**inputs)
+        model(**inputs)
+    expected, got = inline.take(), host.take()
+    assert len(got) == len(expected) == 2 * 2 * 2 * 5
+    for a, b in zip(expected, got):
+        assert (a.call, a.layer, a.group, a.row, a.n_tokens) == (b.call, b.layer, b.group, b.row, b.n_tokens)
+        assert b.ipr == pytest.approx(a.ipr, rel=1e-4) and b.pr == pytest.approx(a.pr, rel=1e-4)
+        assert b.singular_values == pytest.approx(a.singular_values, rel=1e-3, abs=1e-4)
+        if a.singular_values:
+            assert b.effective_rank == pytest.approx(a.effective_rank, rel=1e-4)
+        else:
+            assert math.isnan(b.effective_rank)
+        assert b.leverage == a.leverage
+
+
+def test_the_host_thread_stops_with_the_block_also_after_an_error(model):
+    with pytest.raises(ZeroDivisionError):
+        with Capture(model, spectra_on="host") as capture:
+            with torch.no_grad():
+                model(**make_inputs())
+            spectra = capture._spectra
+            1 / 0
+    assert capture._spectra is None and spectra._pool._shutdown
+    assert len(capture.take()) == 2 * 5  # what was submitted before the error is finished, not lost
+
+
+def test_spectra_on_names_its_values(model):
+    with pytest.raises(ValueError, match="'auto', 'device' or 'host'"):
+        Capture(model, spectra_on="gpu")
+
+
+class _Gated(HostSpectra):
+    """Decomposes only once ``release`` is set."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def submit(self, gram, top_k):
+        return self._pool.submit(lambda: self.release.wait() and gram_statistics(gram, top_k))
+
+
+@torch.no_grad()
+def test_take_without_waiting_returns_only_finished_records_in_order(model):
+    with Capture(model, spectra_on="host", spectrum_layers=[4]) as capture:
+        capture._spectra.close()
+        capture._spectra = gated = _Gated()
+        model(**make_inputs())
+        early = capture.take(wait=False)
+        assert [(r.layer, r.group) for r in early] == [(layer, g) for layer in range(4) for g in ("visual", "all")]
+        gated.release.set()
+        rest = capture.take()
+    assert [(r.layer, r.group) for r in rest] == [(4, "visual"), (4, "all")] and rest[0].singular_values

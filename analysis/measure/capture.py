@@ -12,6 +12,10 @@ Groups: ``visual`` (the visual tokens present at that layer: image and video tok
 LLaVA-NeXT's newline rows included, as the model holds them) and ``all`` (every real token). In a ragged
 batch samples hold different numbers of visual tokens; each sample's statistics are its own.
 
+Where the spectra are decomposed (``CaptureOptions.spectra_on``): inline on the model's device, or --
+the default on a GPU -- on the host in float64, by a background thread fed at the end of each forward
+pass (``analysis.measure.host_spectra``), so that decompositions do not hold up the model.
+
 Inside ``lofi.pruned(...)`` it works unchanged: it asks ``lofi.active(model)`` which original tokens
 each layer holds. Only calls whose prompt contains image tokens are captured (not decoding steps).
 """
@@ -25,6 +29,7 @@ import torch
 
 import lofi
 from analysis.measure import spectral
+from analysis.measure.host_spectra import HostSpectra
 from lofi.families import family_for
 
 
@@ -95,6 +100,10 @@ class CaptureOptions:
             IPR and PR are still exact (from Frobenius norms of the Gram matrix, no decomposition),
             effective rank is NaN and ``singular_values`` is empty. On a small model one
             decomposition costs about as much as the decoder layer itself (benchmarks/README.md).
+        spectra_on: where the spectra are decomposed: ``"device"`` (inline, float32, in the forward
+            pass), ``"host"`` (float64, on a background thread after the pass: the Gram matrices travel
+            with the pass's other statistics; ``take`` waits for them), or ``"auto"`` (default: host when
+            the model is on a GPU, device otherwise). Leverage layers always decompose inline.
     """
 
     groups: tuple[str, ...] = ("visual", "all")
@@ -103,6 +112,7 @@ class CaptureOptions:
     leverage_layers: tuple[int, ...] = ()
     tau: float = 0.9
     spectrum_layers: str | tuple[int, ...] = "all"
+    spectra_on: str = "auto"
 
     def __post_init__(self):
         unknown = set(self.groups) - {"visual", "all"}
@@ -111,6 +121,8 @@ class CaptureOptions:
         if isinstance(self.spectrum_layers, str) and self.spectrum_layers != "all":
             raise ValueError(f"spectrum_layers must be 'all', a collection of layer numbers or (), "
                              f"got {self.spectrum_layers!r}")
+        if self.spectra_on not in ("auto", "device", "host"):
+            raise ValueError(f"spectra_on must be 'auto', 'device' or 'host', got {self.spectra_on!r}")
 
 
 class Capture:
@@ -145,10 +157,15 @@ class Capture:
         self._valid: torch.Tensor | None = None
         self._active = False
         self._paused = False
+        device = next(model.parameters()).device
+        self._host_spectra = options.spectra_on == "host" or (options.spectra_on == "auto" and device.type == "cuda")
+        self._spectra: HostSpectra | None = None
 
     # ------------------------------------------------------------------------------- hooks
     def __enter__(self) -> "Capture":
         try:
+            if self._host_spectra:
+                self._spectra = HostSpectra()
             mm, lm = self.family.multimodal_model(), self.family.language_model()
             self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
             self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
@@ -164,6 +181,9 @@ class Capture:
         while self._hooks:
             self._hooks.pop().remove()
         self._active = False
+        if self._spectra is not None:
+            self._spectra.close()
+            self._spectra = None
 
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -232,6 +252,10 @@ class Capture:
                     gram = gram_all.gather(1, positions[..., None].expand(-1, -1, gram_all.shape[-1])).gather(
                         2, positions[:, None, :].expand(-1, positions.shape[1], -1))
                     gram = gram * (present[:, :, None] & present[:, None, :]).to(gram.dtype)
+            if self._spectra is not None and gram is not None and self._decomposes(layer) and not leverage_here:
+                # decomposed on the host after the pass (_flush): only the Gram matrix travels
+                self._pending.append((layer, group, {"n_tokens": counts, "gram": gram}))
+                continue
             if self._decomposes(layer) or leverage_here:
                 if gram is not None:
                     s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
@@ -257,6 +281,10 @@ class Capture:
             return
         host = _to_host([values for _, _, values in pending])
         for (layer, group, _), values in zip(pending, host):
+            if "gram" in values:
+                self._rows.append(_Deferred(self._calls, layer, group, values["n_tokens"].tolist(),
+                                            self._spectra.submit(values["gram"], self.top_k)))
+                continue
             v = {name: tensor.tolist() for name, tensor in values.items()}  # one conversion per tensor
             for row in range(len(v["ipr"])):
                 present = v["present"][row] if "present" in v else None
@@ -298,7 +326,30 @@ class Capture:
         finally:
             self._paused = False
 
-    def take(self) -> list[LayerStatistics]:
-        """The records collected since the last ``take``; the buffer is emptied."""
-        rows, self._rows = self._rows, []
-        return rows
+    def take(self, wait: bool = True) -> list[LayerStatistics]:
+        """The records collected since the last ``take``, in the order the layers ran, and the buffer emptied;
+        spectra still being decomposed on the host are waited for, or with ``wait=False`` left in the buffer
+        with every record after them (for a later ``take``)."""
+        ready = len(self._rows)
+        if not wait:
+            ready = next((i for i, e in enumerate(self._rows) if isinstance(e, _Deferred)
+                          and not e.statistics.done()), ready)
+        rows, self._rows = self._rows[:ready], self._rows[ready:]
+        return [row for entry in rows for row in (entry.rows() if isinstance(entry, _Deferred) else [entry])]
+
+
+@dataclass
+class _Deferred:
+    """The records of one (layer, group) whose spectra a ``HostSpectra`` thread is decomposing."""
+
+    call: int
+    layer: int
+    group: str
+    n_tokens: list[int]
+    statistics: object  # Future of host_spectra.gram_statistics
+
+    def rows(self) -> list[LayerStatistics]:
+        v = {name: tensor.tolist() for name, tensor in self.statistics.result().items()}
+        return [LayerStatistics(row=row, call=self.call, layer=self.layer, group=self.group, n_tokens=n,
+                                ipr=v["ipr"][row], pr=v["pr"][row], effective_rank=v["effective_rank"][row],
+                                singular_values=v["singular_values"][row]) for row, n in enumerate(self.n_tokens)]

@@ -74,9 +74,6 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
             with lofi.pruned(model, method) if method else nullcontext() as handle:
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
-            for statistics in capturing.take():
-                statistics.sample_id = batch[statistics.row].question_id
-                result.spectra.append(statistics)
             # one device-to-host copy per batch of what the per-sample loops below read
             new = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()
             step_logits = torch.stack(out.logits, 1).float().cpu()  # [B, steps, vocab]
@@ -97,6 +94,10 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
                 with capturing.paused():
                     forced += _forced_logits(model, processor, batch, baseline, range(start, start + len(batch)),
                                              new, step_logits, handle.replay())
+            # taken last: spectra decomposed on the host (on a GPU) ran while this batch decoded and was scored
+            for statistics in capturing.take():
+                statistics.sample_id = batch[statistics.row].question_id
+                result.spectra.append(statistics)
     first = torch.stack(first_logits)
     name, keep = _condition(method)
     if baseline is None:

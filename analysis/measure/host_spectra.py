@@ -1,0 +1,38 @@
+"""Spectra decomposed on the host, off the model's critical path.
+
+On a GPU, ``eigvalsh`` of a batch of Gram matrices runs one matrix at a time, and inside a forward pass
+it holds the pass up: the headline layer's spectra alone doubled a batch-8 forward at LLaVA-1.5-7B shape
+(issue [G]). ``HostSpectra`` takes Gram matrices that ``Capture`` has already moved to the host (with
+the rest of a forward pass's statistics, in its one transfer) and decomposes them in float64 on a
+background thread while the model goes on (decoding, the next batch); ``Capture.take`` waits for them.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from analysis.measure import spectral
+
+
+def gram_statistics(gram: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """IPR, PR, effective rank and the top ``top_k`` singular values of the matrices whose Gram matrices
+    (H H^T, [..., n, n]) are ``gram``: s = sqrt(eigenvalues), in float64."""
+    s = torch.linalg.eigvalsh(gram.double()).flip(-1).clamp_min(0).sqrt()
+    return {"ipr": spectral.ipr(s), "pr": spectral.participation_ratio(s),
+            "effective_rank": spectral.effective_rank(s), "singular_values": s[..., :top_k].float()}
+
+
+class HostSpectra:
+    """A background thread that turns host Gram matrices into ``gram_statistics``, in submission order."""
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="capture-spectra")
+
+    def submit(self, gram: torch.Tensor, top_k: int) -> Future:
+        return self._pool.submit(gram_statistics, gram, top_k)
+
+    def close(self) -> None:
+        """Finish what was submitted (its records stay takeable) and stop the thread."""
+        self._pool.shutdown(wait=True)
