@@ -34,22 +34,34 @@ def mix(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def mix_int(x: int) -> int:
+    """``mix`` of one Python int (the same arithmetic, on the host: no device op for a constant)."""
+    x %= P
+    for factor in _FACTORS:
+        x ^= x >> 13
+        x = (x * factor) % P
+        x ^= x >> 16
+    return x
+
+
 def fingerprints(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, valid: torch.Tensor,
                  is_visual: torch.Tensor) -> torch.Tensor:
     """[batch] int64 in [0, P): a hash of each sample's token ids and visual features."""
     order = (valid.long().cumsum(1) - 1).clamp_min(0)                    # position from the first real token
     text = torch.where(valid & ~is_visual, input_ids.long() + 1, 0)
-    token_part = (text % P * mix(order * 2 + 1)) % P
     signs = (inputs_embeds[..., :FEATURES_HASHED] > 0).long() + 1
     features = torch.where((valid & is_visual)[..., None], signs, 0)
     slot = order[..., None] * FEATURES_HASHED + torch.arange(features.shape[-1], device=features.device)
-    feature_part = (features * mix(slot * 2 + 2)) % P
+    # the token and feature positions' mixes in one call: each mix is some twenty elementwise kernels
+    keys = mix(torch.cat([(order * 2 + 1).reshape(-1), (slot * 2 + 2).reshape(-1)]))
+    token_part = (text % P * keys[:order.numel()].view(order.shape)) % P
+    feature_part = (features * keys[order.numel():].view(slot.shape)) % P
     total = token_part.sum(1) % P + feature_part.sum((1, 2)) % P
     return mix(total)
 
 
 def uniform(fingerprint: torch.Tensor, salt: int, index: torch.Tensor) -> torch.Tensor:
     """[batch, n] float64 in (0, 1): the draw of visual token ``index`` [batch, n] of each sample for ``salt``."""
-    seed = mix(fingerprint + mix(torch.as_tensor(salt % P, device=fingerprint.device) + 7))
+    seed = mix(fingerprint + mix_int(salt % P + 7))
     value = mix(seed[:, None] + mix(index.long().clamp_min(0) + 11))
     return (value.double() + 0.5) / P
