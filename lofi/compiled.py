@@ -6,9 +6,10 @@
 A batch-1 prefill on a GPU spends most of its time launching kernels (thousands per prefill), and
 pruning does not reduce their number; compiling the layers fuses them. What compiles, and why so:
 
-* Each layer's ``forward`` (norms, attention, MLP, its KV-cache update) -- not the pruning runtime, whose
-  step runs once per stage in the layers' pre-hooks, which stay eager (so do ``analysis`` hooks). The
-  runtime reads the device once per prompt, before the first layer, so no compiled layer waits on the host.
+* Each layer's ``forward`` (norms, attention, MLP, its KV-cache update). The pruning runtime's hooks
+  stay eager between the layers (so do ``analysis`` hooks); the tensor work of its pruning step runs
+  compiled too (``lofi.stage``, same backend, never CUDA graphs). The runtime reads the device once per
+  prompt, before the first layer, so nothing compiled waits on the host.
 * One compiled function per layer, each with its own code object: torch.compile keeps its graphs per
   code object and specialises each on the layer's KV-cache index, so layers sharing one function would
   pass its recompile limit (8) and silently fall back to eager from the ninth layer on.
@@ -87,14 +88,14 @@ def compiled(model: nn.Module, vision: bool = True, **options) -> Iterator[list[
     if id(model) in _ACTIVE:
         raise RuntimeError("this model is already inside lofi.compiled(...)")
     patched: list[tuple[nn.Module, object]] = []
-    _ACTIVE.add(id(model))
+    _ACTIVE[id(model)] = options
     try:
         for module in modules:
             patched.append((module, vars(module).get("forward", _MISSING)))
             module.forward = _compiled_forward(module, options)
         yield modules
     finally:
-        _ACTIVE.discard(id(model))
+        _ACTIVE.pop(id(model), None)
         for module, previous in reversed(patched):
             if previous is _MISSING:
                 del module.forward
@@ -102,5 +103,10 @@ def compiled(model: nn.Module, vision: bool = True, **options) -> Iterator[list[
                 module.forward = previous
 
 
-_ACTIVE: set[int] = set()
+def options_of(model: nn.Module) -> dict | None:
+    """The ``torch.compile`` options of the ``compiled`` block ``model`` is in, or None."""
+    return _ACTIVE.get(id(model))
+
+
+_ACTIVE: dict[int, dict] = {}
 _MISSING = object()

@@ -33,6 +33,8 @@ from typing import Iterator
 import torch
 
 from lofi import seeding
+from lofi import stage as stage_steps
+from lofi.compiled import options_of
 from lofi.families import Family, family_for
 from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, StageInput, build
@@ -313,15 +315,12 @@ class _Runtime:
     def _prune(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
         seq, layer = self._seq, self.stage_layers[stage - 1]
         current = seq.index[stage - 1]
-        batch, width = current.shape
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
-        n_present = prunable.sum(1)
         n_keep, (most, widest, new_width, narrowest) = _stage_sizes(self.method, stage - 1, seq.host)
         n_keep = n_keep.to(current.device, non_blocking=True)
         seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
-        order = torch.sort((~prunable).to(torch.int8), dim=1, stable=True).indices[:, :most]
-        visual_valid = torch.arange(most, device=order.device) < n_present[:, None]
-        visual_index = torch.where(visual_valid, seq.at(current, seq.visual_rank).gather(1, order), -1)
+        steps = self._steps()
+        order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
             visual_index=visual_index, text=valid & ~seq.at(current, seq.is_visual), valid=valid, n_keep=n_keep,
@@ -332,22 +331,16 @@ class _Runtime:
         chosen = self.method.select(state)
         if self._check_selection:
             chosen = self._checked(chosen, state)
-        picked = chosen >= 0
-        keep = (current >= 0) & ~prunable
-        marks = torch.zeros_like(current).scatter_add(1, order.gather(1, chosen.clamp_min(0)), picked.long())
-        keep |= marks > 0
-        lengths = keep.sum(1)
-        # kept columns in order, each row ending at the last column; padding slots in front
-        destination = torch.where(keep, keep.long().cumsum(1) - 1 + (new_width - lengths)[:, None], new_width)
-        new_index = torch.full((batch, new_width + 1), -1, device=current.device).scatter(
-            1, destination, current)[:, :new_width]
-        source = torch.zeros((batch, new_width + 1), dtype=torch.long, device=current.device).scatter(
-            1, destination, torch.arange(width, device=current.device).expand(batch, width))[:, :new_width]
+        new_index, kept, hidden = steps.apply_choice(current, prunable, order, chosen.to(torch.long),
+                                                     visual_index, hidden, new_width)
         seq.index.append(new_index)
-        ranks = torch.where(picked, visual_index.gather(1, chosen.clamp_min(0)), torch.iinfo(torch.long).max)
-        ranks = ranks.sort(1).values
-        self.handle.kept.append(torch.where(ranks == torch.iinfo(torch.long).max, -1, ranks))
-        return hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.handle.kept.append(kept)
+        return hidden
+
+    def _steps(self) -> stage_steps.Steps:
+        """The stage's tensor work: compiled inside ``lofi.compiled`` (with its backend), eager otherwise."""
+        options = options_of(self.model)
+        return stage_steps.EAGER if options is None else stage_steps.compiled_steps(options.get("backend", "inductor"))
 
     def _checked(self, chosen: torch.Tensor, state: StageInput) -> torch.Tensor:
         """The method's choice, or one error that says how it breaks the ``select`` contract (one host

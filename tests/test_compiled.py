@@ -136,3 +136,43 @@ def test_inductor_prunes_within_float_tolerance(model, batch, name):
     with lofi.compiled(model), lofi.pruned(model, pruning) as handle:
         torch.testing.assert_close(model(**batch).logits, logits, atol=1e-5, rtol=1e-5)
         assert handle.kept_lists() == kept
+
+
+@torch.no_grad()
+def test_inside_compiled_the_pruning_step_runs_compiled_too(model, batch):
+    from lofi import stage
+
+    calls = []
+    steps = stage.compiled_steps("eager")
+    stage._COMPILED["eager"] = stage.Steps(*(lambda *a, f=f: calls.append(f) or f(*a) for f in steps))
+    try:
+        with lofi.pruned(model, "random", keep=0.25):
+            model(**batch)
+        assert not calls  # eager outside the block
+        with lofi.compiled(model, backend="eager"), lofi.pruned(model, "random", keep=0.25):
+            model(**batch)
+        assert calls == list(steps)
+    finally:
+        stage._COMPILED["eager"] = steps
+
+
+@pytest.mark.slow
+def test_the_inductor_compiled_pruning_step_is_exact():
+    """Index arithmetic and gathers only: compiled, the step gives the same integers and rows bit for bit,
+    padding slots included."""
+    from lofi import stage
+
+    g = torch.Generator().manual_seed(0)
+    current = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [-1, -1, 0, 1, 2, 3, 4, 5, 6, 7]])
+    prunable = torch.zeros(2, 10, dtype=torch.bool)
+    prunable[0, 2:8], prunable[1, 3:7] = True, True
+    rank = torch.where(prunable, prunable.long().cumsum(1) - 1, -1)
+    hidden = torch.randn(2, 10, 8, generator=g)
+    chosen = torch.tensor([[4, 0, 2], [1, 3, -1]])
+    compiled = stage.compiled_steps("inductor")
+    results = []
+    for steps in (stage.EAGER, compiled):
+        order, valid, index = steps.candidates(prunable, rank, 6)
+        results.append([order, valid, index, *steps.apply_choice(current, prunable, order, chosen, index, hidden, 7)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert torch.equal(results[0][4], torch.tensor([[0, 2, 4], [1, 3, -1]]))  # kept visual indices
