@@ -4,6 +4,8 @@ given back exactly as it was. Dynamo's ``eager`` backend traces as the GPU path 
 graphs with the same kernels, so its results must be bit-identical; inductor (slow lane) is held to
 float tolerance."""
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from _families import FAMILIES, build, inputs
@@ -176,3 +178,18 @@ def test_the_inductor_compiled_pruning_step_is_exact():
         results.append([order, valid, index, *steps.apply_choice(current, prunable, order, chosen, index, hidden, 7)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert torch.equal(results[0][4], torch.tensor([[0, 2, 4], [1, 3, -1]]))  # kept visual indices
+
+
+@torch.no_grad()
+def test_capture_measures_the_same_under_compiled_layers(model, batch):
+    """analysis' hooks stay eager around compiled layers: the same statistics, pruned or not."""
+    from analysis.measure.capture import Capture
+
+    def records(compile_backend):
+        with Capture(model, spectra_on="device", leverage_layers=[2]) as capture, \
+                (lofi.compiled(model, backend=compile_backend) if compile_backend else nullcontext()), \
+                lofi.pruned(model, "lofi", keep=0.25):
+            model(**batch)
+        return [(r.layer, r.group, r.row, r.n_tokens, r.ipr, r.singular_values, r.leverage) for r in capture.take()]
+
+    assert records("eager") == records(None)
