@@ -102,21 +102,36 @@ def cpu_peak_mb(rss_before_kb: int | None) -> float | None:
 
 
 class TimedSelect:
-    """Wraps a method instance's ``select`` and accumulates its wall time."""
+    """Wraps a method instance's ``select`` and accumulates its time: wall time on the CPU, CUDA events on a
+    GPU (no synchronisation inside the prefill, which would drain the queue and slow the pruned run)."""
 
-    def __init__(self, method: lofi.PruningMethod, sync):
-        self.method, self.sync, self.seconds = method, sync, 0.0
+    def __init__(self, method: lofi.PruningMethod, cuda: bool):
+        self.method, self.cuda = method, cuda
+        self.reset()
         original = method.select
 
         def select(state):
-            sync()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                out = original(state)
+                end.record()
+                self._events.append((start, end))
+                return out
             start = time.perf_counter()
             out = original(state)
-            sync()
-            self.seconds += time.perf_counter() - start
+            self._seconds += time.perf_counter() - start
             return out
 
         method.select = select
+
+    def reset(self) -> None:
+        self._seconds, self._events = 0.0, []
+
+    @property
+    def seconds(self) -> float:
+        """Time in ``select`` since ``reset`` (read after the prefill has synchronised)."""
+        return self._seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1000
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,11 +203,11 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.methods:
             for keep in args.keep:
                 instance = lofi.build(method, shared=shared, keep=keep)
-                timer = TimedSelect(instance, sync)
+                timer = TimedSelect(instance, cuda)
                 base_times, pruned_times = [], []
                 for repeat in range(args.repeats + 1):  # the first pair warms up
                     base_t, base_peak, base_kv, _ = measure(None)
-                    timer.seconds = 0.0
+                    timer.reset()
                     pruned_t, pruned_peak, pruned_kv, handle = measure(instance)
                     if repeat:
                         base_times.append(base_t)
