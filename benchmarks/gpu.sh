@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md in one run (about 8 minutes on one H100/H200, up to 4 more
-# for step 7's compiled path), for a session that is lent a GPU. Prepare once on this machine, from the
-# repository root (the device has torch and an older transformers, and no network):
+# Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere:
+# by estimate steps 1-6 take about 8 minutes on one H100/H200 and steps 7-8 (the compiled path, the
+# profiles) up to 5 more, so with a 600 s limit per device call run `TO=6 bash benchmarks/gpu.sh`, then
+# `FROM=7 bash benchmarks/gpu.sh`. Prepare once on this machine, from the repository root (the device has
+# torch and an older transformers, and no network):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
@@ -17,28 +19,40 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$OUT/all.log"; }
+step() { [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-8}" ]; }  # FROM / TO: run only steps FROM..TO
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # 1. LoFi's selection: exact eigendecomposition against subspace iteration, kept-set agreement and time
-run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
+step 1 && run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
 # 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
-run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
-run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5
+step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
+step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5
 # 3. every other family at its 7B shape, batch 16, keep 0.25
 for shape in llava-next-7b llava-onevision-7b qwen2-vl-7b qwen2.5-vl-7b; do
-  run python3 benchmarks/prefill.py --shape $shape --device cuda --dtype bfloat16 --batch 16 --keep 0.25 --repeats 3
+  step 3 && run python3 benchmarks/prefill.py --shape $shape --device cuda --dtype bfloat16 --batch 16 \
+    --keep 0.25 --repeats 3
 done
-# 4. capture overhead at 7B shape, batch 8 (IPR/PR every layer; spectra at the last layer; every layer)
-run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 8 --repeats 5
+# 4. capture overhead at 7B shape, batch 8 (IPR/PR every layer; spectra at the last layer, inline and on the
+#    host; every layer)
+step 4 && run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 8 \
+  --repeats 5
 # 5. the default study on the GPU, timed (2 CPU cores: 35-38 s)
-start=$(date +%s)
-run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
-echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
+if step 5; then
+  start=$(date +%s)
+  run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
+  echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
+fi
 # 6. how far the GPU run's tables are from the committed CPU run's (same job, same seed)
-run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda"
+step 6 && run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda"
 # 7. the compiled path at batch 1 (item 2 of issue [G]): baseline and pruned both through lofi.compiled;
 #    inductor alone, then CUDA graphs (each layer compiles once, seconds per layer, before the timed pairs)
-run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
-  --methods fastv lofi random --keep 0.5 0.25 --compile
-run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
-  --methods fastv lofi random --keep 0.5 0.25 --compile reduce-overhead
+step 7 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --repeats 5 --methods fastv lofi random --keep 0.5 0.25 --compile
+step 7 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --repeats 5 --methods fastv lofi random --keep 0.5 0.25 --compile reduce-overhead
+# 8. where a batch-1 prefill's time goes: launches, GPU busy time and top kernels, unpruned and pruned,
+#    eager and compiled
+step 8 && run python3 benchmarks/profile_prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --method fastv --keep 0.25
+step 8 && run python3 benchmarks/profile_prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --method fastv --keep 0.25 --compile

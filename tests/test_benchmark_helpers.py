@@ -37,3 +37,17 @@ def test_a_budget_below_one_token_has_no_matched_keep():
     one_token = relative_flops(config, lofi.build("random", keep=1 / 576), N_TEXT, 576)[0]
     assert isnan(matched_keep(config, "random", one_token - 0.01, N_TEXT, 576))  # not a clamped keep
     assert matched_keep(config, "random", one_token + 0.01, N_TEXT, 576) > 1 / 576
+
+
+def test_the_prefill_profile_counts_what_pruning_adds(capsys):
+    """benchmarks/profile_prefill.py on a small model on the CPU: both kinds profiled, and the pruned one
+    dispatches FastV's extra work (its attention rows) on top of fewer tokens."""
+    import re
+
+    from benchmarks.profile_prefill import main
+
+    main(["--shape", "overhead", "--text-layers", "4", "--vision-layers", "1", "--rows", "3"])
+    out = capsys.readouterr().out
+    counts = [int(n) for n in re.findall(r"aten op calls \(nested included\) (\d+)", out)]
+    assert "== unpruned" in out and "== fastv keep=0.25" in out and len(counts) == 2
+    assert counts[1] > counts[0] > 0
