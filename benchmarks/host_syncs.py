@@ -7,7 +7,7 @@ A CUDA device synchronises with the host whenever a value must leave it: ``.item
 ``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
 project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
 without a GPU (reads of tensors already on the host -- ``Capture._flush``, the runtime's
-``_HostSizes.from_counts`` and ``_stage_sizes`` -- are not counted). The script counts them during one
+``HostSizes.from_counts`` and ``stage_sizes`` -- are not counted). The script counts them during one
 prefill under ``lofi.pruned`` for each method, and during one prefill with ``Capture`` (IPR/PR at every
 layer) active.
 """
@@ -26,7 +26,7 @@ import lofi
 WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
 OURS = ("/lofi/", "/analysis/")
 # read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes): no device waits
-HOST_SIDE = ("_flush", "_Deferred", "from_counts", "_stage_sizes")
+HOST_SIDE = ("_flush", "_Deferred", "from_counts", "stage_sizes")
 
 
 @contextmanager

@@ -88,47 +88,6 @@ class PruningHandle:
 
 
 @dataclass
-class _HostSizes:
-    """A prompt's per-row counts, copied to the host once when it starts. Every shape of the pruning stages
-    follows from them (a stage keeps exactly ``n_keep`` of the prunable tokens present), so no stage waits
-    for the device to say how wide its rows are."""
-
-    has_visual: bool
-    unpadded: bool               # no padding in the batch
-    n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
-    n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
-    n_text: torch.Tensor         # [B] CPU long: real text tokens
-    n_present: torch.Tensor      # [B] CPU long: prunable visual tokens entering the next stage
-    text_width: int              # the most real text tokens of a row
-
-    @classmethod
-    def from_counts(cls, counts: torch.Tensor, batch: int, length: int) -> "_HostSizes":
-        """From ``[any visual, unpadded, n_prunable (B), n_text (B)]``, already on the host."""
-        n_prunable, n_text = counts[2:2 + batch], counts[2 + batch:]
-        return cls(bool(counts[0]), bool(counts[1]), n_prunable, length - n_prunable, n_text, n_prunable,
-                   int(n_text.max()))
-
-
-def _host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> _HostSizes:
-    """The counts of a call's tokens, in one device-to-host copy (the runtime's one host sync per prompt)."""
-    batch, length = is_visual.shape
-    valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
-    flags = torch.stack([is_visual.any(), valid.all()]).long()
-    counts = torch.cat([flags, prunable.sum(1), (valid & ~is_visual).sum(1)])
-    return _HostSizes.from_counts(counts.cpu(), batch, length)
-
-
-def _stage_sizes(method: PruningMethod, stage: int, host: _HostSizes) -> tuple[torch.Tensor, list[int]]:
-    """On the host: each row's n_keep at ``stage``, and the widths the stage's tensors take (prunable tokens
-    present, widest n_keep, widest and narrowest row after it). Advances ``host.n_present``."""
-    n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
-    after = host.n_fixed + n_keep
-    widths = [int(host.n_present.max()), int(n_keep.max()), int(after.max()), int(after.min())]
-    host.n_present = n_keep
-    return n_keep, widths
-
-
-@dataclass
 class _Sequence:
     """Bookkeeping of one prompt (and its decoding steps), in original sequence indices."""
 
@@ -140,7 +99,7 @@ class _Sequence:
     fingerprint: torch.Tensor | None  # [B] int64 (lofi.seeding), for methods that draw
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
     last_position: torch.Tensor   # [B] 1-D position of the last token so far
-    host: _HostSizes | None = None  # the prompt's counts on the host
+    host: stage_steps.HostSizes | None = None  # the prompt's counts on the host
     dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
     slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
     decoded: int = 0              # tokens appended after the prompt, before this call
@@ -239,7 +198,7 @@ class _Runtime:
         past = cache.get_seq_length() if cache is not None else 0
         is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
         prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
-        sizes = None if is_visual is None else _host_sizes(is_visual, prunable, mask2d)
+        sizes = None if is_visual is None else stage_steps.host_sizes(is_visual, prunable, mask2d)
         if sizes is not None and sizes.has_visual:
             if past:
                 raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a "
@@ -261,7 +220,8 @@ class _Runtime:
             kwargs["attention_mask"] = None  # every layer gets its own mask; the model's would mismatch
         return args, kwargs
 
-    def _start(self, input_ids, embeds, is_visual, prunable, mask2d, position_ids, sizes: _HostSizes) -> None:
+    def _start(self, input_ids, embeds, is_visual, prunable, mask2d, position_ids,
+               sizes: stage_steps.HostSizes) -> None:
         batch, length = is_visual.shape
         device = is_visual.device
         valid = torch.ones_like(is_visual) if mask2d is None else mask2d.bool()
@@ -316,7 +276,7 @@ class _Runtime:
         seq, layer = self._seq, self.stage_layers[stage - 1]
         current = seq.index[stage - 1]
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
-        n_keep, (most, widest, new_width, narrowest) = _stage_sizes(self.method, stage - 1, seq.host)
+        n_keep, (most, widest, new_width, narrowest) = stage_steps.stage_sizes(self.method, stage - 1, seq.host)
         n_keep = n_keep.to(current.device, non_blocking=True)
         seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
         steps = self._steps()

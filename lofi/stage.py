@@ -1,19 +1,66 @@
-"""The device work of one pruning stage, as two pure functions of tensors and sizes known on the host.
+"""One pruning stage: its sizes, worked out on the host, and its device work, as pure functions.
 
-``lofi.runtime`` keeps the bookkeeping (which original tokens each stage holds, what the handle records,
-the method's call); these functions do the tensor work around the method's choice: ``candidates`` (what
-the method is shown) and ``apply_choice`` (what its choice does to the sequence). Every size comes from
-the host, nothing reads the device, so they compile whole: inside ``lofi.compiled`` the runtime runs
-compiled copies of them (``compiled_steps``), a few fused kernels instead of some forty small ones.
+``host_sizes`` copies a prompt's per-sample counts to the host (the runtime's one host sync per prompt)
+and ``stage_sizes`` derives each stage's widths from them there. ``candidates`` (what the method is
+shown) and ``apply_choice`` (what its choice does to the sequence) do the tensor work around the
+method's choice; ``lofi.runtime`` keeps the bookkeeping (which original tokens each stage holds, what
+the handle records, the method's call). Every size comes from the host and nothing reads the device,
+so the two tensor steps compile whole: inside ``lofi.compiled`` the runtime runs compiled copies of them
+(``compiled_steps``), a few fused kernels instead of some forty small ones.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
+if TYPE_CHECKING:
+    from lofi.registry import PruningMethod
+
 _NONE = torch.iinfo(torch.long).max
+
+
+@dataclass
+class HostSizes:
+    """A prompt's per-row counts, copied to the host once when it starts. Every shape of the pruning stages
+    follows from them (a stage keeps exactly ``n_keep`` of the prunable tokens present), so no stage waits
+    for the device to say how wide its rows are."""
+
+    has_visual: bool
+    unpadded: bool               # no padding in the batch
+    n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
+    n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
+    n_text: torch.Tensor         # [B] CPU long: real text tokens
+    n_present: torch.Tensor      # [B] CPU long: prunable visual tokens entering the next stage
+    text_width: int              # the most real text tokens of a row
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, batch: int, length: int) -> "HostSizes":
+        """From ``[any visual, unpadded, n_prunable (B), n_text (B)]``, already on the host."""
+        n_prunable, n_text = counts[2:2 + batch], counts[2 + batch:]
+        return cls(bool(counts[0]), bool(counts[1]), n_prunable, length - n_prunable, n_text, n_prunable,
+                   int(n_text.max()))
+
+
+def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
+    """The counts of a call's tokens, in one device-to-host copy (the runtime's one host sync per prompt)."""
+    batch, length = is_visual.shape
+    valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
+    flags = torch.stack([is_visual.any(), valid.all()]).long()
+    counts = torch.cat([flags, prunable.sum(1), (valid & ~is_visual).sum(1)])
+    return HostSizes.from_counts(counts.cpu(), batch, length)
+
+
+def stage_sizes(method: "PruningMethod", stage: int, host: HostSizes) -> tuple[torch.Tensor, list[int]]:
+    """On the host: each row's n_keep at ``stage``, and the widths the stage's tensors take (prunable tokens
+    present, widest n_keep, widest and narrowest row after it). Advances ``host.n_present``."""
+    n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
+    after = host.n_fixed + n_keep
+    widths = [int(host.n_present.max()), int(n_keep.max()), int(after.max()), int(after.min())]
+    host.n_present = n_keep
+    return n_keep, widths
 
 
 def candidates(prunable: torch.Tensor, visual_rank: torch.Tensor, most: int):
