@@ -22,8 +22,7 @@ import time
 import torch
 
 from analysis.measure.capture import Capture
-from benchmarks.prefill import N_TEXT, SHAPES, benchmark_image, build_model, shape_config
-from lofi import configs
+from benchmarks.prefill import SHAPES, shape_model
 
 
 def bundled_inputs(batch: int, path=None):
@@ -31,14 +30,6 @@ def bundled_inputs(batch: int, path=None):
     from analysis.study.evaluate import batch_inputs, load_model
     model, processor = load_model(path) if path else load_model()
     return model, batch_inputs(processor, load_split("test", limit=batch))
-
-
-def shape_inputs(shape: str, batch: int, device: str, dtype, text_layers: int | None):
-    """A random-weight model of a benchmark shape (fewer decoder layers with ``text_layers``) and inputs."""
-    config = shape_config(shape, text_layers)
-    inputs = configs.synthetic_inputs(config, benchmark_image(shape), N_TEXT, batch, device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return build_model(config, device, dtype), inputs
 
 
 def main(argv=None):
@@ -58,7 +49,8 @@ def main(argv=None):
         model, inputs = bundled_inputs(args.batch, args.model)
         model, inputs = model.to(args.device), inputs.to(args.device)
     else:
-        model, inputs = shape_inputs(args.shape, args.batch, args.device, getattr(torch, args.dtype), args.text_layers)
+        _, model, inputs = shape_model(args.shape, args.batch, args.device, getattr(torch, args.dtype),
+                                       args.text_layers)
 
     def timed(capture: Capture | None, passes: int):
         """Seconds per pass of ``passes`` consecutive forward passes, each taking the records ready by then."""

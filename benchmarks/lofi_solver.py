@@ -23,8 +23,7 @@ import torch
 
 from analysis.benchmark.datasets import load_split
 from analysis.study.models import batch_inputs, load_model
-from benchmarks.prefill import N_TEXT, build_model, shape_config
-from lofi import configs
+from benchmarks.prefill import shape_model
 from lofi.families import family_for
 from lofi.linalg import leverage_at_energy, leverage_at_energy_randomized
 
@@ -83,9 +82,7 @@ def main(argv=None) -> None:
     model, processor = load_model(device=args.device)
     inputs = batch_inputs(processor, load_split("test", limit=args.batch)).to(args.device)
     rows = compare("bundled model, layer 2", visual_states(model, inputs), sync, args.repeats)
-    config = shape_config("llava-1.5-7b", args.text_layers, 1)
-    model = build_model(config, args.device, torch.float32)
-    inputs = configs.synthetic_inputs(config, None, N_TEXT, args.batch, args.device)
+    _, model, inputs = shape_model("llava-1.5-7b", args.batch, args.device, torch.float32, args.text_layers, 1)
     rows += compare("llava-1.5-7b shape (random weights), layer 2", visual_states(model, inputs), sync, args.repeats)
     print(f"device={args.device} threads={torch.get_num_threads()} tau={TAU}")
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))

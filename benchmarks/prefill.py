@@ -77,6 +77,26 @@ def benchmark_image(shape: str):
     return configs.BENCHMARK_IMAGES.get(ALIASES.get(shape, shape))
 
 
+def shape_model(shape: str, batch: int, device: str, dtype: torch.dtype, text_layers: int | None = None,
+                vision_layers: int | None = None):
+    """(config, random-weight model, inputs) of a benchmark shape: its benchmark image and ``N_TEXT`` text
+    tokens per sample, pixels in ``dtype``."""
+    config = shape_config(shape, text_layers, vision_layers)
+    inputs = configs.synthetic_inputs(config, benchmark_image(shape), N_TEXT, batch, device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return config, build_model(config, device, dtype), inputs
+
+
+def shared_settings(model, methods: list[str], layer: int) -> dict:
+    """The run-wide settings ``lofi.build`` hands the methods that take them: K, and for LVPruning random
+    decision modules on the model's device and dtype (their cost, not their choices, is what is timed)."""
+    shared = {"layer": layer}
+    if any("modules" in lofi.options(method) for method in methods):
+        parameter = next(model.parameters())
+        shared["modules"] = DecisionModules.for_model(model).to(parameter.device, parameter.dtype)
+    return shared
+
+
 def _rss_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -153,11 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    config = shape_config(args.shape, args.text_layers, args.vision_layers)
-    model = build_model(config, args.device, dtype)
+    config, model, inputs = shape_model(args.shape, args.batch, args.device, dtype, args.text_layers,
+                                        args.vision_layers)
     image = benchmark_image(args.shape)
-    inputs = configs.synthetic_inputs(config, image, N_TEXT, args.batch, args.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     family = lofi.families.family_for(model)
     is_visual = family.visual_mask(inputs["input_ids"][:1])
     n_visual = int(is_visual.sum())
@@ -192,10 +210,7 @@ def main(argv: list[str] | None = None) -> None:
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
           f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
           f"compile={args.compile or 'no'}", flush=True)
-    shared = {"layer": args.layer}
-    if any("modules" in lofi.options(method) for method in args.methods):
-        # random decision modules (LVPruning's): their cost, not their choices, is what is timed here
-        shared["modules"] = DecisionModules.for_model(model).to(args.device, dtype)
+    shared = shared_settings(model, args.methods, args.layer)
     rows = []
     compiling = lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()
     with compiling, torch.inference_mode():

@@ -21,9 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lofi
-from benchmarks.prefill import ALIASES, COMPILE_MODES, N_TEXT, SHAPES, benchmark_image, build_model, shape_config
-from lofi import configs
-from lofi.methods.lvpruning import DecisionModules
+from benchmarks.prefill import ALIASES, COMPILE_MODES, SHAPES, shape_model, shared_settings
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -52,15 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=12, help="ops listed per kind")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    dtype = getattr(torch, args.dtype)
-    config = shape_config(args.shape, args.text_layers, args.vision_layers)
-    model = build_model(config, args.device, dtype)
-    inputs = configs.synthetic_inputs(config, benchmark_image(args.shape), N_TEXT, args.batch, args.device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    shared = {"layer": args.layer}
-    if "modules" in lofi.options(args.method):
-        shared["modules"] = DecisionModules.for_model(model).to(args.device, dtype)
-    method = lofi.build(args.method, shared=shared, keep=args.keep)
+    _, model, inputs = shape_model(args.shape, args.batch, args.device, getattr(torch, args.dtype),
+                                   args.text_layers, args.vision_layers)
+    method = lofi.build(args.method, shared=shared_settings(model, [args.method], args.layer), keep=args.keep)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 

@@ -44,6 +44,13 @@ def decoder_layer_flops(n: int, d: int, m: int, d_kv: int | None = None) -> floa
     return 2.0 * (2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m)
 
 
+def attention_widths(text_config) -> tuple[int, int]:
+    """(d_q, d_kv): the widths of a decoder layer's query and key/value projections, heads x head_dim."""
+    heads = text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    return heads * head_dim, (getattr(text_config, "num_key_value_heads", None) or heads) * head_dim
+
+
 def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, int]] = (),
                 decision: float = 0.0, image=None) -> Flops:
     """FLOPs of a prompt of ``n_text`` text and ``n_visual`` visual tokens.
@@ -59,9 +66,7 @@ def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, 
     """
     text = config.text_config
     d, m, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or d // heads
-    d_kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    d_kv = attention_widths(text)[1]
     schedule = sorted(stages)
     for (a, _), (b, _) in zip(schedule, schedule[1:]):
         if a == b:

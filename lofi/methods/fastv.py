@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lofi.flops import attention_widths
 from lofi.registry import PruningMethod, StageInput, register
 
 
@@ -41,9 +42,7 @@ class FastV(PruningMethod):
         ``"last"``, n_text for ``"text"``): keys 2 n d d_kv, queries 2 r d d_q, scores 2 r n d_q, with d_q =
         heads x head_dim and d_kv = kv heads x head_dim (newline rows, never pruned, are not in n_visual)."""
         text = config.get_text_config()
-        d, heads = text.hidden_size, text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or d // heads
-        d_q, d_kv = heads * head_dim, (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+        d, (d_q, d_kv) = text.hidden_size, attention_widths(text)
         n, rows = n_text + n_visual_per_stage[0], 1 if self.queries == "last" else n_text
         return 2.0 * n * d * d_kv + 2.0 * rows * d * d_q + 2.0 * rows * n * d_q
 
