@@ -10,7 +10,8 @@ each pass takes the records that are ready (``take(wait=False)``) and the block 
 so spectra decomposed on the host overlap the next pass but are all paid for. Both groups (visual, all)
 at every layer are measured, as ``analysis.compare`` does; the rows < cols case takes the Gram-matrix
 route. Four modes: the full singular spectrum at every layer, at the last layer only (inline on the
-device, or on the host), and at none (IPR and PR stay exact everywhere: they need no decomposition).
+device, or on the host), and at none (IPR and PR stay exact everywhere: they need no decomposition);
+``--modes`` picks some. On a GPU the device modes decompose through ``LOFI_EIGH``'s route (``lofi.linalg``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import torch
 
 from analysis.measure.capture import Capture
 from benchmarks.prefill import SHAPES, shape_model
+from lofi.linalg import current_eigh_route
+
+MODES = {"every-layer": ("full spectrum, every layer", "all", "device"),
+         "last-layer": ("full spectrum, last layer only", "last", "device"),
+         "last-layer-host": ("full spectrum, last layer, on the host", "last", "host"),
+         "ipr-pr": ("IPR/PR only (no decomposition)", (), "device")}
 
 
 def bundled_inputs(batch: int, path=None):
@@ -42,6 +49,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=3, help="consecutive passes per timed block")
     parser.add_argument("--model", help="a local LLaVA folder (default: the bundled model)")
     parser.add_argument("--text-layers", type=int, help="a checkpoint shape's decoder layers (default: all)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -67,12 +75,9 @@ def main(argv=None):
 
     layers = model.config.text_config.num_hidden_layers + 1
     print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups, "
-          f"threads={torch.get_num_threads()}, blocks of {args.block} passes")
-    modes = {"full spectrum, every layer": ("all", "device"),
-             "full spectrum, last layer only": ([layers - 1], "device"),
-             "full spectrum, last layer, on the host": ([layers - 1], "host"),
-             "IPR/PR only (no decomposition)": ((), "device")}
-    for mode, (spectrum_layers, spectra_on) in modes.items():
+          f"threads={torch.get_num_threads()}, blocks of {args.block} passes, eigh={current_eigh_route()}")
+    for mode, spectrum_layers, spectra_on in (MODES[name] for name in args.modes):
+        spectrum_layers = [layers - 1] if spectrum_layers == "last" else spectrum_layers
         plain, captured = [], []
         with torch.inference_mode():
             timed(None, 1)

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere:
-# by estimate steps 1-6 take about 8 minutes on one H100/H200 and steps 7-8 (the compiled path, the
-# profiles) up to 5 more, so with a 600 s limit per device call run `TO=6 bash benchmarks/gpu.sh`, then
-# `FROM=7 bash benchmarks/gpu.sh`. Prepare once on this machine, from the repository root (the device has
+# by estimate steps 1-4 take about 9 minutes on one H100/H200, steps 5-6 (the default study) about 2 and
+# steps 7-8 (the compiled path, the profiles) up to 5 more. With a 600 s limit per device call and 15
+# minutes of device time in all, run `TO=4 bash benchmarks/gpu.sh` first (LoFi's solvers and the batched
+# cuSOLVER route, the prefill of every family, the capture), then `FROM=5 TO=6`, then `FROM=7` as time
+# allows. Prepare once on this machine, from the repository root (the device has
 # torch and an older transformers, and no network):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -22,11 +24,15 @@ run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$O
 step() { [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-8}" ]; }  # FROM / TO: run only steps FROM..TO
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-# 1. LoFi's selection: exact eigendecomposition against subspace iteration, kept-set agreement and time
+# 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against subspace
+#    iteration, kept-set agreement and time. The batched route is checked against torch.linalg.eigh first.
 step 1 && run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
 # 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
 step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
 step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5
+#    LoFi again with every eigendecomposition batched into one cuSOLVER call
+step 2 && LOFI_EIGH=cusolver-batched run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda \
+  --dtype bfloat16 --batch 16 --repeats 3 --methods lofi
 # 3. every other family at its 7B shape, batch 16, keep 0.25
 for shape in llava-next-7b llava-onevision-7b qwen2-vl-7b qwen2.5-vl-7b; do
   step 3 && run python3 benchmarks/prefill.py --shape $shape --device cuda --dtype bfloat16 --batch 16 \
@@ -36,6 +42,9 @@ done
 #    host; every layer)
 step 4 && run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 8 \
   --repeats 5
+#    the device modes again with the batched cuSOLVER route
+step 4 && LOFI_EIGH=cusolver-batched run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda \
+  --dtype bfloat16 --batch 8 --repeats 5 --modes every-layer last-layer
 # 5. the default study on the GPU, timed (2 CPU cores: 35-38 s)
 if step 5; then
   start=$(date +%s)

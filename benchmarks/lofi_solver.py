@@ -1,13 +1,15 @@
-"""LoFi's two routes to leverage scores: the kept sets they agree on, and what each costs.
+"""LoFi's routes to leverage scores: the kept sets they agree on, and what each costs.
 
     python benchmarks/lofi_solver.py                         # bundled model (real hidden states) + 7B shape
     python benchmarks/lofi_solver.py --device cuda --batch 16
 
 For the visual hidden states entering layer K = 2, the exact route (an eigendecomposition of
-H_v H_v^T) and the randomized one (subspace iteration, ``lofi.linalg.leverage_at_energy_randomized``)
-give leverage scores; the script reports the energy rank k each reads at tau = 0.9, the share of kept
-tokens the two choose alike at keep 0.5 / 0.25 / 0.1 (|kept_exact & kept_randomized| / n_keep, mean and
-worst sample), and the median time of each route on the batch. Two sources of hidden states: the
+H_v H_v^T through ``torch.linalg.eigh``) and the others give leverage scores: the randomized one
+(subspace iteration, ``lofi.linalg.leverage_at_energy_randomized``) and, on a GPU, the exact route with
+its eigendecompositions in one batched cuSOLVER call (``lofi.linalg.eigh_route("cusolver-batched")``).
+For each route the script reports the energy rank k it reads at tau = 0.9, the share of kept tokens it
+chooses alike with the exact route at keep 0.5 / 0.25 / 0.1 (|kept_exact & kept_route| / n_keep, mean
+and worst sample), and its median time on the batch. Two sources of hidden states: the
 bundled model on the first ``--batch`` test questions (real states, 144 visual tokens), and a random-weight
 LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic inputs.
 """
@@ -25,7 +27,7 @@ from analysis.benchmark.datasets import load_split
 from analysis.study.models import batch_inputs, load_model
 from benchmarks.prefill import shape_model
 from lofi.families import family_for
-from lofi.linalg import leverage_at_energy, leverage_at_energy_randomized
+from lofi.linalg import eigh_route, leverage_at_energy, leverage_at_energy_randomized
 
 LAYER, TAU = 2, 0.9
 
@@ -45,11 +47,21 @@ def visual_states(model, inputs) -> torch.Tensor:
     return hidden[visual].view(len(hidden), -1, hidden.shape[-1])
 
 
+def routes(device: str) -> dict:
+    """Route name -> a function of (H, tau) giving (leverage, k)."""
+    def exact_batched(H, tau):
+        with eigh_route("cusolver-batched"):
+            return leverage_at_energy(H, tau)
+    found = {"exact": leverage_at_energy, "randomized": leverage_at_energy_randomized}
+    if device.startswith("cuda"):
+        found["exact, cusolver-batched"] = exact_batched
+    return found
+
+
 def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
-    exact, k_exact = leverage_at_energy(H, TAU)
-    fast, k_fast = leverage_at_energy_randomized(H, TAU)
-    times = {}
-    for route, fn in (("exact", leverage_at_energy), ("randomized", leverage_at_energy_randomized)):
+    results, times = {}, {}
+    for route, fn in routes(str(H.device)).items():
+        results[route] = fn(H, TAU)
         spent = []
         for _ in range(repeats + 1):
             sync()
@@ -58,16 +70,17 @@ def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
             sync()
             spent.append(time.perf_counter() - start)
         times[route] = statistics.median(spent[1:])
+    exact = results["exact"][0].cpu()
     rows = []
-    for keep in (0.5, 0.25, 0.1):
-        n = max(1, round(keep * H.shape[1]))
-        alike = [len(set(a.topk(n).indices.tolist()) & set(b.topk(n).indices.tolist())) / n
-                 for a, b in zip(exact.cpu(), fast.cpu())]
-        rows.append({"states": name, "tokens": H.shape[1], "width": H.shape[2], "batch": len(H),
-                     "k_exact": f"{int(k_exact.min())}-{int(k_exact.max())}",
-                     "k_randomized": f"{int(k_fast.min())}-{int(k_fast.max())}", "keep": keep,
-                     "kept_alike_mean": sum(alike) / len(alike), "kept_alike_min": min(alike),
-                     "exact_ms": 1000 * times["exact"], "randomized_ms": 1000 * times["randomized"]})
+    for route, (leverage, k) in results.items():
+        for keep in (0.5, 0.25, 0.1):
+            n = max(1, round(keep * H.shape[1]))
+            alike = [len(set(a.topk(n).indices.tolist()) & set(b.topk(n).indices.tolist())) / n
+                     for a, b in zip(exact, leverage.cpu())]
+            rows.append({"states": name, "tokens": H.shape[1], "width": H.shape[2], "batch": len(H),
+                         "route": route, "k": f"{int(k.min())}-{int(k.max())}", "keep": keep,
+                         "kept_alike_mean": sum(alike) / len(alike), "kept_alike_min": min(alike),
+                         "ms": 1000 * times[route]})
     return rows
 
 

@@ -33,6 +33,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 import lofi
 from lofi import configs
 from lofi.families import family_class
+from lofi.linalg import current_eigh_route
 from lofi.methods.lvpruning import DecisionModules
 
 MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
           f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
-          f"compile={args.compile or 'no'}", flush=True)
+          f"compile={args.compile or 'no'} eigh={current_eigh_route()}", flush=True)
     shared = shared_settings(model, args.methods, args.layer)
     rows = []
     compiling = lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()

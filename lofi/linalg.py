@@ -4,11 +4,66 @@ Owned here because the ``lofi`` method needs them and ``lofi`` never imports ``a
 ``analysis.spectral`` re-exports them with the rest of the spectral quantities. Every function
 works on float32/float64 tensors batched over leading dimensions. When rows < cols the Gram matrix
 H H^T (rows x rows) gives the same singular values and left singular vectors more cheaply.
+
+Every symmetric eigendecomposition goes through ``symmetric_eigh``, which takes one of two routes on a
+GPU (``EIGH_ROUTES``; CPU tensors always take torch's): ``"torch"`` (default), ``torch.linalg.eigh``,
+which decomposes a batch of matrices larger than 32 x 32 one at a time; ``"cusolver-batched"``, one
+cuSOLVER call for the whole batch (``lofi.cusolver``). Choose with ``LOFI_EIGH=cusolver-batched`` in the
+environment or ``with lofi.linalg.eigh_route("cusolver-batched"):``.
 """
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
 import torch
+
+EIGH_ROUTES = ("torch", "cusolver-batched")
+_ROUTE: ContextVar[str | None] = ContextVar("lofi_eigh_route", default=None)
+
+
+def _checked_route(route: str, source: str) -> str:
+    if route not in EIGH_ROUTES:
+        raise ValueError(f"unknown eigh route {route!r} ({source}); valid: {list(EIGH_ROUTES)}")
+    return route
+
+
+def current_eigh_route() -> str:
+    """The route ``symmetric_eigh`` takes on a GPU: the innermost ``eigh_route`` block's, else
+    ``LOFI_EIGH``'s, else ``"torch"``."""
+    route = _ROUTE.get()
+    return route if route is not None else _checked_route(os.environ.get("LOFI_EIGH", "torch"), "LOFI_EIGH")
+
+
+@contextmanager
+def eigh_route(route: str) -> Iterator[None]:
+    """Within the block, ``symmetric_eigh`` takes ``route`` (one of ``EIGH_ROUTES``) on a GPU."""
+    token = _ROUTE.set(_checked_route(route, "eigh_route"))
+    try:
+        yield
+    finally:
+        _ROUTE.reset(token)
+
+
+def _batched_solver(G: torch.Tensor):
+    """cuSOLVER's batched solver where the route asks for it and ``G`` is on a GPU, else None."""
+    if not G.is_cuda or current_eigh_route() != "cusolver-batched":
+        return None
+    from lofi import cusolver
+    return cusolver.solver_for(G.device, G.dtype)
+
+
+def symmetric_eigh(G: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(eigenvalues ascending [..., n], eigenvectors [..., n, n] or None) of the symmetric G [..., n, n],
+    read from its lower triangle, as ``torch.linalg.eigh`` / ``eigvalsh``; on a GPU through the current
+    route (``current_eigh_route``)."""
+    solver = _batched_solver(G)
+    if solver is not None:
+        return solver(G, vectors)
+    return tuple(torch.linalg.eigh(G)) if vectors else (torch.linalg.eigvalsh(G), None)
 
 
 def _left_factors(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,9 +77,9 @@ def _left_factors(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = H.shape[-2:]
     if rows <= cols:
         # eigh of the Gram matrix: eigenvalues are s^2 (ascending), eigenvectors are U.
-        evals, evecs = torch.linalg.eigh(H @ H.transpose(-1, -2))
+        evals, evecs = symmetric_eigh(H @ H.transpose(-1, -2))
         return evals.flip(-1).clamp_min(0).sqrt(), evecs.flip(-1)
-    evals, V = torch.linalg.eigh(H.transpose(-1, -2) @ H)
+    evals, V = symmetric_eigh(H.transpose(-1, -2) @ H)
     U = H @ V.flip(-1)
     return evals.flip(-1).clamp_min(0).sqrt(), U / U.norm(dim=-2, keepdim=True).clamp_min(torch.finfo(H.dtype).tiny)
 
@@ -39,9 +94,13 @@ def singular_values(H: torch.Tensor) -> torch.Tensor:
     """
     rows, cols = H.shape[-2:]
     if rows < cols:
-        evals = torch.linalg.eigvalsh(H @ H.transpose(-1, -2))
-        return evals.flip(-1).clamp_min(0).sqrt()
+        return singular_values_from_gram(H @ H.transpose(-1, -2))
     return torch.linalg.svdvals(H)
+
+
+def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    """s_1 >= ... >= s_n of H from its Gram matrix H H^T [..., n, n]: s_i = sqrt(max(lambda_i, 0))."""
+    return symmetric_eigh(gram, vectors=False)[0].flip(-1).clamp_min(0).sqrt()
 
 
 def energy_rank(s: torch.Tensor, tau: float) -> torch.Tensor:
@@ -115,7 +174,7 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     Q = torch.linalg.qr(G @ omega).Q
     for _ in range(iterations):
         Q = torch.linalg.qr(G @ Q).Q
-    values, vectors = torch.linalg.eigh(Q.transpose(-1, -2) @ G @ Q)
+    values, vectors = symmetric_eigh(Q.transpose(-1, -2) @ G @ Q)
     values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
     covered = values.cumsum(-1) >= (tau - 1e-6 * max(tau, 1e-3)) * total[..., None]
     if not bool(covered[..., -1].all()):

@@ -258,7 +258,7 @@ class Capture:
                 continue
             if self._decomposes(layer) or leverage_here:
                 if gram is not None:
-                    s = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+                    s = spectral.singular_values_from_gram(gram)
                 else:
                     s = spectral.singular_values(matrix)
                 ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)

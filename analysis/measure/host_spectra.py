@@ -1,6 +1,7 @@
 """Spectra decomposed on the host, off the model's critical path.
 
-On a GPU, ``eigvalsh`` of a batch of Gram matrices runs one matrix at a time, and inside a forward pass
+On a GPU, torch's ``eigvalsh`` of a batch of Gram matrices runs one matrix at a time (unless
+``LOFI_EIGH=cusolver-batched``, ``lofi.linalg``), and inside a forward pass
 it holds the pass up: the headline layer's spectra alone doubled a batch-8 forward at LLaVA-1.5-7B shape
 (issue [G]). ``HostSpectra`` takes Gram matrices that ``Capture`` has already moved to the host (with
 the rest of a forward pass's statistics, in its one transfer) and decomposes them in float64 on a
@@ -19,7 +20,7 @@ from analysis.measure import spectral
 def gram_statistics(gram: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
     """IPR, PR, effective rank and the top ``top_k`` singular values of the matrices whose Gram matrices
     (H H^T, [..., n, n]) are ``gram``: s = sqrt(eigenvalues), in float64."""
-    s = torch.linalg.eigvalsh(gram.double()).flip(-1).clamp_min(0).sqrt()
+    s = spectral.singular_values_from_gram(gram.double())
     return {"ipr": spectral.ipr(s), "pr": spectral.participation_ratio(s),
             "effective_rank": spectral.effective_rank(s), "singular_values": s[..., :top_k].float()}
 

@@ -6,18 +6,18 @@ fractions are p_i = s_i^2 / sum_j s_j^2.
 
 The all-zero matrix has no energy to distribute: by this module's convention its IPR, participation
 ratio, effective rank and energy rank are all 0, and its leverage scores are 0 (never NaN).
-``singular_values``, ``energy_rank`` and ``leverage_scores`` are the implementations ``lofi`` uses to
-prune, re-exported so the study measures exactly what the method computes.
+``singular_values`` (``singular_values_from_gram``), ``energy_rank`` and ``leverage_scores`` are the
+implementations ``lofi`` uses to prune, re-exported so the study measures exactly what the method computes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lofi.linalg import energy_rank, leverage_scores, singular_values
+from lofi.linalg import energy_rank, leverage_scores, singular_values, singular_values_from_gram
 
-__all__ = ["singular_values", "energy_fractions", "ipr", "participation_ratio", "effective_rank",
-           "energy_rank", "leverage_scores", "ipr_from_matrix", "ipr_from_gram"]
+__all__ = ["singular_values", "singular_values_from_gram", "energy_fractions", "ipr", "participation_ratio",
+           "effective_rank", "energy_rank", "leverage_scores", "ipr_from_matrix", "ipr_from_gram"]
 
 
 def energy_fractions(s: torch.Tensor) -> torch.Tensor:
