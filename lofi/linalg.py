@@ -49,8 +49,15 @@ def eigh_route(route: str) -> Iterator[None]:
 
 
 def _batched_solver(G: torch.Tensor):
-    """cuSOLVER's batched solver where the route asks for it and ``G`` is on a GPU, else None."""
-    if not G.is_cuda or current_eigh_route() != "cusolver-batched":
+    """cuSOLVER's batched solver where the route asks for it and ``G`` is on a GPU, else None (also where
+    a gradient is wanted: the batched call has no backward)."""
+    if current_eigh_route() != "cusolver-batched" or (G.requires_grad and torch.is_grad_enabled()):
+        return None
+    return _device_solver(G)
+
+
+def _device_solver(G: torch.Tensor):
+    if not G.is_cuda:
         return None
     from lofi import cusolver
     return cusolver.solver_for(G.device, G.dtype)

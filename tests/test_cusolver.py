@@ -119,12 +119,27 @@ def test_leverage_and_spectra_through_the_batched_route_match_torchs(monkeypatch
     H[..., :3] *= 20  # a few strong directions, as in real hidden states
     expected = linalg.leverage_at_energy(H, 0.9), linalg.singular_values(H)
     solver, library = stand_in_solver()
-    monkeypatch.setattr(linalg, "_batched_solver", lambda G: solver)
-    (leverage, k), s = linalg.leverage_at_energy(H, 0.9), linalg.singular_values(H)
+    monkeypatch.setattr(linalg, "_device_solver", lambda G: solver)  # as if H were on a GPU
+    linalg.leverage_at_energy(H, 0.9)
+    assert not library.calls  # torch's route unless asked
+    with linalg.eigh_route("cusolver-batched"):
+        (leverage, k), s = linalg.leverage_at_energy(H, 0.9), linalg.singular_values(H)
     assert [call[0] for call in library.calls].count("syev") == 2
     assert torch.equal(k, expected[0][1])
     torch.testing.assert_close(leverage, expected[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(s, expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_a_gradient_takes_torchs_route(monkeypatch):
+    solver, library = stand_in_solver()
+    monkeypatch.setattr(linalg, "_device_solver", lambda G: solver)
+    A = gram(2, 40).requires_grad_()
+    with linalg.eigh_route("cusolver-batched"):
+        values, _ = linalg.symmetric_eigh(A)
+        assert values.grad_fn is not None and not library.calls
+        with torch.no_grad():
+            linalg.symmetric_eigh(A)
+    assert [call[0] for call in library.calls] == ["stream", "bufferSize", "syev"]
 
 
 def test_the_agreement_check_catches_vectors_read_in_the_wrong_order():
