@@ -13,9 +13,12 @@ text tokens. For every (method, keep) the script times ``model(**inputs, logits_
 prefill that ``generate`` runs first), interleaving the baseline with the pruned runs so that drifts in
 machine speed hit both, and prints the measured speedup beside the speedup the FLOPs predict
 (``lofi.count_flops``; the whole-model ratio, since the whole forward pass is timed). It also times the
-method's own selection (``select``) as a share of the pruned prefill, and reports the KV cache held
-after prefill (exact bytes of the cache tensors) and the peak memory of the forward pass: on CUDA the
-allocator's peak, on Linux CPUs the growth of the process's peak RSS (VmHWM, reset before each run).
+method's own selection (``select``) as a share of the pruned prefill, beside the share its FLOPs set
+(``select_flops_share``: the FLOPs of a method's decision work, ``decision_flops``, over the pruned
+prefill's; LVPruning's decision modules, FastV's rebuilt keys; LoFi's decomposition is not counted), and
+reports the KV cache held after prefill (exact bytes of the cache tensors) and the peak memory of the
+forward pass: on CUDA the allocator's peak, on Linux CPUs the growth of the process's peak RSS (VmHWM,
+reset before each run).
 ``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path).
 """
 
@@ -243,13 +246,15 @@ def main(argv: list[str] | None = None) -> None:
                     "llm_flops_speedup": base_flops.llm / flops.llm,
                     "measured/predicted": measured / predicted,
                     "select_ms": 1000 * select_seconds, "select_share": select_seconds / pruned_t,
+                    "select_flops_share": flops.decision / flops.total,
                     "kv_mb_base": base_kv / 2**20, "kv_mb_pruned": pruned_kv / 2**20,
                     "peak_mb_base": base_peak, "peak_mb_pruned": pruned_peak,
                 })
                 r = rows[-1]
                 print(f"{method:>9} keep={keep:<5} {r['baseline_ms']:8.1f} ms -> {r['pruned_ms']:8.1f} ms  "
                       f"speedup {measured:5.2f} (FLOPs {predicted:5.2f}, ratio {measured / predicted:4.2f})  "
-                      f"select {r['select_ms']:6.2f} ms = {100 * r['select_share']:4.1f}%", flush=True)
+                      f"select {r['select_ms']:6.2f} ms = {100 * r['select_share']:4.1f}% "
+                      f"(its FLOPs {100 * r['select_flops_share']:4.1f}%)", flush=True)
     import pandas as pd
     frame = pd.DataFrame(rows)
     print()
