@@ -9,7 +9,10 @@ H_v H_v^T through ``torch.linalg.eigh``) and the others give leverage scores: th
 its eigendecompositions in one batched cuSOLVER call (``lofi.linalg.eigh_route("cusolver-batched")``).
 For each route the script reports the energy rank k it reads at tau = 0.9, the share of kept tokens it
 chooses alike with the exact route at keep 0.5 / 0.25 / 0.1 (|kept_exact & kept_route| / n_keep, mean
-and worst sample), and its median time on the batch. Two sources of hidden states: the
+and worst sample), and its median time on the batch. On a GPU it also compares the two routes to a
+Gram matrix of bfloat16 rows (``lofi.linalg.gram``: one tensor-core GEMM with float32 output, against
+the float32 cast's product) at the 7B shape: their largest difference relative to the largest entry,
+and their times. Two sources of hidden states: the
 bundled model on the first ``--batch`` test questions (real states, 144 visual tokens), and a random-weight
 LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic inputs.
 """
@@ -27,7 +30,7 @@ from analysis.benchmark.datasets import load_split
 from analysis.study.models import batch_inputs, load_model
 from benchmarks.prefill import shape_model
 from lofi.families import family_for
-from lofi.linalg import eigh_route, leverage_at_energy, leverage_at_energy_randomized
+from lofi.linalg import eigh_route, gram, leverage_at_energy, leverage_at_energy_randomized
 
 LAYER, TAU = 2, 0.9
 
@@ -47,6 +50,17 @@ def visual_states(model, inputs) -> torch.Tensor:
     return hidden[visual].view(len(hidden), -1, hidden.shape[-1])
 
 
+def median_ms(fn, sync, repeats: int) -> float:
+    spent = []
+    for _ in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        spent.append(time.perf_counter() - start)
+    return 1000 * statistics.median(spent[1:])
+
+
 def routes(device: str) -> dict:
     """Route name -> a function of (H, tau) giving (leverage, k)."""
     def exact_batched(H, tau):
@@ -62,14 +76,7 @@ def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
     results, times = {}, {}
     for route, fn in routes(str(H.device)).items():
         results[route] = fn(H, TAU)
-        spent = []
-        for _ in range(repeats + 1):
-            sync()
-            start = time.perf_counter()
-            fn(H, TAU)
-            sync()
-            spent.append(time.perf_counter() - start)
-        times[route] = statistics.median(spent[1:])
+        times[route] = median_ms(lambda: fn(H, TAU), sync, repeats)
     exact = results["exact"][0].cpu()
     rows = []
     for route, (leverage, k) in results.items():
@@ -80,8 +87,19 @@ def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
             rows.append({"states": name, "tokens": H.shape[1], "width": H.shape[2], "batch": len(H),
                          "route": route, "k": f"{int(k.min())}-{int(k.max())}", "keep": keep,
                          "kept_alike_mean": sum(alike) / len(alike), "kept_alike_min": min(alike),
-                         "ms": 1000 * times[route]})
+                         "ms": times[route]})
     return rows
+
+
+def gram_routes(H: torch.Tensor, sync, repeats: int) -> str:
+    """The bfloat16 rows' Gram matrix by both routes: relative difference and times."""
+    rows = H.to(torch.bfloat16)
+    cast = rows.float()
+    fast, reference = gram(rows), cast @ cast.mT
+    difference = float((fast - reference).abs().max() / reference.abs().max())
+    fast_ms, cast_ms = median_ms(lambda: gram(rows), sync, repeats), median_ms(lambda: cast @ cast.mT, sync, repeats)
+    return (f"Gram of {tuple(rows.shape)} bfloat16 rows: tensor-core route {fast_ms:.2f} ms, float32 cast "
+            f"{cast_ms:.2f} ms, largest difference {difference:.1e} of the largest entry")
 
 
 def main(argv=None) -> None:
@@ -96,8 +114,11 @@ def main(argv=None) -> None:
     inputs = batch_inputs(processor, load_split("test", limit=args.batch)).to(args.device)
     rows = compare("bundled model, layer 2", visual_states(model, inputs), sync, args.repeats)
     _, model, inputs = shape_model("llava-1.5-7b", args.batch, args.device, torch.float32, args.text_layers, 1)
-    rows += compare("llava-1.5-7b shape (random weights), layer 2", visual_states(model, inputs), sync, args.repeats)
+    states = visual_states(model, inputs)
+    rows += compare("llava-1.5-7b shape (random weights), layer 2", states, sync, args.repeats)
     print(f"device={args.device} threads={torch.get_num_threads()} tau={TAU}")
+    if states.is_cuda:
+        print(gram_routes(states, sync, args.repeats))
     print(pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g"))
 
 

@@ -54,3 +54,19 @@ def test_lofi_takes_a_solver_and_auto_is_exact_on_the_cpu():
     torch.testing.assert_close(LoFi(solver="randomized").leverage(H), exact, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="valid: \\['auto', 'exact', 'randomized'\\]"):
         LoFi(solver="svd")
+
+
+@pytest.mark.parametrize("rows,cols", [(40, 64), (64, 40)])
+def test_low_precision_rows_are_decomposed_in_float32_as_their_cast(rows, cols):
+    """A model's bfloat16 hidden states go into lofi.linalg as they are: the Gram matrix comes out in
+    float32, equal bit for bit on the CPU to the product of the float32 cast, and so do the leverage
+    scores and singular values (every route), whichever side is smaller."""
+    from lofi.linalg import gram
+    H = _low_rank(2, rows, cols, rank=6, noise=0.1).to(torch.bfloat16)
+    cast = H.float()
+    assert gram(H).dtype == torch.float32 and gram(H.double()).dtype == torch.float64
+    assert torch.equal(gram(H), cast @ cast.mT)
+    for route in (leverage_at_energy, leverage_at_energy_randomized):
+        for got, expected in zip(route(H, 0.9), route(cast, 0.9)):
+            assert torch.equal(got, expected)
+    assert torch.equal(singular_values(H), singular_values(cast))

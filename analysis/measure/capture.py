@@ -234,17 +234,21 @@ class Capture:
     def _record(self, layer: int, hidden: torch.Tensor) -> None:
         """The statistics of one layer as device tensors, kept until the forward pass ends (``_flush``)."""
         is_visual, valid, visual_rank, positions, present = self._geometry(layer)
-        H = hidden.detach().float()
+        hidden = hidden.detach()
         # Uncentred, with rows <= cols: one Gram matrix of all real tokens serves both groups (the
-        # visual Gram is its sub-block), and its eigenvalues are the squared singular values.
-        shared = not self.center and H.shape[1] <= H.shape[2]
+        # visual Gram is its sub-block), and its eigenvalues are the squared singular values. It is
+        # formed in float32 from the model's own dtype (spectral.gram: tensor cores for bf16 on a GPU).
+        shared = not self.center and hidden.shape[1] <= hidden.shape[2]
         if shared:
-            masked = H * valid[..., None].to(H.dtype)
-            gram_all = masked @ masked.transpose(-1, -2)
+            gram_all = spectral.gram(hidden * valid[..., None].to(hidden.dtype))
+        H = None  # float32 rows, only where a group's own matrix is needed
         for group in self.groups:
             counts = (is_visual if group == "visual" else valid).sum(1)
             leverage_here = group == "visual" and layer in self.leverage_layers
-            matrix = self._group_matrix(H, group, valid, positions, present) if not shared or leverage_here else None
+            matrix = None
+            if not shared or leverage_here:
+                H = hidden.float() if H is None else H
+                matrix = self._group_matrix(H, group, valid, positions, present)
             gram = None
             if shared:
                 gram = gram_all
@@ -265,7 +269,7 @@ class Capture:
             else:  # IPR and PR need no decomposition; effective rank and the spectrum do
                 ipr = spectral.ipr_from_gram(gram) if gram is not None else spectral.ipr_from_matrix(matrix)
                 pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
-                erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(H), 0)
+                erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(hidden), 0)
             extra = {}
             if leverage_here:
                 extra = {"leverage": spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)),

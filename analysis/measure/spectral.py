@@ -6,17 +6,17 @@ fractions are p_i = s_i^2 / sum_j s_j^2.
 
 The all-zero matrix has no energy to distribute: by this module's convention its IPR, participation
 ratio, effective rank and energy rank are all 0, and its leverage scores are 0 (never NaN).
-``singular_values`` (``singular_values_from_gram``), ``energy_rank`` and ``leverage_scores`` are the
-implementations ``lofi`` uses to prune, re-exported so the study measures exactly what the method computes.
+``gram``, ``singular_values`` (``singular_values_from_gram``), ``energy_rank`` and ``leverage_scores`` are
+the implementations ``lofi`` uses to prune, re-exported so the study measures exactly what the method computes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lofi.linalg import energy_rank, leverage_scores, singular_values, singular_values_from_gram
+from lofi.linalg import energy_rank, gram, leverage_scores, singular_values, singular_values_from_gram
 
-__all__ = ["singular_values", "singular_values_from_gram", "energy_fractions", "ipr", "participation_ratio",
+__all__ = ["gram", "singular_values", "singular_values_from_gram", "energy_fractions", "ipr", "participation_ratio",
            "effective_rank", "energy_rank", "leverage_scores", "ipr_from_matrix", "ipr_from_gram"]
 
 
@@ -54,7 +54,7 @@ def ipr_from_matrix(H: torch.Tensor) -> torch.Tensor:
     Exact (the singular values of H H^T are s_i^2); uses the smaller of H H^T and H^T H. 0 for zero H.
     """
     rows, cols = H.shape[-2:]
-    return ipr_from_gram(H @ H.transpose(-1, -2) if rows <= cols else H.transpose(-1, -2) @ H)
+    return ipr_from_gram(gram(H) if rows <= cols else H.transpose(-1, -2) @ H)
 
 
 def ipr_from_gram(G: torch.Tensor) -> torch.Tensor:

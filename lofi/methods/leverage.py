@@ -19,7 +19,7 @@ class LoFi(PruningMethod):
     """LoFi (training-free): keep the visual tokens with the largest SVD leverage scores at layer K.
 
     For each sample, H_v [n_visual, d] holds the hidden states of the visual tokens entering layer K
-    (float32, uncentred unless ``center``). With H_v = U S V^T and k the energy rank at ``tau``
+    (uncentred unless ``center``; decomposed in float32). With H_v = U S V^T and k the energy rank at ``tau``
     (smallest k with sum_{i<=k} s_i^2 >= tau * sum s^2) or the fixed ``k``, the score of token i is
     l_i = sum_{j<=k} U_ij^2. Tokens with high leverage span directions the rest cannot represent.
 
@@ -57,8 +57,9 @@ class LoFi(PruningMethod):
     def leverage(self, visual_hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """[batch, n] leverage scores of the visual hidden states [batch, n, d]; ``rows`` [batch, n] marks
         each sample's real rows (the others must be zero: zero rows change no singular vector)."""
-        H = visual_hidden.float()
+        H = visual_hidden  # in the model's dtype: lofi.linalg.gram forms H H^T in float32 from it
         if self.center:
+            H = H.float()
             real = torch.ones(H.shape[:2], dtype=torch.bool, device=H.device) if rows is None else rows
             weight = real[..., None].to(H.dtype)
             H = (H - (H * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)) * weight
