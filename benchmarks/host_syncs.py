@@ -80,11 +80,15 @@ def main(argv=None) -> None:
     print(f"bundled model, batch {args.batch}, {model.config.text_config.num_hidden_layers} layers; calls from "
           "lofi/ and analysis/ during one prefill")
     with torch.no_grad():
+        # LoFi's GPU default from 256 visual tokens is its randomized route: counted here on 144
+        randomized = ("lofi keep=0.5, solver=randomized", lofi.build("lofi", keep=0.5, solver="randomized"), False)
         for label, method, capture in [("unpruned + Capture (IPR/PR, every layer)", None, True),
-                                       *[(f"{m} keep=0.5", m, False) for m in args.methods]]:
+                                       *[(f"{m} keep=0.5", m, False) for m in args.methods],
+                                       *([randomized] if "lofi" in args.methods else [])]:
             model(**inputs, logits_to_keep=1)  # warm-up: one-off loading (LVPruning's modules) is not counted
             with (Capture(model, spectrum_layers=()) if capture else nullcontext()) as capturing, \
-                    (lofi.pruned(model, method, keep=0.5) if method else nullcontext()):
+                    (lofi.pruned(model, method, **({"keep": 0.5} if isinstance(method, str) else {}))
+                     if method else nullcontext()):
                 if method:
                     model(**inputs, logits_to_keep=1)
                 with counting() as counts:
