@@ -45,14 +45,23 @@ step 4 && run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --devi
 #    the device modes again with the batched cuSOLVER route
 step 4 && LOFI_EIGH=cusolver-batched run python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda \
   --dtype bfloat16 --batch 8 --repeats 5 --modes every-layer last-layer
-# 5. the default study on the GPU, timed (2 CPU cores: 35-38 s)
+# 5. the default study on the GPU, timed (2 CPU cores: 35-38 s in session 8, 33.6 s in session 9)
 if step 5; then
   start=$(date +%s)
   run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
   echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
 fi
-# 6. how far the GPU run's tables are from the committed CPU run's (same job, same seed)
+#    and the CPU run's full job (spectra at every layer), decomposed on the GPU through batched cuSOLVER
+if step 5; then
+  start=$(date +%s)
+  LOFI_EIGH=cusolver-batched run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda \
+    --spectrum-layers all --spectra-on device --out "$OUT/default-cuda-all" --no-progress
+  echo "default compare on cuda, every layer's spectrum, batched eigh: $(( $(date +%s) - start )) s" \
+    | tee -a "$OUT/all.log"
+fi
+# 6. how far the GPU runs' tables are from the committed CPU run's (same job, same seed)
 step 6 && run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda"
+step 6 && run python3 benchmarks/run_diff.py reports/default "$OUT/default-cuda-all"
 # 7. the compiled path at batch 1 (item 2 of issue [G]): baseline and pruned both through lofi.compiled;
 #    inductor alone, then CUDA graphs (each layer compiles once, seconds per layer, before the timed pairs)
 step 7 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \

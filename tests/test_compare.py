@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -184,6 +185,27 @@ def test_spectrum_layers_headline_decomposes_only_the_headline_layer(tiny_model,
     assert spectra.ipr.notna().all() and (spectra.ipr > 0).all()
     assert json.loads((out / "config.json").read_text())["spectrum_layers"] == "headline"
     assert (out / "figures" / "singular_spectra.png").is_file()
+
+
+def test_spectra_on_the_host_match_the_inline_run_and_keep_its_identity(tiny_model, run_folder, tmp_path,
+                                                                         monkeypatch):
+    from analysis.measure.host_spectra import HostSpectra
+    submitted, submit = [], HostSpectra.submit
+    monkeypatch.setattr(HostSpectra, "submit", lambda self, *a: submitted.append(1) or submit(self, *a))
+    host = tmp_path / "host"
+    assert compare.main(_args(tiny_model, host, "--spectra-on", "host")) == 0  # float64 on a thread
+    assert submitted  # the spectra did go to the host
+    pd.testing.assert_frame_equal(pd.read_parquet(run_folder / "samples.parquet"),
+                                  pd.read_parquet(host / "samples.parquet"))
+    inline, hosted = pd.read_parquet(run_folder / "spectra.parquet"), pd.read_parquet(host / "spectra.parquet")
+    numeric, spectrum = ["ipr", "pr", "effective_rank", "delta_ipr"], ["singular_values"]
+    pd.testing.assert_frame_equal(hosted.drop(columns=numeric + spectrum), inline.drop(columns=numeric + spectrum))
+    exact = ["ipr", "pr", "delta_ipr"]  # need no decomposition; the entropy of a float32 spectrum moves more
+    pd.testing.assert_frame_equal(hosted[exact], inline[exact], rtol=1e-4, atol=1e-6)
+    pd.testing.assert_frame_equal(hosted[["effective_rank"]], inline[["effective_rank"]], rtol=1e-3)
+    for a, b in zip(hosted.singular_values, inline.singular_values):
+        assert len(a) == len(b) and np.allclose(a, b, rtol=1e-4, atol=1e-3 * max(b[0], 1))
+    assert compare.main(_args(tiny_model, run_folder, "--spectra-on", "host")) == 0  # the finished run, as it is
 
 
 def _split(tmp_path, edit, n=3):

@@ -78,6 +78,10 @@ def parse_args(argv):
                              "one layer only; 'auto' (default): every layer on the CPU, the headline layer on "
                              "a GPU, where one eigendecomposition per layer and group costs more than the "
                              "forward pass (benchmarks/README.md)")
+    parser.add_argument("--spectra-on", choices=["auto", "device", "host"], default="auto",
+                        help="where those spectra are decomposed: 'device' (inline, float32; on a GPU through "
+                             "LOFI_EIGH's route), 'host' (float64, on a background thread while the GPU decodes); "
+                             "'auto' (default): the host when the model is on a GPU. Not part of the run's identity")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
@@ -218,7 +222,8 @@ def _measure(args, plan: Plan, model, processor, work: Path) -> None:
     if args.spectrum_layers == "headline":
         spectrum = (tables.headline_layer(HEADLINE["layer"], model.config.text_config.num_hidden_layers),)
     common = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                  capture=CaptureOptions(center=args.center, leverage_layers=LEVERAGE_LAYERS, spectrum_layers=spectrum))
+                  capture=CaptureOptions(center=args.center, leverage_layers=LEVERAGE_LAYERS, spectrum_layers=spectrum,
+                                         spectra_on=args.spectra_on))
     started = time.time()
     baseline = runfolder.load_baseline(work)
     if baseline is None:
