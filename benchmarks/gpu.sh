@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere:
-# by estimate steps 1-4 take about 9 minutes on one H100/H200, steps 5-6 (the default study) about 2 and
-# steps 7-8 (the compiled path, the profiles) up to 5 more. With a 600 s limit per device call and 15
-# minutes of device time in all, run `TO=4 bash benchmarks/gpu.sh` first (LoFi's solvers and the batched
-# cuSOLVER route, the prefill of every family, the capture), then `FROM=5 TO=6`, then `FROM=7` as time
-# allows. Prepare once on this machine, from the repository root (the device has
+# Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere,
+# so its times are guesses: about 1 minute for step 1, 3 for step 2, 4 for step 3 (four families), 2-3 for
+# step 4, 2-3 for steps 5-6 (the default study, twice) and up to 5 for steps 7-8 (the compiled path, the
+# profiles). A device call may run 600 s and a session has 15 minutes of device time in all, starts
+# included, so choose steps by what matters most: `STEPS="1 2 4" bash benchmarks/gpu.sh` first (LoFi's
+# routes, the 7B prefill, the capture: issue #15 items 1 and 3), then `STEPS="5 6"` (item 4), then
+# `STEPS="7 8"` (item 2's compiled path) or `STEPS=3` (item 6) as time allows; `FROM=` / `TO=` bound a
+# range instead. Prepare once on this machine, from the repository root (the device has
 # torch and an older transformers, and no network):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -21,7 +23,9 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$OUT/all.log"; }
-step() { [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-8}" ]; }  # FROM / TO: run only steps FROM..TO
+step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
+  if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-8}" ]; fi
+}
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against subspace
