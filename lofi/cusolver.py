@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -76,7 +77,7 @@ class BatchedEigh:
     """
 
     functions: dict
-    stream: callable = field(default=lambda device: torch.cuda.current_stream(device).cuda_stream)
+    stream: Callable[[torch.device], int] = field(default=lambda device: torch.cuda.current_stream(device).cuda_stream)
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     def _handle(self, device: torch.device) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:

@@ -2,7 +2,8 @@
 
 Owned here because the ``lofi`` method needs them and ``lofi`` never imports ``analysis``;
 ``analysis.spectral`` re-exports them with the rest of the spectral quantities. Every function
-works on float32/float64 tensors batched over leading dimensions. When rows < cols the Gram matrix
+works on float32/float64 tensors batched over leading dimensions, and on bfloat16/float16 rows (a
+model's hidden states), which it decomposes in float32 (``gram``). When rows < cols the Gram matrix
 H H^T (rows x rows) gives the same singular values and left singular vectors more cheaply.
 
 Every symmetric eigendecomposition goes through ``symmetric_eigh``, which takes one of two routes on a
@@ -134,9 +135,9 @@ def singular_values(H: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(_floating(H))
 
 
-def singular_values_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """s_1 >= ... >= s_n of H from its Gram matrix H H^T [..., n, n]: s_i = sqrt(max(lambda_i, 0))."""
-    return symmetric_eigh(gram, vectors=False)[0].flip(-1).clamp_min(0).sqrt()
+def singular_values_from_gram(G: torch.Tensor) -> torch.Tensor:
+    """s_1 >= ... >= s_n of H from its Gram matrix G = H H^T [..., n, n]: s_i = sqrt(max(lambda_i, 0))."""
+    return symmetric_eigh(G, vectors=False)[0].flip(-1).clamp_min(0).sqrt()
 
 
 def energy_rank(s: torch.Tensor, tau: float) -> torch.Tensor:
