@@ -190,6 +190,33 @@ def test_spectra_decomposed_on_the_host_equal_the_inline_ones(model, spectrum_la
         assert b.leverage == a.leverage
 
 
+@torch.no_grad()
+def test_spectra_stacked_into_one_decomposition_equal_the_per_layer_ones(model, monkeypatch):
+    """On a GPU with the batched eigh route, the device route decomposes a pass's Gram matrices at its end,
+    all of one size in one call: the same records, in the same order, inside a pruned ragged batch."""
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    options = dict(spectra_on="device", leverage_layers=[2])
+    with Capture(model, **options) as per_layer, lofi.pruned(model, "lofi", keep=0.5):
+        model(**inputs)
+    calls = []
+    decompose = spectral.singular_values_from_gram
+    monkeypatch.setattr(spectral, "singular_values_from_gram", lambda G: calls.append(G.shape) or decompose(G))
+    monkeypatch.setattr(Capture, "_stacks", staticmethod(lambda gram: True))  # as on a GPU, cusolver-batched
+    with Capture(model, **options) as stacked, lofi.pruned(model, "lofi", keep=0.5):
+        model(**inputs)
+    expected, got = per_layer.take(), stacked.take()
+    assert len(got) == len(expected) == 2 * 2 * 5
+    # 2 groups x 5 layer points: 10 calls one by one; stacked, one a matrix size, and the leverage layer's
+    # own (it decomposes inline), for the same 20 matrices
+    assert len(calls) <= len({shape[-1] for shape in calls}) + 1 < 10
+    assert sum(shape[0] for shape in calls) == 2 * 2 * 5
+    for a, b in zip(expected, got):
+        assert (a.call, a.layer, a.group, a.row, a.n_tokens, a.leverage) == \
+               (b.call, b.layer, b.group, b.row, b.n_tokens, b.leverage)
+        assert b.ipr == pytest.approx(a.ipr, rel=1e-5) and b.effective_rank == pytest.approx(a.effective_rank, rel=1e-5)
+        assert b.singular_values == pytest.approx(a.singular_values, rel=1e-4, abs=1e-5)
+
+
 def test_the_host_thread_stops_with_the_block_also_after_an_error(model):
     with pytest.raises(ZeroDivisionError):
         with Capture(model, spectra_on="host") as capture:
