@@ -15,8 +15,10 @@ machine speed hit both, and prints the measured speedup beside the speedup the F
 (``lofi.count_flops``; the whole-model ratio, since the whole forward pass is timed). It also times the
 method's own selection (``select``) as a share of the pruned prefill, beside the share its FLOPs set
 (``select_flops_share``: the FLOPs of a method's decision work, ``decision_flops``, over the pruned
-prefill's; LVPruning's decision modules, FastV's rebuilt keys; LoFi's decomposition is not counted), and
-reports the KV cache held after prefill (exact bytes of the cache tensors) and the peak memory of the
+prefill's; LVPruning's decision modules, FastV's rebuilt keys; LoFi's decomposition is not counted), times
+the vision tower inside each prefill (``vision_ms``) to give the ratio without it
+(``rest_measured/predicted``: what pruning gains where it acts, apart from how well the unpruned vision
+tower runs), and reports the KV cache held after prefill (exact bytes of the cache tensors) and the peak memory of the
 forward pass: on CUDA the allocator's peak, on Linux CPUs the growth of the process's peak RSS (VmHWM,
 reset before each run).
 ``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path).
@@ -27,7 +29,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from typing import Iterator
 
 import torch
 import transformers
@@ -125,37 +128,67 @@ def cpu_peak_mb(rss_before_kb: int | None) -> float | None:
     return None if rss_before_kb is None or peak is None else (peak - rss_before_kb) / 1024
 
 
-class TimedSelect:
-    """Wraps a method instance's ``select`` and accumulates its time: wall time on the CPU, CUDA events on a
-    GPU (no synchronisation inside the prefill, which would drain the queue and slow the pruned run)."""
+class Stopwatch:
+    """The summed time of spans marked with ``start`` / ``stop``: wall time on the CPU, CUDA events on a GPU
+    (no synchronisation inside the prefill, which would drain the queue and slow the run it measures)."""
 
-    def __init__(self, method: lofi.PruningMethod, cuda: bool):
-        self.method, self.cuda = method, cuda
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
         self.reset()
-        original = method.select
-
-        def select(state):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                out = original(state)
-                end.record()
-                self._events.append((start, end))
-                return out
-            start = time.perf_counter()
-            out = original(state)
-            self._seconds += time.perf_counter() - start
-            return out
-
-        method.select = select
 
     def reset(self) -> None:
-        self._seconds, self._events = 0.0, []
+        self._seconds, self._events, self._open, self.spans = 0.0, [], None, 0
+
+    def start(self) -> None:
+        if self.cuda:
+            self._open = torch.cuda.Event(enable_timing=True)
+            self._open.record()
+        else:
+            self._open = time.perf_counter()
+
+    def stop(self) -> None:
+        self.spans += 1
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((self._open, end))
+        else:
+            self._seconds += time.perf_counter() - self._open
 
     @property
     def seconds(self) -> float:
-        """Time in ``select`` since ``reset`` (read after the prefill has synchronised)."""
+        """Time in the spans since ``reset`` (read after the prefill has synchronised)."""
         return self._seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1000
+
+
+class TimedSelect(Stopwatch):
+    """Wraps a method instance's ``select`` and accumulates its time."""
+
+    def __init__(self, method: lofi.PruningMethod, cuda: bool):
+        super().__init__(cuda)
+        self.method = method
+        original = method.select
+
+        def select(state):
+            self.start()
+            try:
+                return original(state)
+            finally:
+                self.stop()
+
+        method.select = select
+
+
+@contextmanager
+def timed_module(module: torch.nn.Module, watch: Stopwatch) -> Iterator[Stopwatch]:
+    """Within the block, ``watch`` accumulates the time of every call of ``module`` (hooks, removed after)."""
+    hooks = [module.register_forward_pre_hook(lambda *args: watch.start()),
+             module.register_forward_hook(lambda *args: watch.stop())]
+    try:
+        yield watch
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,15 +233,20 @@ def main(argv: list[str] | None = None) -> None:
         return sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
                    for t in (layer.keys, layer.values))
 
+    vision = Stopwatch(cuda)
+
     def measure(instance):
-        """(seconds, peak MiB, KV bytes, handle) of one prefill, unpruned when ``instance`` is None."""
+        """(seconds, vision-tower seconds, peak MiB, KV bytes, handle) of one prefill, unpruned when
+        ``instance`` is None."""
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         rss = reset_cpu_peak()
-        with (lofi.pruned(model, instance) if instance is not None else nullcontext()) as handle:
+        vision.reset()
+        with (lofi.pruned(model, instance) if instance is not None else nullcontext()) as handle, \
+                timed_module(lofi.families.family_for(model).vision_tower(), vision):
             seconds, out = prefill()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
-        return seconds, peak, kv_bytes(out), handle
+        return seconds, vision.seconds, peak, kv_bytes(out), handle
 
     print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
@@ -223,28 +261,36 @@ def main(argv: list[str] | None = None) -> None:
             for keep in args.keep:
                 instance = lofi.build(method, shared=shared, keep=keep)
                 timer = TimedSelect(instance, cuda)
-                base_times, pruned_times = [], []
+                base_times, pruned_times, base_vision, pruned_vision, select_times = [], [], [], [], []
                 for repeat in range(args.repeats + 1):  # the first pair warms up
-                    base_t, base_peak, base_kv, _ = measure(None)
+                    base_t, base_v, base_peak, base_kv, _ = measure(None)
                     timer.reset()
-                    pruned_t, pruned_peak, pruned_kv, handle = measure(instance)
+                    pruned_t, pruned_v, pruned_peak, pruned_kv, handle = measure(instance)
                     if repeat:
                         base_times.append(base_t)
                         pruned_times.append(pruned_t)
-                        select_seconds = timer.seconds
+                        base_vision.append(base_v)
+                        pruned_vision.append(pruned_v)
+                        select_times.append(timer.seconds)
                 n_prunable = int(handle.n_prunable[0])
                 schedule = instance.schedule(layers, n_prunable, always_kept=n_visual - n_prunable)
                 present = [n_prunable] + [n for _, n in schedule[:-1]]
                 flops = lofi.count_flops(config, n_text, n_visual, schedule, image=image,
                                          decision=instance.decision_flops(config, n_text, present))
                 base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
+                select_seconds = statistics.median(select_times)
+                base_v, pruned_v = statistics.median(base_vision), statistics.median(pruned_vision)
                 measured, predicted = base_t / pruned_t, base_flops.total / flops.total
+                # everything but the vision tower, which no method prunes (decision work included)
+                rest_measured = (base_t - base_v) / (pruned_t - pruned_v)
+                rest_predicted = (base_flops.total - base_flops.vision) / (flops.total - flops.vision)
                 rows.append({
                     "method": method, "keep": keep, "kept": int((handle.kept[-1][0] >= 0).sum()),
                     "baseline_ms": 1000 * base_t, "pruned_ms": 1000 * pruned_t,
                     "measured_speedup": measured, "flops_speedup": predicted,
                     "llm_flops_speedup": base_flops.llm / flops.llm,
                     "measured/predicted": measured / predicted,
+                    "vision_ms": 1000 * base_v, "rest_measured/predicted": rest_measured / rest_predicted,
                     "select_ms": 1000 * select_seconds, "select_share": select_seconds / pruned_t,
                     "select_flops_share": flops.decision / flops.total,
                     "kv_mb_base": base_kv / 2**20, "kv_mb_pruned": pruned_kv / 2**20,

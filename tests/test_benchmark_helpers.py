@@ -51,3 +51,28 @@ def test_the_prefill_profile_counts_what_pruning_adds(capsys):
     counts = [int(n) for n in re.findall(r"aten op calls \(nested included\) (\d+)", out)]
     assert "== unpruned" in out and "== fastv keep=0.25" in out and len(counts) == 2
     assert counts[1] > counts[0] > 0
+
+
+def test_a_timed_module_is_timed_inside_the_block_only():
+    """prefill.py's vision-tower timer: every call inside the block counts, nothing stays hooked."""
+    import time
+
+    import torch
+
+    from benchmarks.prefill import Stopwatch, timed_module
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.02)
+            return x
+
+    module, watch = Slow(), Stopwatch(cuda=False)
+    with timed_module(module, watch):
+        module(torch.zeros(1))
+        module(torch.zeros(1))
+    module(torch.zeros(1))  # outside: not counted
+    assert watch.spans == 2 and watch.seconds >= 0.04
+    assert not module._forward_hooks and not module._forward_pre_hooks
+    with pytest.raises(ZeroDivisionError), timed_module(module, watch):
+        1 / 0
+    assert not module._forward_hooks and not module._forward_pre_hooks
