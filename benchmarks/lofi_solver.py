@@ -6,15 +6,18 @@
 For the visual hidden states entering layer K = 2, the exact route (an eigendecomposition of
 H_v H_v^T through ``torch.linalg.eigh``) and the others give leverage scores: the randomized one
 (subspace iteration, ``lofi.linalg.leverage_at_energy_randomized``) and, on a GPU, the exact route with
-its eigendecompositions in one batched cuSOLVER call (``lofi.linalg.eigh_route("cusolver-batched")``).
+its eigendecompositions in one batched cuSOLVER call (``lofi.linalg.eigh_route("cusolver-batched")``),
+each randomized run twice: orthonormalized by torch's QR and by CholeskyQR3 (its GPU default).
 For each route the script reports the energy rank k it reads at tau = 0.9, the share of kept tokens it
 chooses alike with the exact route at keep 0.5 / 0.25 / 0.1 (|kept_exact & kept_route| / n_keep, mean
 and worst sample), and its median time on the batch. On a GPU it also compares the two routes to a
 Gram matrix of bfloat16 rows (``lofi.linalg.gram``: one tensor-core GEMM with float32 output, against
 the float32 cast's product) at the 7B shape: their largest difference relative to the largest entry,
-and their times. Two sources of hidden states: the
-bundled model on the first ``--batch`` test questions (real states, 144 visual tokens), and a random-weight
-LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic inputs.
+and their times. Three sources of hidden states:
+- the bundled model on the first ``--batch`` test questions (real states, 144 visual tokens);
+- a random-weight LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic
+  inputs, whose energy is spread;
+- synthetic states of that size with their energy in 12 directions, the regime real states are in.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import pandas as pd
 import torch
@@ -66,10 +70,22 @@ def routes(device: str) -> dict:
     def exact_batched(H, tau):
         with eigh_route("cusolver-batched"):
             return leverage_at_energy(H, tau)
-    found = {"exact": leverage_at_energy, "randomized": leverage_at_energy_randomized}
+    found = {"exact": leverage_at_energy}
+    for method in ("householder", "cholesky"):  # the randomized route's default: cholesky on a GPU only
+        found[f"randomized, {method}"] = partial(leverage_at_energy_randomized, orthonormalize=method)
     if device.startswith("cuda"):
         found["exact, cusolver-batched"] = exact_batched
     return found
+
+
+def concentrated_states(batch: int, rows: int, cols: int, device: str, rank: int = 12) -> torch.Tensor:
+    """[batch, rows, cols] synthetic states whose energy sits in ``rank`` directions (singular values
+    decaying 10 -> 1 over them, plus 1% noise), as real hidden states' does (k = 1-5 on the bundled
+    model), at a checkpoint's size: where the randomized route is meant to run."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(batch, rows, rank, generator=g) * torch.logspace(1, 0, rank)
+    H = A @ torch.randn(batch, rank, cols, generator=g) + 0.01 * torch.randn(batch, rows, cols, generator=g)
+    return H.to(device)
 
 
 def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
@@ -116,6 +132,8 @@ def main(argv=None) -> None:
     _, model, inputs = shape_model("llava-1.5-7b", args.batch, args.device, torch.float32, args.text_layers, 1)
     states = visual_states(model, inputs)
     rows += compare("llava-1.5-7b shape (random weights), layer 2", states, sync, args.repeats)
+    rows += compare("llava-1.5-7b size, concentrated spectrum (synthetic)",
+                    concentrated_states(args.batch, *states.shape[1:], args.device), sync, args.repeats)
     print(f"device={args.device} threads={torch.get_num_threads()} tau={TAU}")
     if states.is_cuda:
         print(gram_routes(states, sync, args.repeats))

@@ -182,8 +182,47 @@ def leverage_at_energy(H: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch
     return (U.pow(2) * take[..., None, :]).sum(-1), k
 
 
+ORTHONORMALIZATIONS = ("auto", "householder", "cholesky")
+
+
+def orthonormal_columns(Y: torch.Tensor, method: str = "householder") -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q [..., n, w] with orthonormal columns spanning those of Y [..., n, w], ok [...]).
+
+    ``"householder"``: ``torch.linalg.qr`` (``ok`` everywhere). On a GPU torch runs it once per matrix for
+    matrices of more than 256 rows, a pair of cuSOLVER calls each (geqrf, orgqr).
+    ``"cholesky"``: shifted CholeskyQR3 in float64 (Fukaya et al. 2020). It is batched throughout: one
+    Cholesky factor and one triangular solve per pass. The first pass factors Y^T Y + s I with
+    s = 11 (n w + w (w + 1)) u ||Y||_F^2, which keeps it stable up to cond(Y) ~ 1/u; two plain passes
+    (Q = Q R^-1, R = chol(Q^T Q)) then make Q orthonormal to working precision. A randomized block on a
+    concentrated spectrum needs that range: its trailing columns are noise, cond(Y) ~ 1e8 on 12-rank test
+    matrices. ``ok`` is False where a factor failed or Q^T Q is more than 1e-6 from the identity (Y
+    numerically rank-deficient), so a caller can fall back.
+    """
+    if method == "householder":
+        return torch.linalg.qr(Y).Q, torch.ones(Y.shape[:-2], dtype=torch.bool, device=Y.device)
+    if method != "cholesky":
+        raise ValueError(f"unknown orthonormalization {method!r}; valid: {list(ORTHONORMALIZATIONS[1:])}")
+    Q = Y.double()
+    rows, width = Q.shape[-2:]
+    ok = torch.ones(Y.shape[:-2], dtype=torch.bool, device=Y.device)
+    identity = torch.eye(width, dtype=Q.dtype, device=Q.device)
+    unit = torch.finfo(Q.dtype).eps / 2
+    shift = 11 * (rows * width + width * (width + 1)) * unit * Q.pow(2).sum((-2, -1))
+    for step in range(3):
+        gram_q = Q.transpose(-1, -2) @ Q
+        if step == 0:
+            gram_q = gram_q + shift[..., None, None] * identity
+        R, info = torch.linalg.cholesky_ex(gram_q, upper=True)
+        ok = ok & (info == 0)
+        R = torch.where(ok[..., None, None], R, identity)  # a failed factor: anything finite; ok says so
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    ok = ok & ((Q.transpose(-1, -2) @ Q - identity).abs().amax((-2, -1)) <= 1e-6)
+    return Q.to(Y.dtype), ok
+
+
 def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, oversample: int = 16,
-                                  iterations: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                                  iterations: int = 2, seed: int = 0, orthonormalize: str = "auto",
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``leverage_at_energy`` from a few matrix products instead of a full eigendecomposition, where the
     energy sits in few directions; the exact decomposition where it does not.
 
@@ -197,7 +236,12 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     the block would cover half the rows, the exact route (the width and this check: two host syncs).
     On the bundled model's layer-2 states (k = 1-5) the two agree on every kept token; on spread spectra
     the attempt costs a few products before the exact route (``benchmarks/lofi_solver.py``).
+    ``orthonormalize``: how (``orthonormal_columns``); ``"auto"``: ``"cholesky"`` on a GPU, where torch's
+    QR of the 576-row blocks runs per matrix, ``"householder"`` elsewhere. A sample whose block is
+    degenerate takes the exact route too.
     """
+    if orthonormalize not in ORTHONORMALIZATIONS:
+        raise ValueError(f"unknown orthonormalization {orthonormalize!r}; valid: {list(ORTHONORMALIZATIONS)}")
     rows, cols = H.shape[-2:]
     H = H if rows <= cols else _floating(H)
     G = gram(H) if rows <= cols else H.transpose(-1, -2) @ H
@@ -207,16 +251,18 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     width = max(block, int(2 * float(ratio))) + oversample
     if width >= n // 2:
         return leverage_at_energy(H, tau)
+    method = orthonormalize if orthonormalize != "auto" else ("cholesky" if G.is_cuda else "householder")
     omega = torch.randn(n, width, generator=torch.Generator(device=H.device).manual_seed(seed), device=H.device,
                         dtype=G.dtype)
-    Q = torch.linalg.qr(G @ omega).Q
+    Q, ok = orthonormal_columns(G @ omega, method)
     for _ in range(iterations):
-        Q = torch.linalg.qr(G @ Q).Q
+        Q, ok_here = orthonormal_columns(G @ Q, method)
+        ok = ok & ok_here
     values, vectors = symmetric_eigh(Q.transpose(-1, -2) @ G @ Q)
     values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
     covered = values.cumsum(-1) >= (tau - 1e-6 * max(tau, 1e-3)) * total[..., None]
-    if not bool(covered[..., -1].all()):
-        return leverage_at_energy(H, tau)  # the energy is spread: the exact decomposition
+    if not bool((covered[..., -1] & ok).all()):
+        return leverage_at_energy(H, tau)  # the energy is spread (or the block degenerate): the exact route
     k = torch.where(total > 0, (~covered).sum(-1) + 1, 0)
     take = (torch.arange(width, device=H.device) < k[..., None]).to(G.dtype)
     U = Q @ vectors

@@ -14,11 +14,17 @@ def _low_rank(batch, rows, cols, rank, noise, seed=0):
     return A @ torch.randn(batch, rank, cols, generator=g) + noise * torch.randn(batch, rows, cols, generator=g)
 
 
-@pytest.mark.parametrize("rows,cols", [(576, 1024), (400, 64)])  # H H^T and, rows > cols, H^T H
-def test_randomized_leverage_matches_the_exact_route_on_concentrated_energy(rows, cols):
+@pytest.mark.parametrize("orthonormalize", ["householder", "cholesky"])
+@pytest.mark.parametrize("rows,cols", [(576, 1024), (400, 160)])  # H H^T and, rows > cols, H^T H
+def test_randomized_leverage_matches_the_exact_route_on_concentrated_energy(rows, cols, orthonormalize, monkeypatch):
+    import lofi.linalg
     H = _low_rank(3, rows, cols, rank=12, noise=0.01)
     exact, k_exact = leverage_at_energy(H.double(), 0.9)
-    fast, k_fast = leverage_at_energy_randomized(H.double(), 0.9)
+
+    def no_fallback(*args):
+        raise AssertionError("the randomized route fell back to the exact one")
+    monkeypatch.setattr(lofi.linalg, "leverage_at_energy", no_fallback)
+    fast, k_fast = leverage_at_energy_randomized(H.double(), 0.9, orthonormalize=orthonormalize)
     assert torch.equal(k_fast, k_exact) and (k_exact < 12).all()
     torch.testing.assert_close(fast, exact, atol=1e-6, rtol=1e-5)
     for keep in (0.5, 0.25, 0.1):
@@ -70,3 +76,31 @@ def test_low_precision_rows_are_decomposed_in_float32_as_their_cast(rows, cols):
         for got, expected in zip(route(H, 0.9), route(cast, 0.9)):
             assert torch.equal(got, expected)
     assert torch.equal(singular_values(H), singular_values(cast))
+
+
+def test_cholesky_orthonormalization_spans_the_columns_or_says_it_cannot():
+    from lofi.linalg import orthonormal_columns
+    Y = _low_rank(3, 576, 48, rank=48, noise=0.0) @ torch.diag(torch.logspace(0, 3, 48))  # cond ~1e4-1e5
+    Q, ok = orthonormal_columns(Y, "cholesky")
+    reference, _ = orthonormal_columns(Y, "householder")
+    assert ok.all() and Q.dtype == Y.dtype
+    eye = torch.eye(48).expand(3, -1, -1)
+    torch.testing.assert_close(Q.mT @ Q, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ Q.mT, reference @ reference.mT, atol=1e-4, rtol=0)  # the same span
+    Y[1, :, 10] = Y[1, :, 3]  # a repeated column: rank-deficient
+    Y[2] = 0
+    _, ok = orthonormal_columns(Y, "cholesky")
+    assert ok.tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="valid: \\['householder', 'cholesky'\\]"):
+        orthonormal_columns(Y, "gram-schmidt")
+
+
+def test_a_degenerate_block_takes_the_exact_route():
+    """A sample with fewer real rows than the block is wide cannot be orthonormalized by Cholesky: the
+    whole batch then takes the exact route, as when the energy is spread."""
+    H = _low_rank(2, 300, 512, rank=6, noise=0.01)
+    H[1, 20:] = 0  # 20 real rows, a block of at least 48 columns
+    exact, k_exact = leverage_at_energy(H, 0.9)
+    fast, k = leverage_at_energy_randomized(H, 0.9, orthonormalize="cholesky")
+    assert torch.equal(k, k_exact)
+    torch.testing.assert_close(fast, exact, atol=0, rtol=0)

@@ -31,9 +31,10 @@ class LoFi(PruningMethod):
             a few matrix products where the energy sits in few directions,
             ``lofi.linalg.leverage_at_energy_randomized``), or ``"auto"`` (default): randomized on a GPU
             from ``RANDOMIZED_FROM`` visual tokens on (there a batch of eigendecompositions runs one matrix
-            at a time: 94 ms for 16 of 576 x 576 on an H200), exact elsewhere (on 2 CPU cores the
-            randomized route is no faster: benchmarks/README.md). Both keep the same tokens on the bundled
-            model's states and at LLaVA-1.5-7B's shape.
+            at a time: 94 ms for 16 of 576 x 576 on an H200), exact elsewhere, so that CPU runs keep the
+            exact route's values (on 2 CPU cores the randomized route is faster only at 7B size with the
+            energy in few directions: benchmarks/README.md). They keep the same tokens on the bundled
+            model's states, at LLaVA-1.5-7B's shape, and on 7B-size states with concentrated energy.
     """
 
     RANDOMIZED_FROM = 256
