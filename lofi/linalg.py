@@ -193,11 +193,10 @@ def orthonormal_columns(Y: torch.Tensor, method: str = "householder") -> tuple[t
     ``"cholesky"``: shifted CholeskyQR3 in float64 (Fukaya et al. 2020). Each pass is one Cholesky factor
     (batched cuSOLVER on a GPU) and one triangular solve (batched cuBLAS from 9 matrices on). The first
     pass factors Y^T Y + s I with s = 11 (n w + w (w + 1)) u ||Y||_F^2, which keeps it stable up to
-    cond(Y) ~ 1/u; two plain passes
-    (Q = Q R^-1, R = chol(Q^T Q)) then make Q orthonormal to working precision. A randomized block on a
-    concentrated spectrum needs that range: its trailing columns are noise, cond(Y) ~ 1e8 on 12-rank test
-    matrices. ``ok`` is False where a factor failed or Q^T Q is more than 1e-6 from the identity (Y
-    numerically rank-deficient), so a caller can fall back.
+    cond(Y) ~ 1/u; two plain passes (Q = Q R^-1, R = chol(Q^T Q)) then make Q orthonormal to working
+    precision. A randomized block on a concentrated spectrum needs that range: its trailing columns are
+    noise, cond(Y) ~ 1e8 on 12-rank test matrices. ``ok`` is False where a factor failed or Q^T Q is more
+    than 1e-6 from the identity (Y numerically rank-deficient), so a caller can fall back.
     """
     if method == "householder":
         return torch.linalg.qr(Y).Q, torch.ones(Y.shape[:-2], dtype=torch.bool, device=Y.device)
