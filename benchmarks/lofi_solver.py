@@ -67,14 +67,17 @@ def median_ms(fn, sync, repeats: int) -> float:
 
 def routes(device: str) -> dict:
     """Route name -> a function of (H, tau) giving (leverage, k)."""
-    def exact_batched(H, tau):
-        with eigh_route("cusolver-batched"):
-            return leverage_at_energy(H, tau)
+    def batched(route):
+        def run(H, tau):
+            with eigh_route("cusolver-batched"):
+                return route(H, tau)
+        return run
     found = {"exact": leverage_at_energy}
     for method in ("householder", "cholesky"):  # the randomized route's default: cholesky on a GPU only
         found[f"randomized, {method}"] = partial(leverage_at_energy_randomized, orthonormalize=method)
-    if device.startswith("cuda"):
-        found["exact, cusolver-batched"] = exact_batched
+    if device.startswith("cuda"):  # and the eigendecompositions (the Ritz step's too) in one call
+        found["exact, cusolver-batched"] = batched(leverage_at_energy)
+        found["randomized, cholesky, cusolver-batched"] = batched(found["randomized, cholesky"])
     return found
 
 
