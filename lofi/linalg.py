@@ -75,7 +75,7 @@ def symmetric_eigh(G: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor,
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_HAS_OUT_DTYPE = [True]  # False once a torch without bmm's out_dtype (before 2.8) has refused it
+_HAS_OUT_DTYPE = [True]  # False once bmm's out_dtype has been refused (torch before 2.8, or no such kernel)
 
 
 def gram(M: torch.Tensor) -> torch.Tensor:
@@ -92,7 +92,9 @@ def gram(M: torch.Tensor) -> torch.Tensor:
         flat = M.reshape(-1, *M.shape[-2:])
         try:
             return torch.bmm(flat, flat.mT, out_dtype=torch.float32).reshape(*M.shape[:-1], M.shape[-2])
-        except TypeError:  # a torch before bmm's out_dtype (2.8)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):  # a torch before bmm's out_dtype (2.8), or a GPU without the kernel
             _HAS_OUT_DTYPE[0] = False
     M = _floating(M)
     return M @ M.transpose(-1, -2)
