@@ -6,13 +6,17 @@
 # included, so choose steps by what matters most: `STEPS="1 2 4" bash benchmarks/gpu.sh` first (LoFi's
 # routes, the 7B prefill, the capture: issue #15 items 1 and 3), then `STEPS="5 6"` (item 4), then
 # `STEPS="7 8"` (item 2's compiled path) or `STEPS=3` (item 6) as time allows; `FROM=` / `TO=` bound a
-# range instead. Prepare once on this machine, from the repository root (the device has
-# torch and an older transformers, and no network):
+# range instead. Prepare once on this machine, from the repository root. The device has no network, and
+# it has torch 2.11 and transformers 5.17 (5.23 is this project's); its huggingface_hub 1.33, tokenizers
+# 0.23.2 and safetensors 0.8.0 meet 5.23's needs (>= 1.31, >= 0.23.1, >= 0.8.0: the device README's
+# KINDS.md). Older pins of those three would shadow the device's and make transformers 5.23 refuse to
+# import (it checks them at import time). Its regex (>= 2025.10.22) is listed there without a version,
+# so carry one (0.8 MB; 14 MB with transformers).
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-#       transformers==5.23.0 tokenizers==0.22.1 huggingface_hub==1.3.0 safetensors==0.6.2
-# then run it through the device tool with `carry: [".whl"]` and the command `bash benchmarks/gpu.sh`.
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==5.23.0 regex==2026.5.9
+# then run it through the device tool with `carry: [".whl"]` and the command `STEPS="1 2 4" bash benchmarks/gpu.sh`.
 # Everything it prints is also written under $OUT (or ./gpu-results when OUT is unset).
 set -uo pipefail
 OUT=${OUT:-gpu-results}
