@@ -33,7 +33,9 @@ step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against subspace
-#    iteration, kept-set agreement and time. The batched route is checked against torch.linalg.eigh first.
+#    iteration (torch's QR, CholeskyQR3), kept-set agreement and time, on real states, random 7B ones and
+#    7B-size ones with concentrated energy; the two Gram routes. The batched route is checked against
+#    torch.linalg.eigh first.
 step 1 && run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
 # 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
 step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
