@@ -83,13 +83,14 @@ def routes(device: str) -> dict:
     return found
 
 
-def concentrated_states(batch: int, rows: int, cols: int, device: str, rank: int = 12) -> torch.Tensor:
+def concentrated_states(batch: int, rows: int, cols: int, device: str = "cpu", rank: int = 12,
+                        noise: float = 0.01, seed: int = 0) -> torch.Tensor:
     """[batch, rows, cols] synthetic states whose energy sits in ``rank`` directions (singular values
-    decaying 10 -> 1 over them, plus 1% noise), as real hidden states' does (k = 1-5 on the bundled
-    model), at a checkpoint's size: where the randomized route is meant to run."""
-    g = torch.Generator().manual_seed(0)
+    decaying 10 -> 1 over them, plus ``noise``), as real hidden states' does (k = 1-5 on the bundled
+    model): at a checkpoint's size, where the randomized route is meant to run (and in its tests)."""
+    g = torch.Generator().manual_seed(seed)
     A = torch.randn(batch, rows, rank, generator=g) * torch.logspace(1, 0, rank)
-    H = A @ torch.randn(batch, rank, cols, generator=g) + 0.01 * torch.randn(batch, rows, cols, generator=g)
+    H = A @ torch.randn(batch, rank, cols, generator=g) + noise * torch.randn(batch, rows, cols, generator=g)
     return H.to(device)
 
 

@@ -4,21 +4,15 @@ falls back to the exact one where it is not."""
 import pytest
 import torch
 
+from benchmarks.lofi_solver import concentrated_states
 from lofi.linalg import energy_rank, leverage_at_energy, leverage_at_energy_randomized, singular_values
-
-
-def _low_rank(batch, rows, cols, rank, noise, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    scales = torch.logspace(1, 0, rank)  # a decaying spectrum, as hidden states have
-    A = torch.randn(batch, rows, rank, generator=g) * scales
-    return A @ torch.randn(batch, rank, cols, generator=g) + noise * torch.randn(batch, rows, cols, generator=g)
 
 
 @pytest.mark.parametrize("orthonormalize", ["householder", "cholesky"])
 @pytest.mark.parametrize("rows,cols", [(576, 1024), (400, 160)])  # H H^T and, rows > cols, H^T H
 def test_randomized_leverage_matches_the_exact_route_on_concentrated_energy(rows, cols, orthonormalize, monkeypatch):
     import lofi.linalg
-    H = _low_rank(3, rows, cols, rank=12, noise=0.01)
+    H = concentrated_states(3, rows, cols, rank=12, noise=0.01)
     exact, k_exact = leverage_at_energy(H.double(), 0.9)
 
     def no_fallback(*args):
@@ -44,7 +38,7 @@ def test_spread_energy_falls_back_to_the_exact_decomposition():
 
 
 def test_zero_rows_and_zero_matrices_stay_defined():
-    H = _low_rank(2, 300, 256, rank=5, noise=0.0)
+    H = concentrated_states(2, 300, 256, rank=5, noise=0.0)
     H[0, 200:] = 0  # a ragged sample: zero padding rows get zero leverage
     H[1] = 0
     fast, k = leverage_at_energy_randomized(H, 0.9)
@@ -54,7 +48,7 @@ def test_zero_rows_and_zero_matrices_stay_defined():
 
 def test_lofi_takes_a_solver_and_auto_is_exact_on_the_cpu():
     from lofi.methods.leverage import LoFi
-    H = _low_rank(2, 300, 512, rank=8, noise=0.01)
+    H = concentrated_states(2, 300, 512, rank=8, noise=0.01)
     exact = LoFi(solver="exact").leverage(H)
     torch.testing.assert_close(LoFi(solver="auto").leverage(H), exact, atol=0, rtol=0)
     torch.testing.assert_close(LoFi(solver="randomized").leverage(H), exact, atol=1e-4, rtol=1e-3)
@@ -68,7 +62,7 @@ def test_low_precision_rows_are_decomposed_in_float32_as_their_cast(rows, cols):
     float32, equal bit for bit on the CPU to the product of the float32 cast, and so do the leverage
     scores and singular values (every route), whichever side is smaller."""
     from lofi.linalg import gram
-    H = _low_rank(2, rows, cols, rank=6, noise=0.1).to(torch.bfloat16)
+    H = concentrated_states(2, rows, cols, rank=6, noise=0.1).to(torch.bfloat16)
     cast = H.float()
     assert gram(H).dtype == torch.float32 and gram(H.double()).dtype == torch.float64
     assert torch.equal(gram(H), cast @ cast.mT)
@@ -80,7 +74,7 @@ def test_low_precision_rows_are_decomposed_in_float32_as_their_cast(rows, cols):
 
 def test_cholesky_orthonormalization_spans_the_columns_or_says_it_cannot():
     from lofi.linalg import orthonormal_columns
-    Y = _low_rank(3, 576, 48, rank=48, noise=0.0) @ torch.diag(torch.logspace(0, 3, 48))  # cond ~1e4-1e5
+    Y = concentrated_states(3, 576, 48, rank=48, noise=0.0) @ torch.diag(torch.logspace(0, 3, 48))  # cond ~1e4-1e5
     Q, ok = orthonormal_columns(Y, "cholesky")
     reference, _ = orthonormal_columns(Y, "householder")
     assert ok.all() and Q.dtype == Y.dtype
@@ -98,7 +92,7 @@ def test_cholesky_orthonormalization_spans_the_columns_or_says_it_cannot():
 def test_a_degenerate_block_takes_the_exact_route():
     """A sample with fewer real rows than the block is wide cannot be orthonormalized by Cholesky: the
     whole batch then takes the exact route, as when the energy is spread."""
-    H = _low_rank(2, 300, 512, rank=6, noise=0.01)
+    H = concentrated_states(2, 300, 512, rank=6, noise=0.01)
     H[1, 20:] = 0  # 20 real rows, a block of at least 48 columns
     exact, k_exact = leverage_at_energy(H, 0.9)
     fast, k = leverage_at_energy_randomized(H, 0.9, orthonormalize="cholesky")

@@ -29,7 +29,7 @@ import torch
 
 import lofi
 from analysis.measure import spectral
-from analysis.measure.host_spectra import HostSpectra
+from analysis.measure.host_spectra import HostSpectra, spectrum_statistics
 from lofi.families import family_for
 from lofi.linalg import current_eigh_route
 
@@ -265,22 +265,19 @@ class Capture:
                 self._pending.append((layer, group, {"n_tokens": counts,
                                                      "gram" if self._spectra is not None else "device_gram": gram}))
                 continue
+            extra = {}
             if self._decomposes(layer) or leverage_here:
-                if gram is not None:
-                    s = spectral.singular_values_from_gram(gram)
-                else:
-                    s = spectral.singular_values(matrix)
-                ipr, pr, erank = spectral.ipr(s), spectral.participation_ratio(s), spectral.effective_rank(s)
+                s = spectral.singular_values_from_gram(gram) if gram is not None else spectral.singular_values(matrix)
+                statistics = spectrum_statistics(s, self.top_k)
+                if leverage_here:
+                    extra = {"leverage": spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)),
+                             "visual_index": visual_rank.gather(1, positions), "present": present}
             else:  # IPR and PR need no decomposition; effective rank and the spectrum do
                 ipr = spectral.ipr_from_gram(gram) if gram is not None else spectral.ipr_from_matrix(matrix)
-                pr = torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr))
-                erank, s = torch.full_like(ipr, float("nan")), ipr.new_zeros(len(hidden), 0)
-            extra = {}
-            if leverage_here:
-                extra = {"leverage": spectral.leverage_scores(matrix, spectral.energy_rank(s, self.tau)),
-                         "visual_index": visual_rank.gather(1, positions), "present": present}
-            self._pending.append((layer, group, {"ipr": ipr, "pr": pr, "effective_rank": erank, "n_tokens": counts,
-                                                 "singular_values": s[..., :self.top_k], **extra}))
+                statistics = {"ipr": ipr, "pr": torch.where(ipr > 0, 1 / ipr.clamp_min(1e-30), torch.zeros_like(ipr)),
+                              "effective_rank": torch.full_like(ipr, float("nan")),
+                              "singular_values": ipr.new_zeros(len(hidden), 0)}
+            self._pending.append((layer, group, {**statistics, "n_tokens": counts, **extra}))
 
     @staticmethod
     def _stacks(gram: torch.Tensor) -> bool:
@@ -302,8 +299,7 @@ class Capture:
             grams = [values.pop("device_gram") for values in group]
             spectra = spectral.singular_values_from_gram(torch.cat(grams)).split([len(g) for g in grams])
             for values, s in zip(group, spectra):
-                values.update(ipr=spectral.ipr(s), pr=spectral.participation_ratio(s),
-                              effective_rank=spectral.effective_rank(s), singular_values=s[..., :self.top_k])
+                values.update(spectrum_statistics(s, self.top_k))
 
     def _flush(self) -> None:
         """Every pending layer's statistics to the host in one transfer, as ``LayerStatistics`` rows."""

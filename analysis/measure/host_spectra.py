@@ -17,12 +17,19 @@ import torch
 from analysis.measure import spectral
 
 
-def gram_statistics(gram: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
-    """IPR, PR, effective rank and the top ``top_k`` singular values of the matrices whose Gram matrices
-    (H H^T, [..., n, n]) are ``gram``: s = sqrt(eigenvalues), in float64."""
-    s = spectral.singular_values_from_gram(gram.double())
+def spectrum_statistics(s: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """What ``Capture`` records of a spectrum s [..., r] (descending): IPR, PR, effective rank and the top
+    ``top_k`` singular values."""
     return {"ipr": spectral.ipr(s), "pr": spectral.participation_ratio(s),
-            "effective_rank": spectral.effective_rank(s), "singular_values": s[..., :top_k].float()}
+            "effective_rank": spectral.effective_rank(s), "singular_values": s[..., :top_k]}
+
+
+def gram_statistics(gram: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """``spectrum_statistics`` of the matrices whose Gram matrices (H H^T, [..., n, n]) are ``gram``:
+    s = sqrt(eigenvalues), in float64 (the singular values kept in float32)."""
+    statistics = spectrum_statistics(spectral.singular_values_from_gram(gram.double()), top_k)
+    statistics["singular_values"] = statistics["singular_values"].float()
+    return statistics
 
 
 class HostSpectra:
