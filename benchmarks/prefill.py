@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         rss = reset_cpu_peak()
         vision.reset()
         with (lofi.pruned(model, instance) if instance is not None else nullcontext()) as handle, \
-                timed_module(lofi.families.family_for(model).vision_tower(), vision):
+                timed_module(family.vision_tower(), vision):
             seconds, out = prefill()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
         return seconds, vision.seconds, peak, kv_bytes(out), handle
