@@ -42,6 +42,11 @@ from lofi.registry import PruningMethod, StageInput, build
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
+def _visual_after_prefix() -> ValueError:
+    return ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a cached prefix are "
+                      "not supported")
+
+
 @dataclass
 class PruningHandle:
     """What ``pruned`` yields; it describes the latest prompt the model saw.
@@ -96,7 +101,7 @@ class _Sequence:
     prunable: torch.Tensor        # [B, T] bool: visual tokens a method may drop
     visual_rank: torch.Tensor     # [B, T] long: 0..n_visual-1 at visual tokens, -1 elsewhere
     n_prunable: torch.Tensor      # [B]
-    fingerprint: torch.Tensor | None  # [B] int64 (lofi.seeding), for methods that draw
+    hash_inputs: tuple | None     # (input_ids, inputs_embeds) of the prompt, for methods that draw
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
     last_position: torch.Tensor   # [B] 1-D position of the last token so far
     host: stage_steps.HostSizes | None = None  # the prompt's counts on the host
@@ -105,6 +110,15 @@ class _Sequence:
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
+    _fingerprint: torch.Tensor | None = None
+
+    def fingerprint(self) -> torch.Tensor | None:
+        """[B] int64 (lofi.seeding) for methods that draw, else None; hashed when a stage first needs it, so
+        a prompt whose stages all keep everything hashes nothing."""
+        if self._fingerprint is None and self.hash_inputs is not None:
+            self._fingerprint = seeding.fingerprints(*self.hash_inputs, self.valid, self.is_visual)
+            self.hash_inputs = None
+        return self._fingerprint
 
     @property
     def length(self) -> int:
@@ -197,16 +211,9 @@ class _Runtime:
                              "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
         is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
-        prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
-        sizes = None if is_visual is None else stage_steps.host_sizes(is_visual, prunable, mask2d)
-        if sizes is not None and sizes.has_visual:
-            if past:
-                raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a "
-                                 "cached prefix are not supported")
-            self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
-            self._seq.dense = sizes.unpadded and self.attention_kind == "sdpa"
-            self._phase = "prefill"
-        elif self._seq is not None and past:
+        if past and self._seq is not None:  # a decoding step: only whether it brings visual tokens is read
+            if is_visual is not None and bool(is_visual.any()):
+                raise _visual_after_prefix()
             self._continue(length, mask2d)
             self._phase = "decode"
             # continue the prompt's numbering: the model's own count would read a pruned cache's length
@@ -214,8 +221,16 @@ class _Runtime:
             kwargs["position_ids"] = self.family.decode_position_ids(positions)
             self._seq.last_position = positions[:, -1]
         else:
-            self._seq, self._phase = None, None
-            return None
+            prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
+            sizes = None if is_visual is None else stage_steps.host_sizes(is_visual, prunable, mask2d)
+            if sizes is None or not sizes.has_visual:
+                self._seq, self._phase = None, None
+                return None
+            if past:
+                raise _visual_after_prefix()
+            self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
+            self._seq.dense = sizes.unpadded and self.attention_kind == "sdpa"
+            self._phase = "prefill"
         if self.stage_layers[0] == 0 and self._phase == "decode":
             kwargs["attention_mask"] = None  # every layer gets its own mask; the model's would mismatch
         return args, kwargs
@@ -231,8 +246,8 @@ class _Runtime:
         else:
             last = self.family.text_positions(position_ids)[..., -1].expand(batch).clone()
         index = torch.arange(length, device=device).expand(batch, length)
-        fingerprint = seeding.fingerprints(input_ids, embeds, valid, is_visual) if self.method.draws else None
-        self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1), fingerprint, [index], last,
+        hash_inputs = (input_ids, embeds) if self.method.draws else None
+        self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1), hash_inputs, [index], last,
                               host=sizes)
         self.handle.kept = []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
@@ -273,29 +288,38 @@ class _Runtime:
 
     # ------------------------------------------------------------------ the pruning step
     def _prune(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` after stage ``stage`` (1-based) has dropped what its method chose, recorded."""
+        index, kept, hidden = self._apply_stage(stage, hidden)
+        self._seq.index.append(index)
+        self.handle.kept.append(kept)
+        if stage == len(self.stage_layers):
+            self._seq.hash_inputs = None  # not held through decoding
+        return hidden
+
+    def _apply_stage(self, stage: int, hidden: torch.Tensor):
         seq, layer = self._seq, self.stage_layers[stage - 1]
         current = seq.index[stage - 1]
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
+        present = seq.host.n_present
         n_keep, (most, widest, new_width, narrowest) = stage_steps.stage_sizes(self.method, stage - 1, seq.host)
-        n_keep = n_keep.to(current.device, non_blocking=True)
         seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
         steps = self._steps()
         order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)
+        if stage_steps.keeps_everything(n_keep, present, seq.slotted):
+            # neither the method nor the step runs: at batch 1 their kernels are most of the runtime's cost
+            return current, visual_index, hidden
+        n_keep = n_keep.to(current.device, non_blocking=True)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
             visual_index=visual_index, text=valid & ~seq.at(current, seq.is_visual), valid=valid, n_keep=n_keep,
             attention=(lambda: self._attention_received(layer - 1, current, valid))
             if self.method.attention_queries else None,
-            fingerprint=seq.fingerprint, model=self.model, keep_width=widest,
+            fingerprint=seq.fingerprint(), model=self.model, keep_width=widest,
             text_width=seq.host.text_width)
         chosen = self.method.select(state)
         if self._check_selection:
             chosen = self._checked(chosen, state)
-        new_index, kept, hidden = steps.apply_choice(current, prunable, order, chosen.to(torch.long),
-                                                     visual_index, hidden, new_width)
-        seq.index.append(new_index)
-        self.handle.kept.append(kept)
-        return hidden
+        return steps.apply_choice(current, prunable, order, chosen.to(torch.long), visual_index, hidden, new_width)
 
     def _steps(self) -> stage_steps.Steps:
         """The stage's tensor work: compiled inside ``lofi.compiled`` (with its backend), eager otherwise."""
@@ -327,27 +351,26 @@ class _Runtime:
         seq = self._seq
         index = seq.index[stage]
         batch = index.shape[0]
-        safe = index.clamp_min(0)
-        key_valid = seq.at(index, seq.valid)
-        if self._phase == "prefill":
+        arguments = {}  # nothing dropped yet (the prompt's own index): the layer's own rotary tables serve
+        if self._phase == "prefill" and index is not seq.index[0]:
+            safe = index.clamp_min(0)
             cos, sin = kwargs["position_embeddings"]
             gather = lambda t: t.expand(batch, *t.shape[1:]).gather(  # noqa: E731
                 1, safe[..., None].expand(-1, -1, t.shape[-1]))
-            arguments = {"position_embeddings": (gather(cos), gather(sin))}
+            arguments["position_embeddings"] = (gather(cos), gather(sin))
             if kwargs.get("position_ids") is not None:
                 arguments["position_ids"] = kwargs["position_ids"].expand(batch, -1).gather(1, safe)
-            keys, queries = index, index
-        else:
-            appended = seq.length + torch.arange(seq.decoded + seq.new_tokens, device=index.device)
-            keys = torch.cat([index, appended.expand(batch, -1)], 1)
-            key_valid = torch.cat([key_valid, seq.tail_valid], 1)
-            queries = keys[:, -seq.new_tokens:]
-            arguments = {}
         if seq.dense and not any(seq.slotted[:stage]) and (self._phase == "prefill" or seq.new_tokens == 1):
             # kept tokens stay in their original order, so "causal by original index" is plain causal
             # order: SDPA's own causal path (prefill) or no mask at all (one new token sees every key)
             arguments["attention_mask"] = None
             return arguments
+        keys, key_valid = index, seq.at(index, seq.valid)
+        if self._phase == "decode":
+            appended = seq.length + torch.arange(seq.decoded + seq.new_tokens, device=index.device)
+            keys = torch.cat([index, appended.expand(batch, -1)], 1)
+            key_valid = torch.cat([key_valid, seq.tail_valid], 1)
+        queries = keys[:, -seq.new_tokens:] if self._phase == "decode" else keys
         allowed = (keys[:, None, :] <= queries[:, :, None]) & key_valid[:, None, :]
         allowed = allowed[:, None]
         if self.attention_kind == "eager":  # eager adds its mask to the scores

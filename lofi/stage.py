@@ -39,9 +39,10 @@ class HostSizes:
     @classmethod
     def from_counts(cls, counts: torch.Tensor, batch: int, length: int) -> "HostSizes":
         """From ``[any visual, unpadded, n_prunable (B), n_text (B)]``, already on the host."""
+        values = counts.tolist()  # the flags and widths as Python numbers: no tensor op per field
         n_prunable, n_text = counts[2:2 + batch], counts[2 + batch:]
-        return cls(bool(counts[0]), bool(counts[1]), n_prunable, length - n_prunable, n_text, n_prunable,
-                   int(n_text.max()))
+        return cls(bool(values[0]), bool(values[1]), n_prunable, length - n_prunable, n_text, n_prunable,
+                   max(values[2 + batch:]))
 
 
 def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
@@ -57,10 +58,18 @@ def stage_sizes(method: "PruningMethod", stage: int, host: HostSizes) -> tuple[t
     """On the host: each row's n_keep at ``stage``, and the widths the stage's tensors take (prunable tokens
     present, widest n_keep, widest and narrowest row after it). Advances ``host.n_present``."""
     n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
-    after = host.n_fixed + n_keep
-    widths = [int(host.n_present.max()), int(n_keep.max()), int(after.max()), int(after.min())]
+    keep = n_keep.tolist()
+    after = [fixed + kept for fixed, kept in zip(host.n_fixed.tolist(), keep)]
+    widths = [max(host.n_present.tolist()), max(keep), max(after), min(after)]
     host.n_present = n_keep
     return n_keep, widths
+
+
+def keeps_everything(n_keep: torch.Tensor, n_present: torch.Tensor, slotted: list[bool]) -> bool:
+    """On the host: whether a stage is the identity, whatever its method would choose. It is when every row
+    keeps all ``n_present`` prunable tokens it holds (keep = 1) and no row holds padding slots: applying the
+    choice would then rebuild the very index and hidden states it was given."""
+    return not any(slotted) and torch.equal(n_keep, n_present)
 
 
 def candidates(prunable: torch.Tensor, visual_rank: torch.Tensor, most: int):

@@ -64,9 +64,57 @@ def test_keep_all_reproduces_the_unpruned_model(model, method):
         out = model(**inputs).logits
         ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert out.shape == base.shape
-    torch.testing.assert_close(out, base, atol=ATOL, rtol=0)
+    assert torch.equal(out, base)
     assert torch.equal(ids, base_ids)
     assert torch.equal(handle.kept[0], torch.arange(N_VISUAL)[None])
+
+
+class _TwoStages(lofi.PruningMethod):
+    """Random draws at layers 1 and 3, keeping every token at the first stage; counts its ``scores`` calls."""
+
+    name = "two-stages"
+    draws = True
+
+    def __init__(self, keep):
+        super().__init__(keep, 1)
+        self.calls = 0
+
+    def stages(self, num_layers):
+        return [1, 3]
+
+    def n_keep(self, stage, n_visual, n_present):
+        return n_present if stage == 0 else super().n_keep(stage, n_visual, n_present)
+
+    def scores(self, state):
+        self.calls += 1
+        return state.uniform(7)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keep", [1.0, 0.25])
+def test_a_stage_that_keeps_everything_runs_nothing_and_equals_the_full_step(model, monkeypatch, keep):
+    """A stage whose rows keep all they hold skips the method and the step (and a method that draws hashes
+    nothing until a stage needs it); forcing the full step gives the same logits, tokens and kept sets."""
+    import lofi.seeding
+
+    hashed, fingerprints = [], lofi.seeding.fingerprints
+    monkeypatch.setattr(lofi.seeding, "fingerprints", lambda *a: hashed.append(1) or fingerprints(*a))
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8, 9))])
+    runs = []
+    for full_step in (False, True):
+        if full_step:
+            monkeypatch.setattr(lofi.stage, "keeps_everything", lambda *a: False)
+        method, hashed[:] = _TwoStages(keep), []
+        with lofi.pruned(model, method) as handle:
+            logits = model(**inputs).logits
+            kept, calls, hashes = [k.clone() for k in handle.kept], method.calls, len(hashed)
+            ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        runs.append((logits, kept, ids, calls, hashes))
+    (logits, kept, ids, calls, hashes), (full_logits, full_kept, full_ids, full_calls, full_hashes) = runs
+    assert torch.equal(logits, full_logits) and torch.equal(ids, full_ids)
+    assert len(kept) == len(full_kept) == 2 and all(torch.equal(a, b) for a, b in zip(kept, full_kept))
+    assert torch.equal(kept[0], torch.arange(N_VISUAL).expand(2, -1))
+    assert (calls, hashes, full_calls, full_hashes) == ((0, 0, 2, 1) if keep == 1 else (1, 1, 2, 1))
 
 
 @torch.no_grad()
@@ -176,6 +224,9 @@ def test_random_is_seeded_and_fastv_ranks_by_attention(model):
             model(**inputs)
         runs.append(handle.kept[0])
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    with lofi.pruned(model, "random", keep=0.5, seed=0) as handle:  # the same prompt with another image
+        model(**make_inputs(seed=5))
+    assert not torch.equal(handle.kept[0], runs[0])
     # FastV's ranking equals the attention weights the eager kernel returns at layer K-1
     eager = tiny_llava(attn="eager")
     out = eager(**inputs, output_attentions=True)
@@ -224,6 +275,18 @@ def test_pruned_refuses_a_missing_model_and_a_static_cache(model):
     with pytest.raises(ValueError, match="dynamic KV cache"):
         with lofi.pruned(model, "lofi", keep=0.5), torch.no_grad():
             model(**inputs, past_key_values=cache, use_cache=True)
+
+
+@torch.no_grad()
+def test_visual_tokens_after_a_cached_prefix_are_refused(model):
+    """Whether a pruned prompt (a decoding step that brings an image) or an unpruned one filled the cache."""
+    inputs = make_inputs()
+    text_only = {"input_ids": torch.tensor([[1, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    for prefix in (inputs, text_only):
+        with lofi.pruned(model, "lofi", keep=0.5):
+            cache = model(**prefix, use_cache=True).past_key_values
+            with pytest.raises(ValueError, match="visual tokens after a cached prefix are not supported"):
+                model(**inputs, past_key_values=cache, use_cache=True)
 
 
 class _Chooses(lofi.PruningMethod):
