@@ -158,6 +158,7 @@ class _Runtime:
         # own select is checked on every stage (one host sync)
         self._check_selection = type(method).select is not PruningMethod.select
         self._hooks: list = []
+        self._layer_hooks: list = []  # the layers' hooks, while the current call needs them
         self._input_ids: torch.Tensor | None = None
         self._seq: _Sequence | None = None
         self._phase: str | None = None
@@ -173,14 +174,25 @@ class _Runtime:
             self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True,
                                                             prepend=True))
             first = self.stage_layers[0] - (1 if self.method.attention_queries else 0)
-            for i in range(first, len(self.layers)):
-                self._hooks.append(self.layers[i].register_forward_pre_hook(
-                    self._layer_hook(i), with_kwargs=True, prepend=True))
+            self._layer_hook_functions = {i: self._layer_hook(i) for i in range(first, len(self.layers))}
+            self._arm_layers(True)
         except BaseException:
             self.detach()
             raise
 
+    def _arm_layers(self, armed: bool) -> None:
+        """Register the layers' hooks (prepended, as at the start: whatever else observes the layers sees the
+        pruned inputs), or remove them for a call in which every one of them would change nothing."""
+        if armed and not self._layer_hooks:
+            for i, hook in self._layer_hook_functions.items():
+                self._layer_hooks.append(self.layers[i].register_forward_pre_hook(hook, with_kwargs=True,
+                                                                                 prepend=True))
+        elif not armed:
+            while self._layer_hooks:
+                self._layer_hooks.pop().remove()
+
     def detach(self) -> None:
+        self._arm_layers(False)
         while self._hooks:
             self._hooks.pop().remove()
         self._seq = None
@@ -220,6 +232,13 @@ class _Runtime:
             positions = self._seq.last_position[:, None] + 1 + torch.arange(length, device=embeds.device)
             kwargs["position_ids"] = self.family.decode_position_ids(positions)
             self._seq.last_position = positions[:, -1]
+            # one new token of an unpadded SDPA batch without padding slots sees every cached key in every
+            # layer: no mask, and nothing for the layers' hooks to change (at batch 1 their calls are most of
+            # what the runtime adds to a step)
+            plain = self._seq.dense and length == 1 and not any(self._seq.slotted)
+            if plain:
+                kwargs["attention_mask"] = None
+            self._arm_layers(not plain)
         else:
             prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
             sizes = None if is_visual is None else stage_steps.host_sizes(is_visual, prunable, mask2d)
@@ -231,6 +250,7 @@ class _Runtime:
             self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
             self._seq.dense = sizes.unpadded and self.attention_kind == "sdpa"
             self._phase = "prefill"
+            self._arm_layers(True)
         if self.stage_layers[0] == 0 and self._phase == "decode":
             kwargs["attention_mask"] = None  # every layer gets its own mask; the model's would mismatch
         return args, kwargs

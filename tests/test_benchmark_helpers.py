@@ -76,3 +76,31 @@ def test_a_timed_module_is_timed_inside_the_block_only():
     with pytest.raises(ZeroDivisionError), timed_module(module, watch):
         1 / 0
     assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
+    """benchmarks/generate.py on a small model on the CPU: one stamp per generated token, keep = 1 generates the
+    baseline's tokens with its cache, and a pruned cache is smaller."""
+    from benchmarks.generate import StepClock, main
+
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--new-tokens", "4",
+                 "--repeats", "1", "--methods", "fastv", "--keep", "1", "0.25", "--device", "cpu"])
+    keep_all, pruned = rows
+    assert keep_all["same_tokens"] == 1.0 and keep_all["kv_mb_pruned"] == keep_all["kv_mb_base"]
+    assert pruned["kv_mb_pruned"] < pruned["kv_mb_base"]
+    assert all(row[f"{kind}_ms_{run}"] > 0 for row in rows for kind in ("first_token", "step", "total")
+               for run in ("base", "pruned"))
+    assert "| fastv" in capsys.readouterr().out
+    from _tiny import make_inputs, tiny_llava
+    from transformers import StoppingCriteriaList
+
+    clock = StepClock(cuda=False)
+    clock.start()
+    tiny_llava().generate(**make_inputs(), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                          stopping_criteria=StoppingCriteriaList([clock]))
+    assert len(clock.stamps) == 1 + 5 and clock.stamps == sorted(clock.stamps)
+    clock.stamps = [0.0, 0.5, 0.6, 0.8]
+    assert clock.split() == pytest.approx((0.5, 0.15))
+    clock.stamps = [0.0, 0.5]
+    with pytest.raises(ValueError, match="at least two new tokens"):
+        clock.split()
