@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere,
-# so its times are guesses: about 1 minute for step 1, 3 for step 2, 4 for step 3 (four families), 2-3 for
-# step 4, 2-3 for steps 5-6 (the default study, twice) and up to 5 for steps 7-8 (the compiled path, the
-# profiles). A device call may run 600 s and a session has 15 minutes of device time in all, starts
-# included, so choose steps by what matters most: `STEPS="1 2 4" bash benchmarks/gpu.sh` first (LoFi's
+# Every GPU measurement of benchmarks/README.md, for a session that is lent a GPU. Not yet run anywhere, so
+# its times are guesses: about 1 minute for step 1, 3 for step 2, 4 for step 3 (four families), 2-3 for step
+# 4, 2-3 for steps 5-6 (the default study, twice), up to 5 for steps 7-8 (the compiled path, the profiles) and
+# 2-3 for step 9 (generate()). A device call may run 600 s and a session has 15 minutes of device time in all,
+# starts included, so choose steps by what matters most: `STEPS="1 2 4" bash benchmarks/gpu.sh` first (LoFi's
 # routes, the 7B prefill, the capture: issue #15 items 1 and 3), then `STEPS="5 6"` (item 4), then
-# `STEPS="7 8"` (item 2's compiled path) or `STEPS=3` (item 6) as time allows; `FROM=` / `TO=` bound a
-# range instead. Prepare once on this machine, from the repository root. The device has no network, and
-# it has torch 2.11 and transformers 5.17 (5.23 is this project's); its huggingface_hub 1.33, tokenizers
-# 0.23.2 and safetensors 0.8.0 meet 5.23's needs (>= 1.31, >= 0.23.1, >= 0.8.0: the device README's
-# KINDS.md). Older pins of those three would shadow the device's and make transformers 5.23 refuse to
-# import (it checks them at import time). Its regex (>= 2025.10.22) is listed there without a version,
-# so carry one (0.8 MB; 14 MB with transformers).
+# `STEPS="7 8"` (item 2's compiled path), `STEPS=9` (generate()) or `STEPS=3` (item 6) as time allows; `FROM=` / `TO=`
+# bound a range instead. Prepare once on this machine, from the repository root. The device has no network,
+# and it has torch 2.11 and transformers 5.17 (5.23 is this project's); its huggingface_hub 1.33, tokenizers
+# 0.23.2 and safetensors 0.8.0 meet 5.23's needs (>= 1.31, >= 0.23.1, >= 0.8.0: the device README's KINDS.md).
+# Older pins of those three would shadow the device's and make transformers 5.23 refuse to import (it checks
+# them at import time). Its regex (>= 2025.10.22) is listed there without a version, so carry one (0.8 MB; 14
+# MB with transformers).
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -28,7 +28,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$OUT/all.log"; }
 step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
-  if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-8}" ]; fi
+  if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-9}" ]; fi
 }
 
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -39,7 +39,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 step 1 && run python3 benchmarks/lofi_solver.py --device cuda --batch 16 --text-layers 3
 # 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
 step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
-step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5
+#    batch 1 with keep = 1: the runtime's own cost (item 2: <= 3%)
+step 2 && run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
+  --keep 1 0.5 0.25 0.1
 #    LoFi again with every eigendecomposition batched into one cuSOLVER call
 step 2 && LOFI_EIGH=cusolver-batched run python3 benchmarks/prefill.py --shape llava-1.5-7b --device cuda \
   --dtype bfloat16 --batch 16 --repeats 3 --methods lofi
@@ -84,3 +86,9 @@ step 8 && run python3 benchmarks/profile_prefill.py --shape llava-1.5-7b --devic
   --method fastv --keep 0.25
 step 8 && run python3 benchmarks/profile_prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --method fastv --keep 0.25 --compile
+# 9. generate(): the prefill with its first token and each decoding step, baseline vs pruned, at batch 1 (what
+#    the runtime adds to a step) and batch 16 (what a smaller KV cache saves)
+step 9 && run python3 benchmarks/generate.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --new-tokens 32 --repeats 3
+step 9 && run python3 benchmarks/generate.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
+  --new-tokens 32 --repeats 3 --methods fastv lofi --keep 1 0.5 0.25

@@ -7,7 +7,8 @@ A CUDA device synchronises with the host whenever a value must leave it: ``.item
 ``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
 project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
 without a GPU (reads of tensors already on the host -- ``Capture._flush``, the runtime's
-``HostSizes.from_counts`` and ``stage_sizes`` -- are not counted). The script counts them during one
+``HostSizes.from_counts``, ``stage_sizes``, ``keeps_everything`` and a method's ``n_keep`` -- are not
+counted). The script counts them during one
 prefill under ``lofi.pruned`` for each method, and during one prefill with ``Capture`` (IPR/PR at every
 layer) active.
 """
@@ -25,8 +26,16 @@ import lofi
 
 WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
 OURS = ("/lofi/", "/analysis/")
-# read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes): no device waits
-HOST_SIDE = ("_flush", "_Deferred", "from_counts", "stage_sizes")
+# read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes and what a method's
+# n_keep makes of them): no device waits
+HOST_SIDE = ("_flush", "_Deferred", "from_counts", "stage_sizes", "n_keep", "keeps_everything")
+
+
+def _ours(frame) -> bool:
+    """Whether ``frame`` runs the project's code, outside the functions that read only host tensors."""
+    code = frame.f_code
+    scope = getattr(code, "co_qualname", code.co_name).split(".")  # comprehensions: f.<locals>.<listcomp>
+    return any(part in code.co_filename for part in OURS) and not set(scope) & set(HOST_SIDE)
 
 
 @contextmanager
@@ -38,15 +47,13 @@ def counting():
 
     def wrap(name, original):
         def counted(self, *args, **kwargs):
-            code = sys._getframe(1).f_code
-            scope = getattr(code, "co_qualname", code.co_name).split(".")  # comprehensions: f.<locals>.<listcomp>
-            if any(part in code.co_filename for part in OURS) and not set(scope) & set(HOST_SIDE):
+            if _ours(sys._getframe(1)):
                 counts[name] += 1
             return original(self, *args, **kwargs)
         return counted
 
     def counted_equal(*args, **kwargs):
-        if any(part in sys._getframe(1).f_code.co_filename for part in OURS):
+        if _ours(sys._getframe(1)):  # (inside a generator expression the frame would be the expression's)
             counts["equal"] += 1
         return equal(*args, **kwargs)
 

@@ -8,6 +8,7 @@ an instance and turns every bad argument into one error that says what is valid.
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,11 @@ class PruningMethod(ABC):
     def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
         """[batch] visual tokens each sample keeps after ``stage``: ceil(keep x its n_visual), at least 1 and at
         most the ``n_present`` it holds (``n_visual``: its prunable visual tokens before any stage)."""
-        wanted = torch.ceil(self.keep * n_visual.double() - 1e-9).long()
-        return torch.minimum(wanted.clamp_min(1), n_present)
+        # in Python on the rows' numbers (the same float64 arithmetic as torch's): a handful of tensor ops on
+        # two-element tensors cost more than the arithmetic, once per stage of every prompt
+        kept = [min(max(math.ceil(self.keep * n - 1e-9), 1), present)
+                for n, present in zip(n_visual.tolist(), n_present.tolist())]
+        return torch.tensor(kept, dtype=torch.long, device=n_present.device)
 
     def schedule(self, num_layers: int, n_visual: int, always_kept: int = 0) -> list[tuple[int, int]]:
         """``(layer, visual tokens left)`` per stage for one sample of ``n_visual`` prunable visual tokens and

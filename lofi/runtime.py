@@ -17,6 +17,10 @@ While it is active, every forward pass and ``generate()`` call runs like this:
 * Methods that rank by attention (FastV) get the attention rows they need rebuilt from the hidden states
   entering layer K-1, through that layer's own norm and query/key projections: any attention kernel
   (SDPA, eager, a compiled layer) keeps running, and nothing hooks inside a layer.
+* What does nothing is not run (at batch 1 the runtime's own ops and hook calls are its cost): a stage at
+  which every row keeps all the tokens it holds (keep = 1) runs neither the method nor the step, and a
+  decoding step of one token in an unpadded SDPA batch, which sees every cached key in every layer, runs
+  without the layers' hooks.
 
 Batches may be padded (left or right) and ragged: samples may hold different numbers of visual tokens
 (image sizes, tiles, resolutions). Each sample keeps ceil(keep x its own prunable visual tokens); where

@@ -37,21 +37,21 @@ class HostSizes:
     text_width: int              # the most real text tokens of a row
 
     @classmethod
-    def from_counts(cls, counts: torch.Tensor, batch: int, length: int) -> "HostSizes":
-        """From ``[any visual, unpadded, n_prunable (B), n_text (B)]``, already on the host."""
-        values = counts.tolist()  # the flags and widths as Python numbers: no tensor op per field
-        n_prunable, n_text = counts[2:2 + batch], counts[2 + batch:]
-        return cls(bool(values[0]), bool(values[1]), n_prunable, length - n_prunable, n_text, n_prunable,
-                   max(values[2 + batch:]))
+    def from_counts(cls, per_row: torch.Tensor, length: int) -> "HostSizes":
+        """From ``[B, 4]`` counts per row, already on the host: prunable visual tokens, real text tokens,
+        visual tokens, real tokens."""
+        rows = per_row.tolist()  # the flags and widths as Python numbers: no tensor op per field
+        n_prunable = per_row[:, 0]
+        return cls(any(row[2] for row in rows), all(row[3] == length for row in rows), n_prunable,
+                   length - n_prunable, per_row[:, 1], n_prunable, max(row[1] for row in rows))
 
 
 def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
     """The counts of a call's tokens, in one device-to-host copy (the runtime's one host sync per prompt)."""
-    batch, length = is_visual.shape
+    length = is_visual.shape[1]
     valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
-    flags = torch.stack([is_visual.any(), valid.all()]).long()
-    counts = torch.cat([flags, prunable.sum(1), (valid & ~is_visual).sum(1)])
-    return HostSizes.from_counts(counts.cpu(), batch, length)
+    per_row = torch.stack([prunable, valid & ~is_visual, is_visual, valid], 1).sum(2)  # one reduction, one copy
+    return HostSizes.from_counts(per_row.cpu(), length)
 
 
 def stage_sizes(method: "PruningMethod", stage: int, host: HostSizes) -> tuple[torch.Tensor, list[int]]:

@@ -369,11 +369,17 @@ def test_a_pruned_prefill_reads_the_device_once(model, method):
 
     batch = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, text_before=(5,))])
     options = {"modules": DecisionModules.for_model(model)} if method == "lvpruning" else {}
-    with torch.no_grad(), lofi.pruned(model, method, keep=0.25, **options):
+    with torch.no_grad(), lofi.pruned(model, method, keep=0.25, **options) as handle:
         model(**batch)
         with counting() as counts:
             model(**batch)
     assert dict(counts) == {"cpu": 1}
+    # a replay checks its recording (torch.equal) and its own select is checked, per stage: the counter sees both
+    with torch.no_grad(), lofi.pruned(model, handle.replay()):
+        with counting() as counts:
+            model(**batch)
+    stages = len(handle.stages)
+    assert dict(counts) == {"cpu": 1, "equal": stages, "__bool__": stages}
 
 
 def test_a_method_that_draws_without_saying_so_is_told_how_to_fix_it(model):
