@@ -70,7 +70,7 @@ class Family(ABC):
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config
-        self._ids: dict = {}
+        self._ids: list[int] | None = None
 
     # ----------------------------------------------------------------------------------- modules
     def multimodal_model(self) -> nn.Module:
@@ -105,10 +105,13 @@ class Family(ABC):
 
     def visual_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: positions holding visual features."""
-        ids = self._ids.get(input_ids.device)
-        if ids is None:  # one host-to-device copy per device, not one per call
-            ids = self._ids[input_ids.device] = torch.tensor(self.visual_token_ids(), device=input_ids.device)
-        return torch.isin(input_ids, ids)
+        if self._ids is None:
+            self._ids = self.visual_token_ids()
+        # a comparison with each id (one or two): no id tensor to copy to the device for every new adapter
+        mask = input_ids == self._ids[0]
+        for token_id in self._ids[1:]:
+            mask = mask | (input_ids == token_id)
+        return mask
 
     def prunable_mask(self, is_visual: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: the visual positions a method may drop (all of them by default)."""
