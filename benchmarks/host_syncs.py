@@ -7,7 +7,7 @@ A CUDA device synchronises with the host whenever a value must leave it: ``.item
 ``torch.equal``. On the CPU nothing waits, but the calls are the same, so counting them where the
 project's own code (``lofi/``, ``analysis/``) makes them measures the syncs a GPU run would pay,
 without a GPU (reads of tensors already on the host -- ``Capture._flush``, the runtime's
-``HostSizes.from_counts``, ``stage_sizes``, ``keeps_everything`` and a method's ``n_keep`` -- are not
+``HostSizes.from_counts``, ``plan_stages``, ``keeps_everything`` and a method's ``n_keep`` -- are not
 counted). The script counts them during one
 prefill under ``lofi.pruned`` for each method, and during one prefill with ``Capture`` (IPR/PR at every
 layer) active.
@@ -28,7 +28,7 @@ WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
 OURS = ("/lofi/", "/analysis/")
 # read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes and what a method's
 # n_keep makes of them): no device waits
-HOST_SIDE = ("_flush", "_Deferred", "from_counts", "stage_sizes", "n_keep", "keeps_everything")
+HOST_SIDE = ("_flush", "_Deferred", "from_counts", "plan_stages", "n_keep", "keeps_everything")
 
 
 def _ours(frame) -> bool:

@@ -17,10 +17,11 @@ While it is active, every forward pass and ``generate()`` call runs like this:
 * Methods that rank by attention (FastV) get the attention rows they need rebuilt from the hidden states
   entering layer K-1, through that layer's own norm and query/key projections: any attention kernel
   (SDPA, eager, a compiled layer) keeps running, and nothing hooks inside a layer.
-* What does nothing is not run (at batch 1 the runtime's own ops and hook calls are its cost): a stage at
-  which every row keeps all the tokens it holds (keep = 1) runs neither the method nor the step, and a
-  decoding step of one token in an unpadded SDPA batch, which sees every cached key in every layer, runs
-  without the layers' hooks.
+* What does nothing is not run (at batch 1 the runtime's own ops and hook calls are its cost): a prompt
+  whose every stage keeps all the tokens it holds (keep = 1) runs as the unpruned model, with only the
+  handle's records made; a single such stage runs neither the method nor the step; and a decoding step of
+  one token in an unpadded SDPA batch, which sees every cached key in every layer, runs without the
+  layers' hooks.
 
 Batches may be padded (left or right) and ragged: samples may hold different numbers of visual tokens
 (image sizes, tiles, resolutions). Each sample keeps ceil(keep x its own prunable visual tokens); where
@@ -111,6 +112,8 @@ class _Sequence:
     host: stage_steps.HostSizes | None = None  # the prompt's counts on the host
     dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
     slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
+    plans: list[stage_steps.StagePlan] = field(default_factory=list)  # per pruning stage: its sizes
+    whole: bool = False           # every stage keeps every token: the prompt runs as the unpruned model
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
@@ -230,6 +233,10 @@ class _Runtime:
         if past and self._seq is not None:  # a decoding step: only whether it brings visual tokens is read
             if is_visual is not None and bool(is_visual.any()):
                 raise _visual_after_prefix()
+            if self._seq.whole:
+                self._phase = None
+                self._arm_layers(False)
+                return None
             self._continue(length, mask2d)
             self._phase = "decode"
             # continue the prompt's numbering: the model's own count would read a pruned cache's length
@@ -252,6 +259,10 @@ class _Runtime:
             if past:
                 raise _visual_after_prefix()
             self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
+            self._seq.plans = stage_steps.plan_stages(self.method, len(self.stage_layers), sizes)
+            if all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in self._seq.plans):
+                self._record_whole_prompt()
+                return None
             self._seq.dense = sizes.unpadded and self.attention_kind == "sdpa"
             self._phase = "prefill"
             self._arm_layers(True)
@@ -276,6 +287,17 @@ class _Runtime:
         self.handle.kept = []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual, self.handle.n_prunable = is_visual.sum(1), self._seq.n_prunable
+
+    def _record_whole_prompt(self) -> None:
+        """Every stage keeps every token it holds (keep = 1): the prompt and its decoding steps run as the
+        unpruned model, with no layer hook and no argument of ours; only the handle's records are made."""
+        seq = self._seq
+        seq.whole, seq.hash_inputs, self._phase = True, None, None
+        kept = self._steps().candidates(seq.prunable, seq.visual_rank, seq.plans[0].most)[2]
+        for _ in seq.plans:
+            seq.index.append(seq.index[0])
+            self.handle.kept.append(kept)
+        self._arm_layers(False)
 
     def _continue(self, new_tokens: int, mask2d) -> None:
         seq = self._seq
@@ -324,8 +346,7 @@ class _Runtime:
         seq, layer = self._seq, self.stage_layers[stage - 1]
         current = seq.index[stage - 1]
         valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
-        present = seq.host.n_present
-        n_keep, (most, widest, new_width, narrowest) = stage_steps.stage_sizes(self.method, stage - 1, seq.host)
+        present, n_keep, most, widest, new_width, narrowest = seq.plans[stage - 1]
         seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
         steps = self._steps()
         order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)

@@ -1,7 +1,7 @@
 """One pruning stage: its sizes, worked out on the host, and its device work, as pure functions.
 
 ``host_sizes`` copies a prompt's per-sample counts to the host (the runtime's one host sync per prompt)
-and ``stage_sizes`` derives each stage's widths from them there. ``candidates`` (what the method is
+and ``plan_stages`` derives every stage's widths from them there. ``candidates`` (what the method is
 shown) and ``apply_choice`` (what its choice does to the sequence) do the tensor work around the
 method's choice; ``lofi.runtime`` keeps the bookkeeping (which original tokens each stage holds, what
 the handle records, the method's call). Every size comes from the host and nothing reads the device,
@@ -54,15 +54,32 @@ def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Te
     return HostSizes.from_counts(per_row.cpu(), length)
 
 
-def stage_sizes(method: "PruningMethod", stage: int, host: HostSizes) -> tuple[torch.Tensor, list[int]]:
-    """On the host: each row's n_keep at ``stage``, and the widths the stage's tensors take (prunable tokens
-    present, widest n_keep, widest and narrowest row after it). Advances ``host.n_present``."""
-    n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
-    keep = n_keep.tolist()
-    after = [fixed + kept for fixed, kept in zip(host.n_fixed.tolist(), keep)]
-    widths = [max(host.n_present.tolist()), max(keep), max(after), min(after)]
-    host.n_present = n_keep
-    return n_keep, widths
+class StagePlan(NamedTuple):
+    """One stage's sizes, on the host: per row the prunable tokens it holds and the ones it keeps; the widths its
+    tensors take (prunable tokens present, widest n_keep, widest and narrowest row after it)."""
+
+    n_present: torch.Tensor
+    n_keep: torch.Tensor
+    most: int
+    widest: int
+    new_width: int
+    narrowest: int
+
+
+def plan_stages(method: "PruningMethod", n_stages: int, host: HostSizes) -> list[StagePlan]:
+    """On the host, when a prompt starts: every stage's sizes, from the prompt's counts and ``method.n_keep``
+    (a stage keeps exactly ``n_keep`` of the prunable tokens present). Leaves ``host.n_present`` at the last
+    stage's ``n_keep``."""
+    plans = []
+    fixed = host.n_fixed.tolist()
+    for stage in range(n_stages):
+        n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
+        keep = n_keep.tolist()
+        after = [f + k for f, k in zip(fixed, keep)]
+        plans.append(StagePlan(host.n_present, n_keep, max(host.n_present.tolist()), max(keep), max(after),
+                               min(after)))
+        host.n_present = n_keep
+    return plans
 
 
 def keeps_everything(n_keep: torch.Tensor, n_present: torch.Tensor, slotted: list[bool]) -> bool:

@@ -280,7 +280,8 @@ def test_pruned_refuses_a_missing_model_and_a_static_cache(model):
 @torch.no_grad()
 def test_the_layer_hooks_leave_plain_decoding_steps_and_come_back_for_the_next_prompt(model):
     """One new token of an unpadded batch needs nothing of the layers' hooks, so they are removed for it; a padded
-    batch keeps them (its masks differ per layer); none stay after the block, also when a decoding step fails."""
+    batch keeps them (its masks differ per layer), and a prompt that keeps every token needs none at all; none
+    stay after the block, also when a decoding step fails."""
     layers = model.model.language_model.layers
     hooked = lambda: sum(len(layer._forward_pre_hooks) for layer in layers)  # noqa: E731
     before, counts, armed = hooked(), [], len(layers) - 2
@@ -293,6 +294,15 @@ def test_the_layer_hooks_leave_plain_decoding_steps_and_come_back_for_the_next_p
         finally:
             probe.remove()
     assert counts == [armed, 0, 0, armed, armed, armed] and hooked() == before
+    counts.clear()
+    with lofi.pruned(model, "lofi", keep=1.0, layer=2):  # nothing dropped: the model runs as it is, throughout
+        probe = layers[0].register_forward_pre_hook(lambda *a: counts.append(hooked() - before - 1))
+        try:
+            model.generate(**make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7,))]), max_new_tokens=3,
+                           do_sample=False)
+        finally:
+            probe.remove()
+    assert counts == [0, 0, 0] and hooked() == before
 
     def fail_when_decoding(module, args):
         if args[0].shape[1] == 1:
