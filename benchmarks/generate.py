@@ -31,7 +31,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lofi
-from benchmarks.prefill import ALIASES, SHAPES, shape_model, shared_settings
+from benchmarks.prefill import add_shape_arguments, kv_bytes, shape_model, shared_settings
 
 
 class StepClock(StoppingCriteria):
@@ -60,20 +60,11 @@ class StepClock(StoppingCriteria):
         return steps[0], statistics.fmean(steps[1:])
 
 
-def kv_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default="overhead")
-    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
-    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_shape_arguments(parser, "overhead")
     parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random"])
     parser.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.25])
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layer", type=int, default=2)

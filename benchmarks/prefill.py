@@ -57,6 +57,17 @@ N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser, default_shape: str) -> None:
+    """The options every prefill-shaped benchmark shares: the model's shape and depth, the device, dtype and
+    batch (read back by ``shape_model``)."""
+    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default=default_shape)
+    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
+    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=1)
+
+
 def shape_config(shape: str, text_layers: int | None = None, vision_layers: int | None = None):
     """``mid`` (a mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B),
     ``overhead`` (tiny widths at 7B depth: the time is per-op overhead), or a 7B checkpoint's configuration,
@@ -128,6 +139,11 @@ def cpu_peak_mb(rss_before_kb: int | None) -> float | None:
     return None if rss_before_kb is None or peak is None else (peak - rss_before_kb) / 1024
 
 
+def kv_bytes(cache) -> int:
+    """Exact bytes of a KV cache's key and value tensors."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
 class Stopwatch:
     """The summed time of spans marked with ``start`` / ``stop``: wall time on the CPU, CUDA events on a GPU
     (no synchronisation inside the prefill, which would drain the queue and slow the run it measures)."""
@@ -193,14 +209,9 @@ def timed_module(module: torch.nn.Module, watch: Stopwatch) -> Iterator[Stopwatc
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default="mid")
-    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
-    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_shape_arguments(parser, "mid")
     parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
     parser.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.25, 0.1])
-    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--layer", type=int, default=2)
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
@@ -229,10 +240,6 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         return time.perf_counter() - start, out
 
-    def kv_bytes(out) -> int:
-        return sum(t.numel() * t.element_size() for layer in out.past_key_values.layers
-                   for t in (layer.keys, layer.values))
-
     vision = Stopwatch(cuda)
 
     def measure(instance):
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                 timed_module(family.vision_tower(), vision):
             seconds, out = prefill()
         peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
-        return seconds, vision.seconds, peak, kv_bytes(out), handle
+        return seconds, vision.seconds, peak, kv_bytes(out.past_key_values), handle
 
     print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
           f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "

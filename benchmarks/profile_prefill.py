@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lofi
-from benchmarks.prefill import ALIASES, COMPILE_MODES, SHAPES, shape_model, shared_settings
+from benchmarks.prefill import COMPILE_MODES, add_shape_arguments, shape_model, shared_settings
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
@@ -37,12 +37,7 @@ def summarize(events, cuda: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default="overhead")
-    parser.add_argument("--text-layers", type=int)
-    parser.add_argument("--vision-layers", type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=1)
+    add_shape_arguments(parser, "overhead")
     parser.add_argument("--method", default="fastv", choices=lofi.available())
     parser.add_argument("--keep", type=float, default=0.25)
     parser.add_argument("--layer", type=int, default=2)

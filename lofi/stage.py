@@ -33,7 +33,6 @@ class HostSizes:
     n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
     n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
     n_text: torch.Tensor         # [B] CPU long: real text tokens
-    n_present: torch.Tensor      # [B] CPU long: prunable visual tokens entering the next stage
     text_width: int              # the most real text tokens of a row
 
     @classmethod
@@ -43,7 +42,7 @@ class HostSizes:
         rows = per_row.tolist()  # the flags and widths as Python numbers: no tensor op per field
         n_prunable = per_row[:, 0]
         return cls(any(row[2] for row in rows), all(row[3] == length for row in rows), n_prunable,
-                   length - n_prunable, per_row[:, 1], n_prunable, max(row[1] for row in rows))
+                   length - n_prunable, per_row[:, 1], max(row[1] for row in rows))
 
 
 def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
@@ -68,17 +67,15 @@ class StagePlan(NamedTuple):
 
 def plan_stages(method: "PruningMethod", n_stages: int, host: HostSizes) -> list[StagePlan]:
     """On the host, when a prompt starts: every stage's sizes, from the prompt's counts and ``method.n_keep``
-    (a stage keeps exactly ``n_keep`` of the prunable tokens present). Leaves ``host.n_present`` at the last
-    stage's ``n_keep``."""
-    plans = []
+    (a stage keeps exactly ``n_keep`` of the prunable tokens present, and the next stage holds those)."""
+    plans, present = [], host.n_prunable
     fixed = host.n_fixed.tolist()
     for stage in range(n_stages):
-        n_keep = method.n_keep(stage, host.n_prunable, host.n_present).cpu()
+        n_keep = method.n_keep(stage, host.n_prunable, present).cpu()
         keep = n_keep.tolist()
         after = [f + k for f, k in zip(fixed, keep)]
-        plans.append(StagePlan(host.n_present, n_keep, max(host.n_present.tolist()), max(keep), max(after),
-                               min(after)))
-        host.n_present = n_keep
+        plans.append(StagePlan(present, n_keep, max(present.tolist()), max(keep), max(after), min(after)))
+        present = n_keep
     return plans
 
 

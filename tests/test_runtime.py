@@ -93,8 +93,9 @@ class _TwoStages(lofi.PruningMethod):
 @torch.no_grad()
 @pytest.mark.parametrize("keep", [1.0, 0.25])
 def test_a_stage_that_keeps_everything_runs_nothing_and_equals_the_full_step(model, monkeypatch, keep):
-    """A stage whose rows keep all they hold skips the method and the step (and a method that draws hashes
-    nothing until a stage needs it); forcing the full step gives the same logits, tokens and kept sets."""
+    """A stage whose rows keep all they hold skips the method and the step (keep 0.25: the first stage; keep 1:
+    both, and the prompt runs as the unpruned model), and a method that draws hashes nothing until a stage needs
+    it; forcing the full steps gives the same logits, tokens and kept sets."""
     import lofi.seeding
 
     hashed, fingerprints = [], lofi.seeding.fingerprints
