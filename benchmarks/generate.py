@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes with the prefill)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (timed pairs, after one pair that warms up)")
     cuda = args.device.startswith("cuda")
     _, model, inputs = shape_model(args.shape, args.batch, args.device, getattr(torch, args.dtype),
                                    args.text_layers, args.vision_layers)

@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="baseline and pruned prefills both through lofi.compiled (torch.compile mode; "
                              "default: 'default'); the first pair, which compiles, is not timed")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1 (timed pairs, after one pair that warms up)")
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
