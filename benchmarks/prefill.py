@@ -283,9 +283,10 @@ def main(argv: list[str] | None = None) -> None:
                         select_times.append(timer.seconds)
                 n_prunable = int(handle.n_prunable[0])
                 schedule = instance.schedule(layers, n_prunable, always_kept=n_visual - n_prunable)
-                present = [n_prunable] + [n for _, n in schedule[:-1]]
+                kept = [n - (n_visual - n_prunable) for _, n in schedule]
                 flops = lofi.count_flops(config, n_text, n_visual, schedule, image=image,
-                                         decision=instance.decision_flops(config, n_text, present))
+                                         decision=instance.spent_decision_flops(config, n_text,
+                                                                                [n_prunable] + kept[:-1], kept))
                 base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
                 select_seconds = statistics.median(select_times)
                 base_v, pruned_v = statistics.median(base_vision), statistics.median(pruned_vision)

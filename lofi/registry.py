@@ -152,8 +152,15 @@ class PruningMethod(ABC):
     weights_hint: ClassVar[str] = ""  # how to produce missing weight files
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
-        """FLOPs of the method's own decision modules (0 for training-free methods)."""
+        """FLOPs of the method's own decision work at stages holding ``n_visual_per_stage`` prunable visual
+        tokens: a sum of one term per stage (0 for training-free methods)."""
         return 0.0
+
+    def spent_decision_flops(self, config, n_text: int, present: list[int], kept: list[int]) -> float:
+        """The decision FLOPs the runtime spends on a prompt whose stages hold ``present`` prunable tokens and
+        keep ``kept`` of them: ``decision_flops`` of the stages that drop something. A stage that keeps all it
+        holds runs no decision work (``lofi.runtime``), so keep = 1 spends none."""
+        return sum(self.decision_flops(config, n_text, [n]) for n, k in zip(present, kept) if k < n)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(keep={self.keep}, layer={self.layer})"

@@ -131,3 +131,20 @@ def test_fastv_counts_the_attention_rows_it_rebuilds():
     assert last == 2 * n * d * d_kv + 2 * 1 * d * d + 2 * 1 * n * d
     text = lofi.build("fastv", keep=0.25, queries="text").decision_flops(config, n_text, [n_visual])
     assert text == 2 * n * d * d_kv + 2 * n_text * d * d + 2 * n_text * n * d
+
+
+def test_a_stage_that_keeps_every_token_spends_no_decision_flops():
+    """The runtime runs no decision work at a stage that keeps all it holds (keep = 1), so the count has none."""
+    from analysis.study.tables import relative_flops
+
+    config = tiny_llava().config
+    n_text = 6
+    fastv = lofi.build("fastv", keep=1.0)
+    assert fastv.decision_flops(config, n_text, [16]) > 0
+    assert fastv.spent_decision_flops(config, n_text, [16], [16]) == 0
+    assert relative_flops(config, fastv, n_text, 16) == (1.0, 1.0)
+    pruning = lofi.build("fastv", keep=0.25)
+    assert pruning.spent_decision_flops(config, n_text, [16], [4]) == pruning.decision_flops(config, n_text, [16])
+    lvpruning = lofi.build("lvpruning", keep=1.0)  # rho = 1: its first stage keeps every token, the others drop
+    spent = lvpruning.spent_decision_flops(config, n_text, [16, 16, 13], [16, 13, 10])
+    assert spent == lvpruning.decision_flops(config, n_text, [16, 13]) > 0
