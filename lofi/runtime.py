@@ -39,6 +39,7 @@ import torch
 
 from lofi import seeding
 from lofi import stage as stage_steps
+from lofi.attention import attention_received
 from lofi.compiled import options_of
 from lofi.families import Family, family_for
 from lofi.methods.replay import Replay
@@ -354,10 +355,13 @@ class _Runtime:
             # neither the method nor the step runs: at batch 1 their kernels are most of the runtime's cost
             return current, visual_index, hidden
         n_keep = n_keep.to(current.device, non_blocking=True)
+        text = valid & ~seq.at(current, seq.is_visual)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
-            visual_index=visual_index, text=valid & ~seq.at(current, seq.is_visual), valid=valid, n_keep=n_keep,
-            attention=(lambda: self._attention_received(layer - 1, current, valid))
+            visual_index=visual_index, text=text, valid=valid, n_keep=n_keep,
+            attention=(lambda: attention_received(self.family, self.layers[layer - 1], self._captured["hidden"],
+                                                  self._captured["rotary"], self.method.attention_queries,
+                                                  current, valid, text))
             if self.method.attention_queries else None,
             fingerprint=seq.fingerprint(), model=self.model, keep_width=widest,
             text_width=seq.host.text_width)
@@ -423,35 +427,6 @@ class _Runtime:
                                   torch.finfo(dtype).min)
         arguments["attention_mask"] = allowed
         return arguments
-
-    def _attention_received(self, layer: int, current: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[batch, n]: attention each token gets at ``layer``, mean over heads and the query tokens."""
-        attn = self.layers[layer].self_attn
-        x = self.family.attention_input(self.layers[layer], self._captured["hidden"])
-        k = self.family.attention_heads(attn, attn.k_proj(x), "k").float()
-        batch, n = k.shape[0], k.shape[2]
-        cos, sin = (t.float().expand(batch, *t.shape[1:]) for t in self._captured["rotary"])
-        if self.method.attention_queries == "last":
-            # the last real token of each row (the last column with left padding, earlier with right): only its
-            # query is projected
-            last = (valid.long() * torch.arange(n, device=valid.device)).argmax(1, keepdim=True)
-            pick = lambda t: t.gather(1, last[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
-            q = self.family.attention_heads(attn, attn.q_proj(pick(x)), "q").float()
-            q = self.family.rotate(attn, q, pick(cos), pick(sin))
-            query_index, query_valid = current.gather(1, last), valid.gather(1, last)
-        else:
-            q = self.family.attention_heads(attn, attn.q_proj(x), "q").float()
-            q = self.family.rotate(attn, q, cos, sin)
-            query_index = current
-            query_valid = valid & ~self._seq.at(current, self._seq.is_visual)
-        k = self.family.rotate(attn, k, cos, sin)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = (q @ k.transpose(-1, -2)) * attn.scaling
-        allowed = (current[:, None, :] <= query_index[:, :, None]) & valid[:, None, :]
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, queries, n]
-        weights = query_valid.float()
-        return (probs * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
 
 
 @contextmanager
