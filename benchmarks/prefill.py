@@ -282,11 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                         pruned_vision.append(pruned_v)
                         select_times.append(timer.seconds)
                 n_prunable = int(handle.n_prunable[0])
-                schedule = instance.schedule(layers, n_prunable, always_kept=n_visual - n_prunable)
-                kept = [n - (n_visual - n_prunable) for _, n in schedule]
-                flops = lofi.count_flops(config, n_text, n_visual, schedule, image=image,
-                                         decision=instance.spent_decision_flops(config, n_text,
-                                                                                [n_prunable] + kept[:-1], kept))
+                flops = lofi.method_flops(config, instance, n_text, n_visual, n_prunable, image)
                 base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
                 select_seconds = statistics.median(select_times)
                 base_v, pruned_v = statistics.median(base_vision), statistics.median(pruned_vision)

@@ -145,6 +145,8 @@ def test_a_stage_that_keeps_every_token_spends_no_decision_flops():
     assert relative_flops(config, fastv, n_text, 16) == (1.0, 1.0)
     pruning = lofi.build("fastv", keep=0.25)
     assert pruning.spent_decision_flops(config, n_text, [16], [4]) == pruning.decision_flops(config, n_text, [16])
+    assert lofi.method_flops(config, pruning, n_text, 16).decision == pruning.decision_flops(config, n_text, [16])
+    assert lofi.method_flops(config, fastv, n_text, 16) == lofi.count_flops(config, n_text, 16)
     lvpruning = lofi.build("lvpruning", keep=1.0)  # rho = 1: its first stage keeps every token, the others drop
     spent = lvpruning.spent_decision_flops(config, n_text, [16, 16, 13], [16, 13, 10])
     assert spent == lvpruning.decision_flops(config, n_text, [16, 13]) > 0

@@ -42,14 +42,8 @@ def pruned_flops(model_config, method: lofi.PruningMethod, n_text: int, n_visual
     """(pruned, unpruned) ``lofi.Flops`` of one prompt of ``n_visual`` visual tokens, ``n_prunable`` of them
     prunable (default all; LLaVA-NeXT's newline rows are not), for the family's ``image``; the pruned count
     includes the decision work the method spends (none at stages that keep every token)."""
-    n_prunable = n_visual if n_prunable is None else n_prunable
     base = lofi.count_flops(model_config, n_text, n_visual, image=image)
-    fixed = n_visual - n_prunable
-    schedule = method.schedule(model_config.text_config.num_hidden_layers, n_prunable, fixed)
-    kept = [n - fixed for _, n in schedule]
-    decision = method.spent_decision_flops(model_config, n_text, [n_prunable] + kept[:-1], kept)
-    pruned = lofi.count_flops(model_config, n_text, n_visual, schedule, image=image, decision=decision)
-    return pruned, base
+    return lofi.method_flops(model_config, method, n_text, n_visual, n_prunable, image), base
 
 
 def relative_flops(model_config, method: lofi.PruningMethod, n_text: int, n_visual: int,
