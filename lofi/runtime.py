@@ -283,11 +283,12 @@ class _Runtime:
             last = self.family.text_positions(position_ids)[..., -1].expand(batch).clone()
         index = torch.arange(length, device=device).expand(batch, length)
         hash_inputs = (input_ids, embeds) if self.method.draws else None
-        self._seq = _Sequence(valid, is_visual, prunable, rank, prunable.sum(1), hash_inputs, [index], last,
+        counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
+        self._seq = _Sequence(valid, is_visual, prunable, rank, counts[:, 0], hash_inputs, [index], last,
                               host=sizes)
         self.handle.kept = []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
-        self.handle.n_visual, self.handle.n_prunable = is_visual.sum(1), self._seq.n_prunable
+        self.handle.n_visual, self.handle.n_prunable = counts[:, 2], self._seq.n_prunable
 
     def _record_whole_prompt(self) -> None:
         """Every stage keeps every token it holds (keep = 1): the prompt and its decoding steps run as the

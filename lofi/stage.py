@@ -32,17 +32,17 @@ class HostSizes:
     unpadded: bool               # no padding in the batch
     n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
     n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
-    n_text: torch.Tensor         # [B] CPU long: real text tokens
     text_width: int              # the most real text tokens of a row
+    on_device: torch.Tensor      # [B, 4] the counts where they were made (``from_counts``), for device work
 
     @classmethod
-    def from_counts(cls, per_row: torch.Tensor, length: int) -> "HostSizes":
+    def from_counts(cls, per_row: torch.Tensor, length: int, on_device: torch.Tensor) -> "HostSizes":
         """From ``[B, 4]`` counts per row, already on the host: prunable visual tokens, real text tokens,
-        visual tokens, real tokens."""
+        visual tokens, real tokens (``on_device``: the same counts before the copy)."""
         rows = per_row.tolist()  # the flags and widths as Python numbers: no tensor op per field
         n_prunable = per_row[:, 0]
         return cls(any(row[2] for row in rows), all(row[3] == length for row in rows), n_prunable,
-                   length - n_prunable, per_row[:, 1], max(row[1] for row in rows))
+                   length - n_prunable, max(row[1] for row in rows), on_device)
 
 
 def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
@@ -50,7 +50,7 @@ def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Te
     length = is_visual.shape[1]
     valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
     per_row = torch.stack([prunable, valid & ~is_visual, is_visual, valid], 1).sum(2)  # one reduction, one copy
-    return HostSizes.from_counts(per_row.cpu(), length)
+    return HostSizes.from_counts(per_row.cpu(), length, per_row)
 
 
 class StagePlan(NamedTuple):
