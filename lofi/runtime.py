@@ -252,14 +252,18 @@ class _Runtime:
                 kwargs["attention_mask"] = None
             self._arm_layers(not plain)
         else:
-            prunable = None if is_visual is None else self.family.prunable_mask(is_visual, embeds)
-            sizes = None if is_visual is None else stage_steps.host_sizes(is_visual, prunable, mask2d)
-            if sizes is None or not sizes.has_visual:
+            if is_visual is None:
+                self._seq, self._phase = None, None
+                return None
+            prunable = self.family.prunable_mask(is_visual, embeds)
+            valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
+            sizes = stage_steps.host_sizes(is_visual, prunable, valid)
+            if not sizes.has_visual:
                 self._seq, self._phase = None, None
                 return None
             if past:
                 raise _visual_after_prefix()
-            self._start(input_ids, embeds, is_visual, prunable, mask2d, kwargs.get("position_ids"), sizes)
+            self._start(input_ids, embeds, is_visual, prunable, valid, kwargs.get("position_ids"), sizes)
             self._seq.plans = stage_steps.plan_stages(self.method, len(self.stage_layers), sizes)
             if all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in self._seq.plans):
                 self._record_whole_prompt()
@@ -271,11 +275,10 @@ class _Runtime:
             kwargs["attention_mask"] = None  # every layer gets its own mask; the model's would mismatch
         return args, kwargs
 
-    def _start(self, input_ids, embeds, is_visual, prunable, mask2d, position_ids,
+    def _start(self, input_ids, embeds, is_visual, prunable, valid, position_ids,
                sizes: stage_steps.HostSizes) -> None:
         batch, length = is_visual.shape
         device = is_visual.device
-        valid = torch.ones_like(is_visual) if mask2d is None else mask2d.bool()
         rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
         if position_ids is None:
             last = torch.full((batch,), length - 1, device=device)

@@ -45,10 +45,10 @@ class HostSizes:
                    length - n_prunable, max(row[1] for row in rows), on_device)
 
 
-def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, mask2d: torch.Tensor | None) -> HostSizes:
-    """The counts of a call's tokens, in one device-to-host copy (the runtime's one host sync per prompt)."""
+def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, valid: torch.Tensor) -> HostSizes:
+    """The counts of a call's tokens ([B, T] masks: visual, prunable, real), in one device-to-host copy (the
+    runtime's one host sync per prompt)."""
     length = is_visual.shape[1]
-    valid = torch.ones_like(is_visual) if mask2d is None else mask2d[:, -length:].bool()
     per_row = torch.stack([prunable, valid & ~is_visual, is_visual, valid], 1).sum(2)  # one reduction, one copy
     return HostSizes.from_counts(per_row.cpu(), length, per_row)
 
