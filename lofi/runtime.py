@@ -8,6 +8,8 @@ While it is active, every forward pass and ``generate()`` call runs like this:
   (``lofi.families``) says which positions are visual (image and video token ids, never fixed offsets)
   and which of those may be pruned (LLaVA-NeXT's newline rows may not). A call whose prompt holds visual
   tokens starts a new *sequence*; a call without them that continues a cache is a *decoding step*.
+  After a cached prefix, ids are read only in a call that brings an image (``Family.visual_inputs``):
+  a generated image token id fed back is a word, as the model embeds it.
 * At each stage layer K (``method.stages``) the method chooses which visual tokens to keep from the
   hidden states entering K; the pre-hook of layer K removes the others from ``hidden_states``, so
   layers K.. really compute on fewer tokens, and their KV cache holds exactly the tokens they saw.
@@ -168,6 +170,7 @@ class _Runtime:
         self._hooks: list = []
         self._layer_hooks: list = []  # the layers' hooks, while the current call needs them
         self._input_ids: torch.Tensor | None = None
+        self._brings_visual = False  # whether the multimodal model's call carries images (Family.brings_visual)
         self._seq: _Sequence | None = None
         self._phase: str | None = None
         self._stage_kwargs: dict[int, dict] = {}
@@ -209,14 +212,17 @@ class _Runtime:
 
     # ------------------------------------------------------------------ per-call hooks
     def _on_multimodal(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
+        kwargs = self.family.call_arguments(args, kwargs)
+        self._brings_visual = self.family.brings_visual(kwargs)
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None and self._brings_visual:
             raise ValueError("lofi.pruned needs input_ids to find the visual tokens (their token ids); "
                              "pass input_ids, not inputs_embeds")
         self._input_ids = input_ids
 
     def _on_language_model(self, module, args, kwargs):
         input_ids, self._input_ids = self._input_ids, None
+        brings_visual, self._brings_visual = self._brings_visual, False
         self._stage_kwargs = {}
         self._captured.clear()
         embeds = kwargs.get("inputs_embeds")
@@ -230,8 +236,11 @@ class _Runtime:
             raise ValueError("lofi.pruned builds the attention masks itself: pass a 2D attention_mask "
                              "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
-        is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
-        if past and self._seq is not None:  # a decoding step: only whether it brings visual tokens is read
+        # After a cached prefix, a call that brings no image (a decoding step feeding back a generated image
+        # token id) is text, as the model embeds such an id: a decoding step reads nothing from the device.
+        text_only = input_ids is None or (past and not brings_visual)
+        is_visual = None if text_only else self.family.visual_mask(input_ids)
+        if past and self._seq is not None:  # a decoding step
             if is_visual is not None and bool(is_visual.any()):
                 raise _visual_after_prefix()
             if self._seq.whole:

@@ -102,10 +102,23 @@ def test_a_padded_batch_gives_the_rows_of_its_samples(model):
 
 @torch.no_grad()
 def test_generate_captures_the_prompt_once(model):
-    with Capture(model) as capture:
-        model.generate(**make_inputs(), max_new_tokens=4, do_sample=False)
-    rows = capture.take()
-    assert {r.call for r in rows} == {1} and len(rows) == 2 * 5
+    """Also when a decoding step feeds back a generated image token id (a word to the model: no image comes)."""
+    from transformers import LogitsProcessorList
+
+    inputs = make_inputs()
+
+    def emit_image_token(input_ids, scores):
+        if input_ids.shape[1] == inputs["input_ids"].shape[1] + 1:
+            scores = torch.full_like(scores, -torch.inf)
+            scores[:, model.config.image_token_id] = 0
+        return scores
+
+    for options in ({}, {"logits_processor": LogitsProcessorList([emit_image_token])}):
+        with Capture(model) as capture:
+            ids = model.generate(**inputs, max_new_tokens=4, do_sample=False, **options)
+        rows = capture.take()
+        assert {r.call for r in rows} == {1} and len(rows) == 2 * 5
+    assert (ids[:, -3] == model.config.image_token_id).all()
 
 
 def test_hooks_are_removed_also_after_an_exception(model):

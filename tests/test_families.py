@@ -20,6 +20,7 @@ from _families import (
     inputs,
     sample,
 )
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import lofi
 from lofi.families import family_class, family_for
@@ -104,10 +105,23 @@ def masked_reference(model, layer, dropped, valid):
             h.remove()
 
 
-def _generate(model, batch, steps=4):
+def _generate(model, batch, steps=4, **options):
     out = model.generate(**batch, max_new_tokens=steps, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, **options)
     return out.sequences, torch.stack(out.logits, 1)
+
+
+class _EmitsImageToken(LogitsProcessor):
+    """Greedy decoding emits the image token id as its second new token (the logits it returns are raw)."""
+
+    def __init__(self, prompt_length):
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] == self.prompt_length + 1:
+            scores = torch.full_like(scores, -torch.inf)
+            scores[:, IMAGE_TOKEN] = 0
+        return scores
 
 
 def _lvpruning_path(model, tmp_path_factory):
@@ -161,6 +175,28 @@ def test_dropping_equals_the_masked_reference_in_prefill_and_generate(name, lang
     torch.testing.assert_close(out[valid], reference[valid], atol=ATOL, rtol=0)
     torch.testing.assert_close(steps, ref_steps, atol=ATOL, rtol=0)
     assert torch.equal(ids, ref_ids)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name,language_model", VARIANTS)
+def test_a_generated_image_token_is_text_as_in_the_unpruned_model(name, language_model):
+    """A decoding step that feeds back a generated image token id brings no pixels, and the model embeds it as
+    text: pruned generation runs on, bit for bit the unpruned model at keep = 1 and the masked reference at
+    keep 0.3 (it was refused as visual tokens after a cached prefix)."""
+    model = model_of(name, language_model)
+    batch = batch_of(model, name)
+    emits = {"logits_processor": LogitsProcessorList([_EmitsImageToken(batch["input_ids"].shape[1])])}
+    base_ids, base_steps = _generate(model, batch, **emits)
+    assert (base_ids[:, -3] == IMAGE_TOKEN).all()
+    with lofi.pruned(model, "fastv", keep=1.0, layer=1):
+        ids, steps = _generate(model, batch, **emits)
+    assert torch.equal(ids, base_ids) and torch.equal(steps, base_steps)
+    with lofi.pruned(model, "fastv", keep=0.3, layer=1) as handle:
+        ids, steps = _generate(model, batch, **emits)
+    with masked_reference(model, 1, dropped_positions(model, batch, handle.kept[0]), batch["attention_mask"]):
+        ref_ids, ref_steps = _generate(model, batch, **emits)
+    torch.testing.assert_close(steps, ref_steps, atol=ATOL, rtol=0)
+    assert torch.equal(ids, ref_ids) and (ids[:, -3] == IMAGE_TOKEN).all()
 
 
 @torch.no_grad()

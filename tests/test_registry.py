@@ -1,6 +1,7 @@
 """The method registry and the errors bad arguments get."""
 
 import pytest
+import torch
 from _tiny import make_inputs, tiny_llava
 
 import lofi
@@ -57,13 +58,17 @@ def test_unsupported_attention_implementation_names_the_fix():
         model.config.text_config._attn_implementation = "sdpa"
 
 
-def test_inputs_embeds_without_ids_is_a_clear_error():
+def test_inputs_embeds_without_ids_is_a_clear_error_when_pixels_come():
     model = tiny_llava()
     inputs = make_inputs()
     embeds = model.get_input_embeddings()(inputs["input_ids"].clamp_max(50))
     with pytest.raises(ValueError, match="needs input_ids"):
         with lofi.pruned(model, "lofi"):
-            model(inputs_embeds=embeds)
+            model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"])
+    with torch.no_grad():  # text alone has no visual token to find: it runs as the unpruned model
+        base = model(inputs_embeds=embeds).logits
+        with lofi.pruned(model, "lofi"):
+            assert torch.equal(model(inputs_embeds=embeds).logits, base)
 
 
 def test_a_built_method_takes_no_settings_in_pruned():

@@ -156,6 +156,8 @@ class Capture:
         self._geometries: dict = {}
         self._calls = 0
         self._is_visual: torch.Tensor | None = None
+        self._input_ids: torch.Tensor | None = None
+        self._brings_visual = False
         self._valid: torch.Tensor | None = None
         self._active = False
         self._paused = False
@@ -188,13 +190,18 @@ class Capture:
             self._spectra = None
 
     def _on_multimodal(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        self._is_visual = None if input_ids is None else self.family.visual_mask(input_ids)
+        kwargs = self.family.call_arguments(args, kwargs)
+        self._input_ids, self._brings_visual = kwargs.get("input_ids"), self.family.brings_visual(kwargs)
         self._valid = kwargs.get("attention_mask")
 
     def _on_language_model(self, module, args, kwargs):
-        is_visual = self._is_visual
-        self._active = not self._paused and is_visual is not None and bool(is_visual.any())
+        input_ids, self._input_ids = self._input_ids, None
+        cache = kwargs.get("past_key_values")
+        # a decoding step brings no image: a generated image token id fed back is a word (as in lofi.pruned)
+        decoding = cache is not None and cache.get_seq_length() > 0 and not self._brings_visual
+        is_visual = None if input_ids is None or decoding or self._paused else self.family.visual_mask(input_ids)
+        self._is_visual = is_visual
+        self._active = is_visual is not None and bool(is_visual.any())
         if not self._active:
             return
         mask = self._valid

@@ -17,6 +17,7 @@ Families are chosen by ``config.model_type`` (``lofi.families.family_for``).
 
 from __future__ import annotations
 
+import inspect
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -66,6 +67,11 @@ class Family(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     classes: ClassVar[tuple[str, ...]] = ()
     multimodal_rope: ClassVar[bool] = False
+    # The multimodal model's arguments that carry images or videos (``generate`` encodes them first and hands
+    # the features over as ``mm_encoder_outputs``). After a cached prefix, a call with none of them brings no
+    # image: an image token id in it (a generated one fed back) is embedded by the model as text, and the
+    # runtime reads it as text too.
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -112,6 +118,21 @@ class Family(ABC):
         for token_id in self._ids[1:]:
             mask = mask | (input_ids == token_id)
         return mask
+
+    def call_arguments(self, args: tuple, kwargs: dict) -> dict:
+        """A multimodal model call's arguments by name (the model classes pass keywords; a user may not)."""
+        if not args:
+            return kwargs
+        return {**inspect.signature(self.multimodal_model().forward).bind_partial(*args).arguments, **kwargs}
+
+    def brings_visual(self, arguments: dict) -> bool:
+        """Whether a multimodal model call (its ``call_arguments``) carries images or videos
+        (``visual_inputs``; ``mm_encoder_outputs`` is a dict of modalities, empty for text)."""
+        for name in self.visual_inputs:
+            value = arguments.get(name)
+            if value is not None and not (isinstance(value, dict) and all(v is None for v in value.values())):
+                return True
+        return False
 
     def prunable_mask(self, is_visual: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: the visual positions a method may drop (all of them by default)."""
