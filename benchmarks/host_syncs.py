@@ -10,7 +10,7 @@ without a GPU (reads of tensors already on the host -- ``Capture._flush``, the r
 ``HostSizes.from_counts``, ``plan_stages``, ``keeps_everything`` and a method's ``n_keep`` -- are not
 counted). The script counts them during one
 prefill under ``lofi.pruned`` for each method, and during one prefill with ``Capture`` (IPR/PR at every
-layer) active.
+layer) active, then during the decoding step that follows each.
 """
 
 from __future__ import annotations
@@ -68,6 +68,15 @@ def counting():
         torch.equal = equal
 
 
+def decoding_step(inputs: dict, out) -> dict:
+    """The arguments of the decoding step after a prefill's output ``out``: its greedy tokens, one more
+    attention column, the cache; no image, as ``generate()`` passes it."""
+    mask = inputs["attention_mask"]
+    return {"input_ids": out.logits[:, -1].argmax(-1, keepdim=True), "past_key_values": out.past_key_values,
+            "attention_mask": torch.cat([mask, mask.new_ones(len(mask), 1)], 1), "use_cache": True,
+            "logits_to_keep": 1}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -85,7 +94,7 @@ def main(argv=None) -> None:
     model, processor = load_model()
     inputs = batch_inputs(processor, load_split("test", limit=args.batch))
     print(f"bundled model, batch {args.batch}, {model.config.text_config.num_hidden_layers} layers; calls from "
-          "lofi/ and analysis/ during one prefill")
+          "lofi/ and analysis/ during one prefill and one decoding step")
     with torch.no_grad():
         # LoFi's GPU default from 256 visual tokens is its randomized route: counted here on 144
         randomized = ("lofi keep=0.5, solver=randomized", lofi.build("lofi", keep=0.5, solver="randomized"), False)
@@ -99,10 +108,13 @@ def main(argv=None) -> None:
                 if method:
                     model(**inputs, logits_to_keep=1)
                 with counting() as counts:
-                    model(**inputs, logits_to_keep=1)
+                    out = model(**inputs, logits_to_keep=1, use_cache=True)
+                with counting() as step_counts:
+                    model(**decoding_step(inputs, out))
                 if capturing is not None:
                     capturing.take()
-            print(f"{label:<42} {sum(counts.values()):4d}  {dict(counts)}")
+            print(f"{label:<42} {sum(counts.values()):4d}  {dict(counts)}; a decoding step: "
+                  f"{sum(step_counts.values())} {dict(step_counts)}")
 
 
 if __name__ == "__main__":
