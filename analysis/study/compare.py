@@ -146,7 +146,9 @@ def _check_out(out: Path) -> None:
 
 
 def _config(args, plan: Plan, device: str) -> RunConfig:
-    packages = {p: _version(p) for p in ("torch", "transformers", "numpy", "pandas", "lofi-vtp")}
+    # torchvision, when installed, gives transformers' image processors their torchvision backend (other
+    # resampling, so other pixels for images that are resized); None when it is not
+    packages = {p: _version(p) for p in ("torch", "torchvision", "transformers", "numpy", "pandas", "lofi-vtp")}
     first = {}
     for method in plan.methods:
         first.setdefault(method.name, repr(method))
