@@ -12,12 +12,15 @@
 # Older pins of those three would shadow the device's and make transformers 5.23 refuse to import (it checks
 # them at import time). Its regex (>= 2025.10.22) is listed there without a version, so carry one (0.8 MB; 14
 # MB with transformers).
-#   echo /.whl/ >> .git/info/exclude
+#   mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl transformers==5.23.0 regex==2026.5.9
 # then run it through the device tool with `carry: [".whl"]` and the command `STEPS="1 2 4" bash benchmarks/gpu.sh`.
 # Everything it prints is also written under $OUT (or ./gpu-results when OUT is unset).
+# DRY=1 runs every command on this machine's CPU, small (4 text layers, 1 vision layer, batch 2, one repeat,
+# 4 new tokens): a check of the script, and of the code under another torch, before device time is spent. Put
+# the device's versions first on PATH (torch 2.11, Python 3.12; benchmarks/README.md, "On a GPU").
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -26,12 +29,33 @@ if [ -d .whl ]; then
     && export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-run() { echo "== $*" | tee -a "$OUT/all.log"; timeout 300 "$@" 2>&1 | tee -a "$OUT/all.log"; }
+if [ -n "${DRY:-}" ]; then LIMIT=1200 WHERE="the CPU (dry run)"; else LIMIT=300 WHERE=cuda; fi
+shrink() {  # DRY: a command's words, one per line, on the CPU and small
+  local previous="" script="" word
+  for word in "$@"; do
+    case "$previous" in
+      --device) word=cpu ;; --batch) word=2 ;; --repeats) word=1 ;; --new-tokens) word=4 ;;
+    esac
+    [[ "$word" == benchmarks/*.py ]] && script=$word
+    printf '%s\n' "$word"
+    if [ "$previous" = --shape ]; then  # the shape's widths, fewer layers (LVPruning's three stages need 4)
+      printf '%s\n' --text-layers 4
+      [ "$script" = benchmarks/capture_overhead.py ] || printf '%s\n' --vision-layers 1
+    fi
+    previous=$word
+  done
+}
+run() {
+  local command=("$@")
+  [ -n "${DRY:-}" ] && mapfile -t command < <(shrink "$@")
+  echo "== ${command[*]}" | tee -a "$OUT/all.log"
+  timeout "$LIMIT" "${command[@]}" 2>&1 | tee -a "$OUT/all.log"
+}
 step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
   if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-9}" ]; fi
 }
 
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+[ -n "${DRY:-}" ] || nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 # 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against subspace
 #    iteration (torch's QR, CholeskyQR3), kept-set agreement and time, on real states, random 7B ones and
 #    7B-size ones with concentrated energy; the two Gram routes. The batched route is checked against
@@ -61,14 +85,14 @@ step 4 && LOFI_EIGH=cusolver-batched run python3 benchmarks/capture_overhead.py 
 if step 5; then
   start=$(date +%s)
   run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda --out "$OUT/default-cuda" --no-progress
-  echo "default compare on cuda: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
+  echo "default compare on $WHERE: $(( $(date +%s) - start )) s" | tee -a "$OUT/all.log"
 fi
 #    and the CPU run's full job (spectra at every layer), decomposed on the GPU through batched cuSOLVER
 if step 5; then
   start=$(date +%s)
   LOFI_EIGH=cusolver-batched run python3 -m analysis.compare --methods lofi lvpruning fastv --device cuda \
     --spectrum-layers all --spectra-on device --out "$OUT/default-cuda-all" --no-progress
-  echo "default compare on cuda, every layer's spectrum, batched eigh: $(( $(date +%s) - start )) s" \
+  echo "default compare on $WHERE, every layer's spectrum, batched eigh: $(( $(date +%s) - start )) s" \
     | tee -a "$OUT/all.log"
 fi
 # 6. how far the GPU runs' tables are from the committed CPU run's (same job, same seed)

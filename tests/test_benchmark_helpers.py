@@ -104,3 +104,27 @@ def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
     clock.stamps = [0.0, 0.5]
     with pytest.raises(ValueError, match="at least two new tokens"):
         clock.split()
+
+
+def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():
+    """``DRY=1 bash benchmarks/gpu.sh``: every command on the CPU, small, the rest of its words unchanged."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu.sh"
+    shrink = script.read_text().split("\nshrink() {", 1)[1].split("\n}\n", 1)[0]
+
+    def shrunk(command: str) -> str:
+        run = subprocess.run(["bash", "-c", f"shrink() {{{shrink}\n}}\nshrink {command} | tr '\\n' ' '"],
+                             capture_output=True, text=True, check=True)
+        return run.stdout.strip()
+
+    assert shrunk("python3 benchmarks/prefill.py --shape qwen2-vl-7b --device cuda --dtype bfloat16 --batch 16 "
+                  "--repeats 3") == ("python3 benchmarks/prefill.py --shape qwen2-vl-7b --text-layers 4 "
+                                     "--vision-layers 1 --device cpu --dtype bfloat16 --batch 2 --repeats 1")
+    assert shrunk("python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --batch 8") == (
+        "python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --text-layers 4 --device cpu --batch 2")
+    assert shrunk("python3 benchmarks/generate.py --device cuda --new-tokens 32") == (
+        "python3 benchmarks/generate.py --device cpu --new-tokens 4")
+    assert shrunk("python3 -m analysis.compare --methods lofi --device cuda --out x") == (
+        "python3 -m analysis.compare --methods lofi --device cpu --out x")
