@@ -1,7 +1,7 @@
 """Tiny random LLaVA models and inputs for the engine tests (no downloads)."""
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessorList
 
 IMAGE_SIZE, PATCH = 16, 4
 N_VISUAL = (IMAGE_SIZE // PATCH) ** 2  # 16
@@ -42,3 +42,14 @@ def make_inputs(image_token=3, seed=0, prompts=None):
 
 def positions(mask):
     return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+def emitting(token_id: int, prompt_length: int) -> dict:
+    """``generate()`` options under which greedy decoding emits ``token_id`` as its second new token (the
+    logits it returns stay the model's own)."""
+    def emit(input_ids, scores):
+        if input_ids.shape[1] == prompt_length + 1:
+            scores = torch.full_like(scores, -torch.inf)
+            scores[:, token_id] = 0
+        return scores
+    return {"logits_processor": LogitsProcessorList([emit])}

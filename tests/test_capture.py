@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from _tiny import make_inputs, positions, prompt_ids, tiny_llava
+from _tiny import emitting, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
 from analysis.measure import spectral
@@ -103,17 +103,8 @@ def test_a_padded_batch_gives_the_rows_of_its_samples(model):
 @torch.no_grad()
 def test_generate_captures_the_prompt_once(model):
     """Also when a decoding step feeds back a generated image token id (a word to the model: no image comes)."""
-    from transformers import LogitsProcessorList
-
     inputs = make_inputs()
-
-    def emit_image_token(input_ids, scores):
-        if input_ids.shape[1] == inputs["input_ids"].shape[1] + 1:
-            scores = torch.full_like(scores, -torch.inf)
-            scores[:, model.config.image_token_id] = 0
-        return scores
-
-    for options in ({}, {"logits_processor": LogitsProcessorList([emit_image_token])}):
+    for options in ({}, emitting(model.config.image_token_id, inputs["input_ids"].shape[1])):
         with Capture(model) as capture:
             ids = model.generate(**inputs, max_new_tokens=4, do_sample=False, **options)
         rows = capture.take()

@@ -20,7 +20,7 @@ from _families import (
     inputs,
     sample,
 )
-from transformers import LogitsProcessor, LogitsProcessorList
+from _tiny import emitting
 
 import lofi
 from lofi.families import family_class, family_for
@@ -111,19 +111,6 @@ def _generate(model, batch, steps=4, **options):
     return out.sequences, torch.stack(out.logits, 1)
 
 
-class _EmitsImageToken(LogitsProcessor):
-    """Greedy decoding emits the image token id as its second new token (the logits it returns are raw)."""
-
-    def __init__(self, prompt_length):
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids, scores):
-        if input_ids.shape[1] == self.prompt_length + 1:
-            scores = torch.full_like(scores, -torch.inf)
-            scores[:, IMAGE_TOKEN] = 0
-        return scores
-
-
 def _lvpruning_path(model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lvp") / "modules"
     torch.manual_seed(0)
@@ -185,7 +172,7 @@ def test_a_generated_image_token_is_text_as_in_the_unpruned_model(name, language
     keep 0.3 (it was refused as visual tokens after a cached prefix)."""
     model = model_of(name, language_model)
     batch = batch_of(model, name)
-    emits = {"logits_processor": LogitsProcessorList([_EmitsImageToken(batch["input_ids"].shape[1])])}
+    emits = emitting(IMAGE_TOKEN, batch["input_ids"].shape[1])
     base_ids, base_steps = _generate(model, batch, **emits)
     assert (base_ids[:, -3] == IMAGE_TOKEN).all()
     with lofi.pruned(model, "fastv", keep=1.0, layer=1):

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from _tiny import N_VISUAL, make_inputs, positions, prompt_ids, tiny_llava
+from _tiny import N_VISUAL, emitting, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
 
@@ -412,17 +412,8 @@ def test_a_method_that_draws_without_saying_so_is_told_how_to_fix_it(model):
 def test_a_generated_image_token_after_a_text_prompt_is_text(model):
     """A text-only prompt leaves no pruned sequence: its decoding steps, one of which feeds back a generated image
     token id, run as the unpruned model's (they were refused as visual tokens after a cached prefix)."""
-    from transformers import LogitsProcessorList
-
     text_only = {"input_ids": torch.tensor([[1, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-
-    def emit_image_token(input_ids, scores):
-        if input_ids.shape[1] == 4:
-            scores = torch.full_like(scores, -torch.inf)
-            scores[:, model.config.image_token_id] = 0
-        return scores
-
-    options = {"max_new_tokens": 3, "do_sample": False, "logits_processor": LogitsProcessorList([emit_image_token])}
+    options = {"max_new_tokens": 3, "do_sample": False, **emitting(model.config.image_token_id, 3)}
     base = model.generate(**text_only, **options)
     assert base[0, 4] == model.config.image_token_id
     with lofi.pruned(model, "lofi", keep=0.5):
