@@ -8,7 +8,7 @@ While it is active, every forward pass and ``generate()`` call runs like this:
   (``lofi.families``) says which positions are visual (image and video token ids, never fixed offsets)
   and which of those may be pruned (LLaVA-NeXT's newline rows may not). A call whose prompt holds visual
   tokens starts a new *sequence*; a call without them that continues a cache is a *decoding step*.
-  After a cached prefix, ids are read only in a call that brings an image (``Family.visual_inputs``):
+  After a cached prefix, ids are read only in a call that brings an image (``Family.call_visual_mask``):
   a generated image token id fed back is a word, as the model embeds it.
 * At each stage layer K (``method.stages``) the method chooses which visual tokens to keep from the
   hidden states entering K; the pre-hook of layer K removes the others from ``hidden_states``, so
@@ -48,11 +48,6 @@ from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, StageInput, build
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-
-
-def _visual_after_prefix() -> ValueError:
-    return ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a cached prefix are "
-                      "not supported")
 
 
 @dataclass
@@ -236,13 +231,12 @@ class _Runtime:
             raise ValueError("lofi.pruned builds the attention masks itself: pass a 2D attention_mask "
                              "(or none), not a 4D one")
         past = cache.get_seq_length() if cache is not None else 0
-        # After a cached prefix, a call that brings no image (a decoding step feeding back a generated image
-        # token id) is text, as the model embeds such an id: a decoding step reads nothing from the device.
-        text_only = input_ids is None or (past and not brings_visual)
-        is_visual = None if text_only else self.family.visual_mask(input_ids)
+        # a decoding step brings no image, so its ids are not read: it reads nothing from the device
+        is_visual = self.family.call_visual_mask(input_ids, brings_visual, past)
+        if past and is_visual is not None and bool(is_visual.any()):
+            raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a cached "
+                             "prefix are not supported")
         if past and self._seq is not None:  # a decoding step
-            if is_visual is not None and bool(is_visual.any()):
-                raise _visual_after_prefix()
             if self._seq.whole:
                 self._phase = None
                 self._arm_layers(False)
@@ -270,8 +264,6 @@ class _Runtime:
             if not sizes.has_visual:
                 self._seq, self._phase = None, None
                 return None
-            if past:
-                raise _visual_after_prefix()
             self._start(input_ids, embeds, is_visual, prunable, valid, kwargs.get("position_ids"), sizes)
             self._seq.plans = stage_steps.plan_stages(self.method, len(self.stage_layers), sizes)
             if all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in self._seq.plans):

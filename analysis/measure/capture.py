@@ -197,9 +197,8 @@ class Capture:
     def _on_language_model(self, module, args, kwargs):
         input_ids, self._input_ids = self._input_ids, None
         cache = kwargs.get("past_key_values")
-        # a decoding step brings no image: a generated image token id fed back is a word (as in lofi.pruned)
-        decoding = cache is not None and cache.get_seq_length() > 0 and not self._brings_visual
-        is_visual = None if input_ids is None or decoding or self._paused else self.family.visual_mask(input_ids)
+        past = cache.get_seq_length() if cache is not None else 0
+        is_visual = None if self._paused else self.family.call_visual_mask(input_ids, self._brings_visual, past)
         self._is_visual = is_visual
         self._active = is_visual is not None and bool(is_visual.any())
         if not self._active:

@@ -68,9 +68,7 @@ class Family(ABC):
     classes: ClassVar[tuple[str, ...]] = ()
     multimodal_rope: ClassVar[bool] = False
     # The multimodal model's arguments that carry images or videos (``generate`` encodes them first and hands
-    # the features over as ``mm_encoder_outputs``). After a cached prefix, a call with none of them brings no
-    # image: an image token id in it (a generated one fed back) is embedded by the model as text, and the
-    # runtime reads it as text too.
+    # the features over as ``mm_encoder_outputs``); see ``call_visual_mask``.
     visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
 
     def __init__(self, model: nn.Module):
@@ -133,6 +131,14 @@ class Family(ABC):
             if value is not None and not (isinstance(value, dict) and all(v is None for v in value.values())):
                 return True
         return False
+
+    def call_visual_mask(self, input_ids: torch.Tensor | None, brings_visual: bool, past: int) -> torch.Tensor | None:
+        """``visual_mask`` of a call's ids, or None where there is nothing to read: no ids, or a call after a
+        cached prefix (``past`` > 0) that brings no image (``brings_visual``): a generated image token id fed
+        back is a word, as the model embeds it."""
+        if input_ids is None or (past and not brings_visual):
+            return None
+        return self.visual_mask(input_ids)
 
     def prunable_mask(self, is_visual: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """[batch, T] bool: the visual positions a method may drop (all of them by default)."""
