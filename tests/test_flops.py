@@ -150,3 +150,14 @@ def test_a_stage_that_keeps_every_token_spends_no_decision_flops():
     lvpruning = lofi.build("lvpruning", keep=1.0)  # rho = 1: its first stage keeps every token, the others drop
     spent = lvpruning.spent_decision_flops(config, n_text, [16, 16, 13], [16, 13, 10])
     assert spent == lvpruning.decision_flops(config, n_text, [16, 13]) > 0
+
+
+def test_lvpruning_at_rho_045_prunes_on_the_papers_schedule_at_llava_15_7b_shape():
+    """rho = 0.45 keeps [0.45, 0.25, 0.05] of 576 tokens (ceil: 260, 144, 29) at layers 1, 8, 16 of 32."""
+    from lofi.methods.lvpruning import LVPruning
+    config = checkpoint_config("llava-1.5-7b")
+    schedule = LVPruning(keep=0.45).schedule(32, 576)
+    assert schedule == [(1, 260), (8, 144), (16, 29)]
+    per_layer = lambda n: 2 * (4 * n * 4096**2 + 2 * n**2 * 4096 + 3 * n * 4096 * 11008)  # noqa: E731
+    expected = per_layer(606) + 7 * per_layer(290) + 8 * per_layer(174) + 16 * per_layer(59)
+    assert lofi.count_flops(config, 30, 576, schedule).llm == expected

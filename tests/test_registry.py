@@ -82,11 +82,14 @@ def test_a_built_method_takes_no_settings_in_pruned():
             pass
 
 
-def test_lvpruning_below_rho_one_half_keeps_the_shape_of_its_schedule():
+def test_lvpruning_follows_the_paper_while_every_stage_keeps_tokens_and_the_schedule_shape_below():
     from lofi.methods.lvpruning import LVPruning
-    assert LVPruning(keep=0.25).ratios() == pytest.approx([0.25, 0.15, 0.05])
-    assert LVPruning(keep=0.5).ratios() == pytest.approx([0.5, 0.3, 0.1])  # both rules meet at 0.5
-    assert LVPruning(keep=0.5 - 1e-9).ratios() == pytest.approx([0.5, 0.3, 0.1])
     assert LVPruning(keep=0.7).ratios() == pytest.approx([0.7, 0.5, 0.3])
+    assert LVPruning(keep=0.5).ratios() == pytest.approx([0.5, 0.3, 0.1])
+    assert LVPruning(keep=0.45).ratios() == pytest.approx([0.45, 0.25, 0.05])  # the paper's rule, not 0.45 x shape
+    assert LVPruning(keep=0.41).ratios() == pytest.approx([0.41, 0.21, 0.01])
+    assert LVPruning(keep=0.4).ratios() == pytest.approx([0.4, 0.24, 0.08])  # the paper's last stage would be empty
+    assert LVPruning(keep=0.25).ratios() == pytest.approx([0.25, 0.15, 0.05])
+    assert LVPruning(keep=0.3, offsets=(0, 0.1, 0.2)).ratios() == pytest.approx([0.3, 0.2, 0.1])
     with pytest.raises(ValueError, match="every stage must keep a positive fraction"):
         LVPruning(keep=0.6, offsets=(0, 0.3, 0.6))

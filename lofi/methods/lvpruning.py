@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from lofi.registry import PruningMethod, StageInput, register
 
 PAPER_LAYERS, PAPER_DEPTH = (1, 8, 16), 32
-REFERENCE_RHO = 0.5  # below it, the stage ratios keep the shape of the rho = 0.5 schedule (``ratios``)
+REFERENCE_RHO = 0.5  # where the paper's rule leaves a stage empty, the ratios keep the shape of its rho = 0.5 schedule
 WEIGHTS, CONFIG = "decision_modules.safetensors", "decision_modules.json"
 DEFAULT_FOLDER = "lvpruning"  # beside the model's weights
 
@@ -166,8 +166,9 @@ class LVPruning(PruningMethod):
     """LVPruning: trained cross-attention decision modules keep language-relevant visual tokens (3 stages).
 
     Options:
-        keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative); below
-            rho = 0.5, rho x [1, 0.6, 0.2], the shape of the rho = 0.5 schedule (``ratios``).
+        keep: rho; the stages keep [rho, rho-0.2, rho-0.4] of the visual tokens (cumulative), the paper's
+            rule, wherever every stage stays non-empty (rho > 0.4); at rho <= 0.4, rho x [1, 0.6, 0.2], the
+            shape of the rho = 0.5 schedule (``ratios``).
         offsets: the per-stage reductions (default (0, 0.2, 0.4)); (0, 0, 0) with keep=1 keeps all.
         path: folder of trained modules (default: ``lvpruning/`` beside the model's weights).
         modules: trained (or random, for timing) ``DecisionModules`` in memory, instead of ``path``.
@@ -208,13 +209,15 @@ class LVPruning(PruningMethod):
     def ratios(self) -> list[float]:
         """Each stage's keep ratio (cumulative, of the image's visual tokens).
 
-        At rho >= 0.5 (the paper's range) the paper's schedule, rho - offset. Below, the offsets would
-        leave nothing at the last stage (rho = 0.25: -0.15); the ratios then keep the shape of the
-        rho = 0.5 schedule, rho x (0.5 - offset) / 0.5: (0.25, 0.15, 0.05) at rho = 0.25. The two rules
-        meet at rho = 0.5.
+        The paper's schedule, rho - offset, wherever it keeps every stage non-empty (rho > the largest
+        offset: rho > 0.4 by default; rho = 0.45 keeps (0.45, 0.25, 0.05)). Below, it would leave nothing
+        at the last stage (rho = 0.25: -0.15); the ratios then keep the shape of the paper's rho = 0.5
+        schedule, rho x (0.5 - offset) / 0.5: (0.25, 0.15, 0.05) at rho = 0.25. The extension is not
+        continuous with the paper's rule at rho = 0.4, where the paper's last stage reaches zero.
         """
-        if self.keep >= REFERENCE_RHO:
-            return [self.keep - o for o in self.offsets]
+        paper = [self.keep - o for o in self.offsets]
+        if min(paper) > 0:
+            return paper
         return [self.keep * (REFERENCE_RHO - o) / REFERENCE_RHO for o in self.offsets]
 
     def bind(self, model) -> None:
