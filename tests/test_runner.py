@@ -61,3 +61,30 @@ def test_a_changed_answer_is_teacher_forced_under_the_generations_kept_tokens(bu
     for b in range(3):
         torch.testing.assert_close(forced[b], reference[b], atol=2e-4, rtol=0)
         assert torch.equal(forced[b][0], step_logits[b, 0])
+
+
+@torch.no_grad()
+def test_the_teacher_forced_pass_numbers_positions_as_generate_does(bundled_model):
+    """A left-padded row is numbered from its first real token, as ``generate()`` numbers it: its forced KL
+    then does not move with the padding its batch-mates bring."""
+    from analysis.study.runner import _teacher_forced
+    model, processor = bundled_model
+    samples = load_split("test", limit=40)
+    lengths = [int(_prompt_inputs(processor, [s], "cpu")["attention_mask"].sum()) for s in samples]
+    pair = [samples[lengths.index(min(lengths))], samples[lengths.index(max(lengths))]]
+    assert min(lengths) < max(lengths)  # the first row is left-padded
+    inputs = _prompt_inputs(processor, pair, "cpu")
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
+    try:
+        with lofi.pruned(model, "fastv", keep=0.25) as handle:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        generated = seen[:]
+        seen.clear()
+        _teacher_forced(model, processor, pair, [[5, 6], [5, 6]], handle.replay())
+    finally:
+        hook.remove()
+    assert torch.equal(seen[0], generated[0])  # the prompt
+    first_step = generated[1]  # generate()'s first decoding step: the answer's first token
+    assert torch.equal(seen[1], first_step + torch.arange(2))

@@ -174,7 +174,11 @@ def _teacher_forced(model, processor, samples, continuations, replay) -> torch.T
     for b, tokens in enumerate(continuations):
         ids[b, :len(tokens)] = torch.tensor(tokens, device=device)
         mask[b, :len(tokens)] = 1
+    # positions as generate() numbers them: a left-padded row from its first real token (the model's own rule,
+    # M-RoPE included), the continuation after its prompt's last position
+    positions = model._prepare_position_ids_for_generation(inputs["input_ids"], dict(inputs))
+    after = positions[..., -1:] + torch.arange(1, width + 1, device=device)
     with lofi.pruned(model, replay):
-        prefill = model(**inputs, use_cache=True, logits_to_keep=1)
+        prefill = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1)
         return model(input_ids=ids, attention_mask=torch.cat([inputs["attention_mask"], mask], 1),
-                     past_key_values=prefill.past_key_values, use_cache=True).logits.float()
+                     position_ids=after, past_key_values=prefill.past_key_values, use_cache=True).logits.float()
