@@ -9,7 +9,7 @@ import pytest
 import lofi
 from analysis.study.tables import relative_flops
 from benchmarks.lvpruning_matched import flops_share, matched_keep, mcnemar
-from benchmarks.prefill import N_TEXT, shape_config
+from benchmarks.shapes import N_TEXT, shape_config
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
@@ -128,3 +128,18 @@ def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():
         "python3 benchmarks/generate.py --device cpu --new-tokens 4")
     assert shrunk("python3 -m analysis.compare --methods lofi --device cuda --out x") == (
         "python3 -m analysis.compare --methods lofi --device cpu --out x")
+
+
+def test_the_prefill_benchmark_prints_a_row_per_condition(capsys):
+    """benchmarks/prefill.py on a small model on the CPU: one row per (method, keep), keep = 1 keeps every
+    visual token at the unpruned FLOPs, and a pruned prefill holds a smaller KV cache."""
+    from benchmarks.prefill import main
+
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--repeats", "1",
+                 "--methods", "fastv", "--keep", "1", "0.25", "--device", "cpu"])
+    keep_all, pruned = rows
+    assert (keep_all["keep"], keep_all["kept"], keep_all["flops_speedup"]) == (1.0, 64, 1.0)
+    assert keep_all["kv_mb_pruned"] == keep_all["kv_mb_base"] > pruned["kv_mb_pruned"]
+    assert pruned["kept"] == 16 and pruned["flops_speedup"] > 1
+    assert all(row["baseline_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
+    assert "| fastv" in capsys.readouterr().out
