@@ -70,13 +70,34 @@ def test_split_tables(bundled_model):
 
 
 @pytest.mark.slow
-def test_greedy_accuracy_on_the_test_split_meets_the_issue_target(test_split_tables):
-    """Issue #2's bar, on the whole split rather than a slice: a slice of 150 leaves too few questions per
-    family for a margin of a few points to survive another CPU's rounding."""
+def test_greedy_accuracy_on_the_test_split_meets_the_quality_bar(test_split_tables):
+    """The bundled model's quality bar (``recipe.QUALITY_BAR``), on the whole split rather than a slice: a slice of
+    150 leaves too few questions per family for a margin of a few points to survive another CPU's rounding."""
     image, blank = test_split_tables
-    assert image.loc["overall", "accuracy"] >= 85
-    assert image.loc["existence", "accuracy"] >= 90
-    assert image.loc["overall", "accuracy"] - blank.loc["overall", "accuracy"] >= 30
+    bar = bundled.QUALITY_BAR
+    assert image.loc["overall", "accuracy"] >= bar["overall"]
+    assert image.loc["existence", "accuracy"] >= bar["existence"]
+    assert image.loc["overall", "accuracy"] - blank.loc["overall", "accuracy"] >= bar["blank_drop"]
+
+
+def test_the_card_states_the_quality_bar_and_what_was_measured():
+    import pandas as pd
+
+    from analysis.bundled.card import quality_status
+
+    def table(overall, existence, blank):
+        rows = {"existence": (existence, 50.0), "colour": (overall, 20.0), "spatial": (50.0, 50.0),
+                "overall": (overall, blank)}
+        frame = pd.DataFrame({"questions": 10, "accuracy, real images (%)": {k: v[0] for k, v in rows.items()},
+                              "accuracy, blank images (%)": {k: v[1] for k, v in rows.items()}})
+        frame["drop (points)"] = frame.iloc[:, 1] - frame.iloc[:, 2]
+        return frame
+
+    bar = ">= 85% overall, >= 90% on existence, >= 30 points lost on blank images"
+    met = quality_status(table(87.6, 100.0, 37.5))
+    assert met.startswith(f"**Quality bar met** ({bar}).") and "Spatial questions are still answered" in met
+    missed = quality_status(table(80.0, 100.0, 37.5))
+    assert missed.startswith(f"**Quality bar NOT met** ({bar}): this checkpoint reaches 80.0% overall")
 
 
 @pytest.mark.slow
