@@ -175,11 +175,13 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     import shlex
 
     import analysis.bundled.train as train_bundled
+    from analysis import paths
     from analysis.bundled import card as model_card
     tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
             "vision_width": 32, "image_size": 24, "patch_size": 6}
     first = train(tmp_path / "a", steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,
                   config_overrides=tiny, progress=False)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a checkpoint inside the project is recorded relative to it
     second = train(tmp_path / "b", steps=2, batch_size=2, turns=2, lr=5e-4, seed=1, eval_every=0,
                    init_from=tmp_path / "a", start=1000, progress=False, curriculum=2,
                    family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "spatial": 0.0},
@@ -188,6 +190,8 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
     assert [r.get("stage", 1) for r in log] == [1, 1, 1, 2, 2]
     assert second.total_steps == 5 and second.previous.steps == first.steps == 3
+    saved = json.loads((tmp_path / "b" / "training_summary.json").read_text())
+    assert second.init_from == saved["init_from"] == "a"
     assert second.total_wall_seconds >= first.wall_seconds
     chain = second.chain()
     assert [s.steps for s in chain] == [3, 2]
