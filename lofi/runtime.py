@@ -4,7 +4,7 @@
 no weights, classes or forward methods change) and removes them on exit, also after an exception.
 While it is active, every forward pass and ``generate()`` call runs like this:
 
-* The multimodal model's pre-hook reads ``input_ids``; the model's family adapter
+* The model's call tracker (``lofi.calls``) reads ``input_ids``; the model's family adapter
   (``lofi.families``) says which positions are visual (image and video token ids, never fixed offsets)
   and which of those may be pruned (LLaVA-NeXT's newline rows may not). A call whose prompt holds visual
   tokens starts a new *sequence*; a call without them that continues a cache is a *decoding step*.
@@ -42,8 +42,9 @@ import torch
 from lofi import seeding
 from lofi import stage as stage_steps
 from lofi.attention import attention_received
+from lofi.calls import Call, CallTracker
 from lofi.compiled import options_of
-from lofi.families import Family, family_for
+from lofi.families import Family, UnsupportedModelError, family_for
 from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, StageInput, build
 
@@ -162,10 +163,8 @@ class _Runtime:
         # the inherited select (top n_keep of masked scores) keeps the contract by construction; a method's
         # own select is checked on every stage (one host sync)
         self._check_selection = type(method).select is not PruningMethod.select
-        self._hooks: list = []
+        self._tracker: CallTracker | None = None
         self._layer_hooks: list = []  # the layers' hooks, while the current call needs them
-        self._input_ids: torch.Tensor | None = None
-        self._brings_visual = False  # whether the multimodal model's call carries images (Family.brings_visual)
         self._seq: _Sequence | None = None
         self._phase: str | None = None
         self._stage_kwargs: dict[int, dict] = {}
@@ -174,11 +173,8 @@ class _Runtime:
     # ------------------------------------------------------------------ attaching and detaching
     def attach(self) -> None:
         try:
-            mm, lm = self.family.multimodal_model(), self.family.language_model()
-            # prepend: whatever else observes these modules (analysis.capture) sees the pruned inputs
-            self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True, prepend=True))
-            self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True,
-                                                            prepend=True))
+            self._tracker = CallTracker.join(self.family)
+            self._tracker.prune_with(self)
             first = self.stage_layers[0] - (1 if self.method.attention_queries else 0)
             self._layer_hook_functions = {i: self._layer_hook(i) for i in range(first, len(self.layers))}
             self._arm_layers(True)
@@ -199,25 +195,23 @@ class _Runtime:
 
     def detach(self) -> None:
         self._arm_layers(False)
-        while self._hooks:
-            self._hooks.pop().remove()
+        if self._tracker is not None:
+            if self._tracker.pruner is self:
+                self._tracker.prune_with(None)
+            self._tracker.leave()
+            self._tracker = None
         self._seq = None
         self._captured.clear()
         self._stage_kwargs.clear()
 
-    # ------------------------------------------------------------------ per-call hooks
-    def _on_multimodal(self, module, args, kwargs):
-        kwargs = self.family.call_arguments(args, kwargs)
-        self._brings_visual = self.family.brings_visual(kwargs)
-        input_ids = kwargs.get("input_ids")
-        if input_ids is None and self._brings_visual:
+    # ------------------------------------------------------------------ each call (lofi.calls.Pruner)
+    def on_multimodal(self, call: Call) -> None:
+        if call.input_ids is None and call.brings_visual:
             raise ValueError("lofi.pruned needs input_ids to find the visual tokens (their token ids); "
                              "pass input_ids, not inputs_embeds")
-        self._input_ids = input_ids
 
-    def _on_language_model(self, module, args, kwargs):
-        input_ids, self._input_ids = self._input_ids, None
-        brings_visual, self._brings_visual = self._brings_visual, False
+    def on_language_model(self, call: Call, args: tuple, kwargs: dict):
+        input_ids, past = call.input_ids, call.past
         self._stage_kwargs = {}
         self._captured.clear()
         embeds = kwargs.get("inputs_embeds")
@@ -230,9 +224,8 @@ class _Runtime:
         if mask2d is not None and mask2d.ndim != 2:
             raise ValueError("lofi.pruned builds the attention masks itself: pass a 2D attention_mask "
                              "(or none), not a 4D one")
-        past = cache.get_seq_length() if cache is not None else 0
         # a decoding step brings no image, so its ids are not read: it reads nothing from the device
-        is_visual = self.family.call_visual_mask(input_ids, brings_visual, past)
+        is_visual = call.is_visual
         if past and is_visual is not None and bool(is_visual.any()):
             raise ValueError("lofi.pruned prunes a prompt that starts a sequence; visual tokens after a cached "
                              "prefix are not supported")
@@ -466,22 +459,21 @@ def pruned(model: torch.nn.Module, method: str | PruningMethod, keep: float | No
     else:
         instance = build(method, keep=0.5 if keep is None else keep,
                          **({} if layer is None else {"layer": layer}), **options)
-    if id(model) in _ACTIVE:
+    if active(model) is not None:
         raise RuntimeError("this model is already inside lofi.pruned(...); nest methods as one "
                            "multi-stage method instead")
     runtime = _Runtime(model, instance)
     runtime.attach()
-    _ACTIVE[id(model)] = runtime.handle
     try:
         yield runtime.handle
     finally:
-        _ACTIVE.pop(id(model), None)
         runtime.detach()
 
 
-_ACTIVE: dict[int, PruningHandle] = {}
-
-
 def active(model: torch.nn.Module) -> PruningHandle | None:
-    """The handle of the ``pruned`` block ``model`` is in, or None."""
-    return _ACTIVE.get(id(model))
+    """The handle of the ``pruned`` block ``model`` is in, or None (read from the model's call tracker)."""
+    try:
+        tracker = CallTracker.attached(family_for(model))
+    except UnsupportedModelError:
+        return None
+    return None if tracker is None else tracker.pruning
