@@ -4,16 +4,18 @@
            [--dataset NAME_OR_PATH] [--limit N] [--out DIR] [--device auto|cpu|cuda] [--seed S]
     python -m analysis.compare --methods list
 
-This module owns the command line (docs/definitions.md#cli): checking every input before any work,
-building each (method, keep) condition once, running the unpruned model and every condition
-(``analysis.study.runner``) in the run folder (``analysis.study.runfolder``: resume, atomic completion),
-and assembling the tables and the report.
+This module owns the command line (docs/definitions.md#cli): checking every input before any work (a bad
+one: one line on stderr, exit status 2), building each (method, keep) condition once, running the
+unpruned model and every condition (``analysis.study.runner``) in the run folder
+(``analysis.study.runfolder``: resume, lock, atomic completion), and assembling the tables and the report.
+An interruption exits with 130, an operating-system error (a full disk) with 1, each with one line, and
+both leave the work folder to resume from.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import hashlib
 import os
 import platform
 import re
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,10 +32,10 @@ import torch
 
 import lofi
 from analysis import paths
-from analysis.benchmark.datasets import DatasetError, check_questions, load_split, verify_images
+from analysis.benchmark.datasets import DatasetError, check_questions, content_sha256, load_split, verify_images
 from analysis.measure.capture import CaptureOptions
 from analysis.study import runfolder, tables
-from analysis.study.models import ModelError, check_model, load_model, resolve
+from analysis.study.models import ModelError, check_model, check_weights, load_model, resolve
 from analysis.study.records import RunConfig
 from analysis.study.runner import run_condition
 
@@ -40,6 +43,7 @@ DEFAULT_LIMIT = 150
 DEFAULT_KEEP = (0.5, 0.25, 0.1)
 HEADLINE = {"layer": "last", "group": "all"}
 LEVERAGE_LAYERS = (0, 2)
+MAX_SEED = 2**32 - 1  # torch.manual_seed and numpy's generators take any seed in this range
 
 
 class UsageError(Exception):
@@ -48,27 +52,41 @@ class UsageError(Exception):
 
 @dataclass
 class Plan:
-    """A checked command: its questions, model folder, configuration and processor, and its conditions,
-    built once."""
+    """A checked command: its questions (and their content fingerprint), model folder, configuration and
+    processor, and its conditions, built once."""
 
     samples: list
     config: object
     processor: object
     model_folder: Path | None
     methods: list[lofi.PruningMethod]
+    dataset_sha256: str
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (``UsageError``), not the usage block."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see python -m analysis.compare --help)")
+
+
+def _user_path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="python -m analysis.compare", description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", required=True, help="method names, or 'list'")
     parser.add_argument("--keep", nargs="+", type=float, default=list(DEFAULT_KEEP))
     parser.add_argument("--model", default=str(paths.BUNDLED_MODEL))
     parser.add_argument("--dataset", default="test",
                         help="test, val, or a JSONL/JSON split (docs/definitions.md#splits, LLaVA, POPE)")
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="let the split's image paths leave its folder ('..', absolute paths, links out)")
     parser.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="first N questions (0: all)")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=_user_path)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"in [0, {MAX_SEED}]")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=4)
     parser.add_argument("--center", action="store_true", help="centre hidden states before spectra")
@@ -86,13 +104,20 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def _repeated(values: list[str]) -> list[str]:
+    return [v for v, n in Counter(values).items() if n > 1]
+
+
 def _validate(args) -> Plan:
-    """Every check that can fail, before any file is written or weights are read."""
+    """Every check that can fail, before any file is written or weights are loaded."""
     valid = lofi.available()
     unknown = [m for m in args.methods if m not in valid]
     if unknown:
         raise UsageError(f"unknown method(s) {unknown}; valid methods: {', '.join(valid)} "
                          "(see --methods list)")
+    for flag, values in (("--methods", args.methods), ("--keep", [f"{k:g}" for k in args.keep])):
+        if _repeated(values):
+            raise UsageError(f"{flag} repeats {', '.join(_repeated(values))}; give each value once")
     bad = [k for k in args.keep if not 0 < k <= 1]
     if bad:
         raise UsageError(f"--keep values must be in (0, 1], got {bad}")
@@ -101,6 +126,8 @@ def _validate(args) -> Plan:
                                           ("--max-new-tokens", args.max_new_tokens, 1, "the answer's length")):
         if value < minimum:
             raise UsageError(f"{flag} must be >= {minimum} ({meaning}), got {value}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available; use --device cpu or auto")
     try:
@@ -119,24 +146,25 @@ def _validate(args) -> Plan:
                 raise UsageError(f"{method.name} needs its trained weights {file}; {method.weights_hint}"
                                  f" (or leave {method.name} out)")
     try:
-        samples = load_split(args.dataset, limit=args.limit or None)
-        verify_images(samples)
+        check_weights(sorted(folder.glob("*.safetensors")) + [f for m in methods for f in m.weight_files(folder)])
+        samples = load_split(args.dataset, limit=args.limit or None, allow_outside_images=args.allow_outside_images)
+        digests = verify_images(samples)
         check_questions(samples, getattr(processor, "image_token", None) or "<image>")
-    except DatasetError as e:
+    except (ModelError, DatasetError) as e:
         raise UsageError(str(e)) from None
     if not samples:
         raise UsageError(f"dataset {args.dataset} has no questions")
-    return Plan(samples, config, processor, folder, methods)
+    return Plan(samples, config, processor, folder, methods, content_sha256(samples, digests))
 
 
 def _check_out(out: Path) -> None:
-    """``--out`` must be new, an empty folder, or a run folder of this command, in a writable place;
-    nothing that is there is ever deleted."""
-    if out.is_file() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"--out {out} is a file; give a folder path")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise UsageError(f"--out {out} is a folder with other files in it, not a run folder of "
-                         "analysis.compare; choose a new or empty folder (nothing was deleted)")
+    """``--out`` must be new, an empty folder, or a run folder of this command, in a writable place (and
+    its work folder absent or this command's: ``runfolder.check_out``); nothing that is there is ever
+    deleted."""
+    try:
+        runfolder.check_out(out)
+    except runfolder.RunFolderError as e:
+        raise UsageError(str(e)) from None
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     try:  # a real probe: permissions alone say nothing for root or on read-only mounts
         os.rmdir(tempfile.mkdtemp(prefix=".lofi-probe-", dir=existing))
@@ -153,12 +181,16 @@ def _config(args, plan: Plan, device: str) -> RunConfig:
     for method in plan.methods:
         first.setdefault(method.name, repr(method))
     weight_files = sorted({f for m in plan.methods for f in m.weight_files(plan.model_folder)})
+    template = getattr(plan.processor, "chat_template", None)
     return RunConfig(
         methods=args.methods, keep=args.keep, model=str(args.model), dataset=str(args.dataset), limit=args.limit,
         n_samples=len(plan.samples), seed=args.seed, device=device, batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens, center=args.center, spectrum_layers=args.spectrum_layers,
         method_defaults=first, weights=runfolder.weights_fingerprint(plan.model_folder, weight_files),
-        headline=HEADLINE, packages=packages, python=platform.python_version(), git_commit=_git_commit())
+        model_files=runfolder.model_files_fingerprint(plan.model_folder),
+        chat_template_sha256=hashlib.sha256(str(template).encode()).hexdigest() if template else None,
+        dataset_sha256=plan.dataset_sha256, headline=HEADLINE, packages=packages, python=platform.python_version(),
+        git_commit=_git_commit())
 
 
 def _version(package: str) -> str | None:
@@ -184,16 +216,26 @@ def default_out(args, n_samples: int) -> Path:
         f"{Path(str(args.model)).name}_{'-'.join(args.methods)}_{dataset}_n{n_samples}_seed{args.seed}")
 
 
+class Stopped(Exception):
+    """A run that stopped after it started writing: one line, and the exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def run(args) -> Path:
     plan = _validate(args)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.spectrum_layers == "auto":  # resolved before it enters the run's identity
         args.spectrum_layers = "headline" if device.startswith("cuda") else "all"
     out = args.out or default_out(args, len(plan.samples))
+    if out.name in ("", ".."):  # "." or "..": the folder they name
+        out = Path(os.path.abspath(out))
     _check_out(out)
     config = _config(args, plan, device)
     try:
-        if (out / "report.html").is_file():
+        if runfolder.finished(out):
             runfolder.refuse_another_run(out, config, "a finished", "choose another --out or delete it")
             runfolder.drop_resume_state(out)
             print(f"{out} is complete; nothing to recompute (re-render with `python -m analysis.report {out}`)")
@@ -201,20 +243,35 @@ def run(args) -> Path:
         if out.is_dir() and any(out.iterdir()):
             raise UsageError(f"--out {out} holds an unfinished or damaged run (no report.html); delete it or "
                              "choose another --out")
-        work = out.with_name(out.name + ".partial")
-        runfolder.refuse_another_run(work, config, "an unfinished", "delete it or use another --out")
+        with runfolder.working(out, config) as work:
+            return _work(args, plan, device, out, work)
     except runfolder.RunFolderError as e:
         raise UsageError(str(e)) from None
-    (work / "shards").mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(config.as_dict(), indent=1))
-    print(f"compare: {len(plan.samples)} questions from {args.dataset} (--limit {args.limit}), model {args.model}, "
-          f"methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}", flush=True)
-    model, processor = load_model(args.model, device, checked=(plan.config, plan.processor))
-    _measure(args, plan, model, processor, work)
-    tables.assemble(work, model.config, plan.methods)
-    from analysis.study import report
-    report.render(work)
-    return runfolder.complete(work, out)
+
+
+def _work(args, plan: Plan, device: str, out: Path, work: Path) -> Path:
+    """Everything after the checks, in the locked work folder: an interruption or an operating-system error
+    (a full disk) stops with one line and leaves ``work`` to resume from."""
+    resume = f"what is finished stays in {work}: rerun the same command to resume"
+    try:
+        print(f"compare: {len(plan.samples)} questions from {args.dataset} (--limit {args.limit}), model "
+              f"{args.model}, methods {args.methods}, keep {args.keep}, device {device}, seed {args.seed} -> {out}",
+              flush=True)
+        try:
+            model, processor = load_model(args.model, device, checked=(plan.config, plan.processor),
+                                          progress=not args.no_progress)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UsageError(f"{args.model} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        _measure(args, plan, model, processor, work)
+        tables.assemble(work, model.config, plan.methods)
+        from analysis.study import report
+        report.render(work)
+        return runfolder.complete(work, out)
+    except KeyboardInterrupt:
+        raise Stopped(f"interrupted; {resume}", 130) from None
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise Stopped(f"{e.strerror or e}{where}; {resume}", 1) from None
 
 
 def _measure(args, plan: Plan, model, processor, work: Path) -> None:
@@ -252,16 +309,22 @@ def example_run(run_dir: str | Path | None, limit: int = 20) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.methods == ["list"]:
-        for name, line in lofi.describe().items():
-            print(f"{name:<10} {line}")
-        return 0
     try:
+        args = parse_args(argv)
+        if args.methods == ["list"]:
+            for name, line in lofi.describe().items():
+                print(f"{name:<10} {line}")
+            return 0
         out = run(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        print("interrupted before any file was written", file=sys.stderr)
+        return 130
     print(f"wrote {out}")
     return 0
 

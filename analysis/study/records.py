@@ -94,7 +94,17 @@ class ConditionResult:
 
 @dataclass
 class RunConfig:
-    """``config.json`` of a run folder: every argument, resolved defaults and provenance."""
+    """``config.json`` of a run folder: every argument, resolved defaults, what the run read (fingerprints)
+    and provenance.
+
+    Attributes (besides the command's options):
+        dataset_sha256: ``analysis.benchmark.datasets.content_sha256`` of the questions and images used.
+        chat_template_sha256: sha256 of the processor's chat template (None without one).
+        weights: sha256 per weights file read (the model's safetensors, a method's trained modules).
+        model_files: sha256 per configuration, tokenizer and processor file of the model folder.
+        method_defaults: each method's settings (its ``repr`` at the first keep).
+        packages, python, git_commit: provenance.
+    """
 
     methods: list[str]
     keep: list[float]
@@ -110,13 +120,19 @@ class RunConfig:
     spectrum_layers: str
     method_defaults: dict
     weights: dict
+    model_files: dict
+    chat_template_sha256: str | None
+    dataset_sha256: str
     headline: dict
     packages: dict
     python: str
     git_commit: str | None
 
-    IDENTITY = ("methods", "keep", "model", "weights", "dataset", "limit", "seed", "center", "max_new_tokens",
-                "spectrum_layers")  # a finished run is returned only for the same values of these
+    # a finished or unfinished run is reused only for the same values of these: everything that changes a
+    # number. The model and dataset enter by content (fingerprints), not by how their paths are written.
+    IDENTITY = ("methods", "keep", "method_defaults", "weights", "model_files", "chat_template_sha256",
+                "dataset_sha256", "n_samples", "seed", "center", "max_new_tokens", "batch_size", "spectrum_layers",
+                "device", "packages")
 
     def as_dict(self) -> dict:
         return asdict(self)
