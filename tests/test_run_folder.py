@@ -1,5 +1,6 @@
 """A run folder over its life on a tiny trained LLaVA: what a rerun reuses (only the same run, judged by
-content), what it never touches, and how an interruption or a full disk ends."""
+content), what it never touches, how an interruption or a full disk ends, and a report rendered from the
+folder alone."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from analysis import paths
-from analysis.study import compare, runfolder, runner
+from analysis.study import compare, report, runfolder, runner
 
 
 def _split(folder: Path, n: int = 3, llava_format: bool = False) -> Path:
@@ -167,6 +169,36 @@ def test_a_work_folder_without_results_takes_the_next_runs_identity(tiny_model, 
     assert "cannot be loaded (RuntimeError: bad)" in _error(capsys)
     monkeypatch.setattr(compare, "load_model", real)
     assert compare.main(_args(tiny_model, out, split, "--seed", "3")) == 0
+
+
+def test_the_report_is_rendered_from_the_run_folder_alone(tiny_model, tmp_path):
+    out, split = tmp_path / "run", _split(tmp_path / "data")
+    assert compare.main(_args(tiny_model, out, split)) == 0
+    drawn = (out / "figures" / "kept_token_maps.png").read_bytes()
+    index = json.loads((out / "thumbnails" / "index.json").read_text())
+    assert [entry["sample_id"] for entry in index] == ["test-00000-0", "test-00000-1", "test-00000-2"]
+    shutil.rmtree(tmp_path / "data")  # the split is gone; config.json still names it
+    other = _split(tmp_path / "data", n=9)  # another split at the same path: never read
+    shutil.copy(paths.BUNDLED_BENCHMARK / "images" / "test_00009.png", other.parent / "images" / "test_00000.png")
+    shutil.rmtree(out / "figures")
+    assert report.main([str(out)]) == 0
+    assert (out / "figures" / "kept_token_maps.png").read_bytes() == drawn
+
+
+def test_a_split_without_ground_truth_is_compared_without_accuracy(tiny_model, tmp_path):
+    out, split = tmp_path / "run", _split(tmp_path / "data", llava_format=True)
+    assert compare.main(_args(tiny_model, out, split)) == 0
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary["accuracy"].isna().all() and summary["flip_rate"].notna().all()
+    assert "no ground truth, so accuracy is not measured" in (out / "report.html").read_text()
+
+
+def test_report_refuses_a_folder_whose_config_is_not_a_run_configuration(tmp_path, capsys):
+    for name in ("summary.csv", "correlation.csv", "spectra.parquet"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "config.json").write_text("[]")
+    assert report.main([str(tmp_path)]) == 2
+    assert "is not a run configuration" in _error(capsys)
 
 
 def test_out_tilde_is_the_home_folder(tmp_path, monkeypatch):

@@ -265,6 +265,7 @@ def _work(args, plan: Plan, device: str, out: Path, work: Path) -> Path:
         _measure(args, plan, model, processor, work)
         tables.assemble(work, model.config, plan.methods)
         from analysis.study import report
+        report.save_thumbnails(work, plan.samples)
         report.render(work)
         return runfolder.complete(work, out)
     except KeyboardInterrupt:
