@@ -185,6 +185,12 @@ CASES = [
                                                       "text": r["question"]} for r in rows])) and (
              split.with_name("split_answers.jsonl").write_text('{"question_id": "x", "answer": 4}\n')) and [
              "--dataset", str(split)], "the answer is int"),
+    Case("answers-file-missing-a-question",
+         lambda t: (split := _split(t, lambda rows: [{"question_id": r["question_id"], "image": r["image"],
+                                                      "text": r["question"]} for r in rows])) and (
+             split.with_name("split_answers.jsonl").write_text(
+                 json.dumps({"question_id": _rows(1)[0]["question_id"], "answer": "yes"}) + "\n")) and [
+             "--dataset", str(split)], "has no answer for question_id"),
     # the model
     Case("truncated-model-safetensors", lambda t: _truncate((m := _model(t)) / "model.safetensors") or [
         "--model", str(m)], "is not a whole safetensors file"),

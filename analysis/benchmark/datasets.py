@@ -146,6 +146,9 @@ def _parse(row: dict, path: Path, lineno: int, image_root: Path, gold: dict, all
         question, answer = row["text"], row["label"]
         family = row.get("category", "pope")
     elif "text" in row:                                   # LLaVA eval: answers in a separate file
+        if gold and str(row.get("question_id")) not in gold:
+            raise DatasetError(f"{path}:{lineno}: the answers file beside it has no answer for question_id "
+                               f"{row.get('question_id')!r}; give every question an answer (or null), or none")
         question, answer = row["text"], gold.get(str(row.get("question_id")))
         family = row.get("category", "unknown")
     else:
