@@ -207,7 +207,7 @@ CASES = [
     Case("non-integer-batch-size", lambda t: ["--batch-size", "two"], "invalid int value: 'two'"),
     Case("repeated-method", lambda t: ["--methods", "fastv", "lofi", "fastv"], "--methods repeats fastv"),
     Case("repeated-keep", lambda t: ["--keep", "0.5", "0.25", "0.50"], "--keep repeats 0.5"),
-    Case("keep-nan", lambda t: ["--keep", "nan"], "--keep values must be in (0, 1]"),
+    Case("keep-nan", lambda t: ["--keep", "nan"], "keep must be a fraction in (0, 1]"),
     Case("unknown-method", lambda t: ["--methods", "lofii"], "valid methods: fastv, lofi"),
 ]
 

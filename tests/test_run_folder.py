@@ -15,7 +15,8 @@ import pandas as pd
 import torch
 
 from analysis import paths
-from analysis.study import compare, report, runfolder, runner
+from analysis.study import compare, report, request, runfolder, runner
+from analysis.study.records import BASELINE, Condition
 
 
 def _split(folder: Path, n: int = 3, llava_format: bool = False) -> Path:
@@ -44,7 +45,7 @@ def _counting(monkeypatch, stop_at: int | None = None) -> list:
     calls, real = [], runner.run_condition
 
     def counted(*args, **kwargs):
-        calls.append(runner._condition(kwargs["method"]))
+        calls.append(Condition.of(kwargs["method"]))
         if len(calls) == stop_at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
@@ -70,10 +71,10 @@ def test_an_interruption_exits_130_with_one_line_and_resumes(tiny_model, tmp_pat
     _counting(monkeypatch, stop_at=2)
     assert compare.main(_args(tiny_model, out, split, "--keep", "0.5", "0.25")) == 130
     assert "interrupted; what is finished stays in" in _error(capsys)
-    assert not out.exists() and runfolder.condition_done(tmp_path / "run.partial", "baseline", 1.0)
+    assert not out.exists() and runfolder.condition_done(tmp_path / "run.partial", BASELINE)
     calls = _counting(monkeypatch)
     assert compare.main(_args(tiny_model, out, split, "--keep", "0.5", "0.25")) == 0
-    assert calls == [("fastv", 0.5), ("fastv", 0.25)]  # the baseline is read back, not recomputed
+    assert calls == [Condition("fastv", 0.5), Condition("fastv", 0.25)]  # the baseline is read back
 
 
 def test_resuming_never_unpickles_what_the_work_folder_holds(tiny_model, tmp_path, monkeypatch, capsys):
@@ -92,7 +93,7 @@ def test_resuming_never_unpickles_what_the_work_folder_holds(tiny_model, tmp_pat
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     calls = _counting(monkeypatch)
     assert compare.main(_args(tiny_model, out, split)) == 0
-    assert not ran.exists() and calls == [("fastv", 0.5)]
+    assert not ran.exists() and calls == [Condition("fastv", 0.5)]
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_model, tmp_path, monkeypatch, capsys):
@@ -110,7 +111,7 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tiny_model, tmp_path, monke
     assert "No space left on device" in _error(capsys) and not out.exists()
     monkeypatch.setattr(runfolder, "_write_parquet", write)
     calls = _counting(monkeypatch)
-    assert compare.main(_args(tiny_model, out, split)) == 0 and calls == [("fastv", 0.5)]
+    assert compare.main(_args(tiny_model, out, split)) == 0 and calls == [Condition("fastv", 0.5)]
 
 
 def test_a_dataset_edited_in_place_is_another_run(tiny_model, tmp_path, capsys):
@@ -203,7 +204,7 @@ def test_report_refuses_a_folder_whose_config_is_not_a_run_configuration(tmp_pat
 
 def test_out_tilde_is_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert compare.parse_args(["--methods", "fastv", "--out", "~/run"]).out == tmp_path / "run"
+    assert request.parse(["--methods", "fastv", "--out", "~/run"]).out == tmp_path / "run"
 
 
 def test_out_dot_is_the_folder_it_names(tiny_model, tmp_path, monkeypatch, capsys):

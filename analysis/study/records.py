@@ -1,8 +1,9 @@
 """The typed records a comparison produces, and the table columns that come from them.
 
-One ``SampleResult`` per (sample, condition), one ``KeptTokens`` per (sample, condition, stage); the run
-folder's tables (docs/definitions.md#run-folder) are these records as rows, with the columns
-``analysis.study.tables`` derives from them added. ``RunConfig`` is ``config.json``.
+A ``Condition`` (method, keep; ``BASELINE`` for the unpruned model) is the one key of a comparison's
+shards, records and table rows. One ``SampleResult`` per (sample, condition), one ``KeptTokens`` per
+(sample, condition, stage); the run folder's tables (docs/definitions.md#run-folder) are these records as
+rows, with the columns ``analysis.study.tables`` derives from them added. ``RunConfig`` is ``config.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,30 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition of a comparison: a method's registry name and its keep (``BASELINE``: the unpruned
+    model). Its shards are named by ``stem``; its rows carry ``method`` and ``keep`` as columns."""
+
+    method: str
+    keep: float
+
+    @classmethod
+    def of(cls, method) -> "Condition":
+        """The condition of a built ``lofi.PruningMethod`` (None: the unpruned model)."""
+        return BASELINE if method is None else cls(method.name, method.keep)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.method}__{self.keep:g}"
+
+    def __str__(self) -> str:
+        return f"{self.method} keep={self.keep:g}"
+
+
+BASELINE = Condition("baseline", 1.0)
 
 
 @dataclass

@@ -26,10 +26,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.study.records import BaselineOutputs, ConditionResult, KeptTokens, RunConfig, columns
+from analysis.study.records import BASELINE, BaselineOutputs, Condition, ConditionResult, KeptTokens, RunConfig, columns
 
 SHARDS = ("spectra", "kept", "samples")  # one parquet file each per finished condition
-BASELINE = "baseline.safetensors"
+BASELINE_FILE = "baseline.safetensors"
 MARKER, LOCK = ".analysis-compare", ".lock"
 MARKER_TEXT = '{"written_by": "python -m analysis.compare"}\n'
 FULL_HASH_LIMIT, HASH_EDGE = 64 << 20, 8 << 20  # larger files: size, first and last 8 MiB (7B: 13 GiB)
@@ -145,7 +145,7 @@ def check_out(out: Path) -> None:
 def holds_results(work: Path) -> bool:
     """Whether ``work`` holds a shard of any condition (then its identity is kept, not replaced)."""
     shards = work / "shards"
-    return shards.is_dir() and any(p.suffix == ".parquet" or p.name == BASELINE for p in shards.iterdir())
+    return shards.is_dir() and any(p.suffix == ".parquet" or p.name == BASELINE_FILE for p in shards.iterdir())
 
 
 @contextlib.contextmanager
@@ -188,14 +188,14 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def shard_path(work: Path, method: str, keep: float, kind: str) -> Path:
+def shard_path(work: Path, condition: Condition, kind: str) -> Path:
     """Where a condition's ``kind`` shard lives in a run's work folder."""
-    return work / "shards" / f"{method}__{keep:g}__{kind}.parquet"
+    return work / "shards" / f"{condition.stem}__{kind}.parquet"
 
 
-def condition_done(work: Path, method: str, keep: float) -> bool:
+def condition_done(work: Path, condition: Condition) -> bool:
     """A condition is finished only when every one of its shards is on disk."""
-    return all(shard_path(work, method, keep, kind).is_file() for kind in SHARDS)
+    return all(shard_path(work, condition, kind).is_file() for kind in SHARDS)
 
 
 def read_shards(work: Path, kind: str) -> pd.DataFrame:
@@ -204,9 +204,8 @@ def read_shards(work: Path, kind: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def missing_shards(work: Path, conditions: list[tuple[str, float]]) -> list[str]:
-    return [p.name for m, k in conditions for kind in SHARDS for p in [shard_path(work, m, k, kind)]
-            if not p.is_file()]
+def missing_shards(work: Path, conditions) -> list[str]:
+    return [p.name for c in conditions for kind in SHARDS for p in [shard_path(work, c, kind)] if not p.is_file()]
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -215,15 +214,15 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_condition(work: Path, method: str, keep: float, result: ConditionResult) -> None:
+def save_condition(work: Path, condition: Condition, result: ConditionResult) -> None:
     """The condition's shards (and the unpruned outputs, for the baseline), each written atomically."""
     if result.baseline is not None:
-        _save_baseline(work / "shards" / BASELINE, result.baseline)
+        _save_baseline(work / "shards" / BASELINE_FILE, result.baseline)
     spectra = pd.DataFrame([{k: v for k, v in vars(r).items() if k not in ("row", "call")} for r in result.spectra])
-    _write_parquet(spectra.assign(method=method, keep=keep), shard_path(work, method, keep, "spectra"))
+    _write_parquet(spectra.assign(method=condition.method, keep=condition.keep), shard_path(work, condition, "spectra"))
     _write_parquet(pd.DataFrame([asdict(k) for k in result.kept], columns=columns(KeptTokens)),
-                   shard_path(work, method, keep, "kept"))
-    _write_parquet(pd.DataFrame([asdict(s) for s in result.samples]), shard_path(work, method, keep, "samples"))
+                   shard_path(work, condition, "kept"))
+    _write_parquet(pd.DataFrame([asdict(s) for s in result.samples]), shard_path(work, condition, "samples"))
 
 
 def _save_baseline(path: Path, baseline: BaselineOutputs) -> None:
@@ -247,8 +246,8 @@ def load_baseline(work: Path) -> BaselineOutputs | None:
     """The unpruned outputs of a finished baseline condition, or None (not finished, or a file that does
     not read back whole: the baseline is then computed again)."""
     from safetensors import SafetensorError, safe_open
-    path = work / "shards" / BASELINE
-    if not (path.is_file() and condition_done(work, "baseline", 1.0)):
+    path = work / "shards" / BASELINE_FILE
+    if not (path.is_file() and condition_done(work, BASELINE)):
         return None
     try:
         with safe_open(path, "pt") as f:
