@@ -324,12 +324,16 @@ def test_load_split_limit_zero_is_no_question():
     assert load_split("test", limit=0) == [] and len(load_split("test", limit=2)) == 2
 
 
-def test_the_plan_resolves_auto_and_leaves_the_request_as_parsed(tmp_path):
+def test_the_plan_resolves_auto_and_the_config_holds_no_machine_path(tmp_path):
+    """The request stays as parsed (``auto`` is resolved in the plan); the bundled model and split are
+    recorded relative to the project, so a committed run folder names no folder of the machine it ran on."""
     from analysis import paths
     parsed = request.parse(["--methods", "fastv", "--keep", "0.5", "--limit", "2", "--out", str(tmp_path / "run"),
                             "--dataset", str(paths.BUNDLED_BENCHMARK / "test.jsonl")])
     checked = request.plan(parsed)
     assert parsed.spectrum_layers == "auto" and checked.spectrum_layers == "all" and checked.device == "cpu"
     assert checked.conditions == (BASELINE, Condition("fastv", 0.5))
-    assert compare.run_config(checked).spectrum_layers == "all"
+    config = compare.run_config(checked)
+    assert (config.model, config.dataset) == ("data/shapes-llava", "data/shapes/test.jsonl")
+    assert str(paths.REPO_ROOT) not in json.dumps(config.as_dict())
     assert not (tmp_path / "run").exists()

@@ -48,7 +48,8 @@ class Stopped(Exception):
 
 
 def run_config(checked: Plan) -> RunConfig:
-    """``config.json`` of the plan's run."""
+    """``config.json`` of the plan's run: the model and dataset as given, or relative to the project when
+    they lie inside it (``paths.portable``), never the machine's absolute folder of the project."""
     request = checked.request
     # torchvision, when installed, gives transformers' image processors their torchvision backend (other
     # resampling, so other pixels for images that are resized); None when it is not
@@ -59,8 +60,8 @@ def run_config(checked: Plan) -> RunConfig:
     weight_files = sorted({f for m in checked.methods.values() for f in m.weight_files(checked.model_folder)})
     template = getattr(checked.processor, "chat_template", None)
     return RunConfig(
-        methods=list(request.methods), keep=list(request.keeps), model=request.model,
-        dataset=request.dataset, limit=request.limit, n_samples=len(checked.samples),
+        methods=list(request.methods), keep=list(request.keeps), model=paths.portable(request.model),
+        dataset=paths.portable(request.dataset), limit=request.limit, n_samples=len(checked.samples),
         seed=request.seed, device=checked.device, batch_size=request.batch_size,
         max_new_tokens=request.max_new_tokens, center=request.center, spectrum_layers=checked.spectrum_layers,
         method_defaults=first, weights=runfolder.weights_fingerprint(checked.model_folder, weight_files),
