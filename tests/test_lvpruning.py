@@ -109,12 +109,12 @@ def test_decisions_are_cumulative_and_ratio_loss_is_eq_11():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("rho", [0.6, 0.5, 0.45])
-def test_realised_kept_counts_per_stage(model, modules_dir, rho):
+@pytest.mark.parametrize("rho,ratios", [(0.6, (0.6, 0.4, 0.2)), (0.5, (0.5, 0.3, 0.1)), (0.45, (0.45, 0.25, 0.05)),
+                                        (0.3, (0.3, 0.18, 0.06))])  # the paper's rule while every stage keeps tokens
+def test_realised_kept_counts_per_stage(model, modules_dir, rho, ratios):
     inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
     with lofi.pruned(model, "lvpruning", keep=rho, path=modules_dir) as handle:
         model(**inputs)
-    ratios = (rho, rho - 0.2, rho - 0.4) if rho >= 0.5 else (rho, 0.6 * rho, 0.2 * rho)  # LVPruning.ratios
     expected = [max(1, math.ceil(r * N_VISUAL - 1e-9)) for r in ratios]
     assert [k.shape for k in handle.kept] == [(2, n) for n in expected]
     assert handle.stages == [1, 2, 3]
