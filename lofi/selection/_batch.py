@@ -37,6 +37,8 @@ def batch_sizes(valid: torch.Tensor, n_keep: int | Sequence[int] | torch.Tensor,
 
 def masked_rows(x: torch.Tensor, valid: torch.Tensor, name: str = "features") -> torch.Tensor:
     """``x`` [B, P, ...] in float32 with the rows of padding tokens set to 0 (garbage never propagates)."""
+    if valid.dtype != torch.bool:
+        raise ValueError(f"the mask of {name} must be a bool tensor, got {valid.dtype}")
     if x.shape[:2] != valid.shape:
         raise ValueError(f"{name} has shape {tuple(x.shape)}; its first two dims must be valid's {tuple(valid.shape)}")
     if not x.is_floating_point():
