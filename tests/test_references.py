@@ -8,15 +8,14 @@ import itertools
 
 import numpy as np
 import pytest
-
-from tests.references import (
+from references import (
     cdpruner_reference,
     divprune_reference,
     scope_reference,
     visionzip_reference,
     vispruner_reference,
 )
-from tests.references.cdpruner import cdpruner_relevance
+from references.cdpruner import cdpruner_relevance
 
 
 def at_angles(*degrees):

@@ -7,6 +7,9 @@ speed. They serve as oracles for the batched kernels of ``lofi.selection``: same
 the kept token indices sorted increasingly (VisionZip also returns its merged contextual tokens).
 
 Ties are broken by the lowest token index (numpy's ``argmax`` and stable sorts).
+
+Tests import the package as ``references`` (pytest puts tests/ on sys.path, as for ``_tiny``); under
+``python -m pytest`` from the repository root ``tests.references`` works too.
 """
 
 from .cdpruner import cdpruner_reference
