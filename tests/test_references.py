@@ -146,6 +146,16 @@ def test_cdpruner_reference_refuses_more_picks_than_the_kernel_rank():
         cdpruner_reference(CD_FEATURES, 3, CD_RELEVANCE_EMBEDS, CD_INSTRUCTION)
 
 
+def test_cdpruner_reference_keeps_the_least_relevant_token_when_the_budget_needs_it():
+    """Eight tokens in 16 dimensions span a rank-8 kernel, so all eight can be picked, including the least relevant
+    one, whose normalised relevance is the floor 1e-6 / (max - min) (kernel diagonal ~1e-12): small, yet not rank
+    exhaustion."""
+    rng = np.random.default_rng(4)
+    embeds, instruction = rng.normal(size=(8, 4)), rng.normal(size=(1, 4))
+    assert cdpruner_relevance(embeds, instruction).min() < 1e-6
+    assert cdpruner_reference(rng.normal(size=(8, 16)), 8, embeds, instruction).tolist() == list(range(8))
+
+
 @pytest.mark.parametrize("theta", [None, 0.3, 0.8])
 def test_cdpruner_reference_each_pick_maximises_the_determinant_of_the_picked_kernel(theta):
     """Greedy MAP of a DPP: each step adds the token j maximising det(L[Y + j, Y + j]), recomputed here with

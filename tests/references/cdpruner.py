@@ -16,17 +16,19 @@ llava/model/llava_arch.py:140-187 (``encode_images``):
   conditional variance d_j^2 = L_jj - L_{j,Y} L_{Y,Y}^{-1} L_{Y,j} given the picked set Y, n_keep times, then
   sort the picks.
 
-Here d_j^2 is computed from its definition (a linear solve per step) rather than by the reference's incremental
-Cholesky rows, so that the reference checks that algorithm instead of repeating it.
+Here d_j^2 is computed from its definition rather than by the reference's incremental Cholesky rows, so that
+the reference checks that algorithm instead of repeating it. Since L = diag(r) S diag(r),
+d_j^2 = r_j^2 (S_jj - S_{j,Y} S_{Y,Y}^{-1} S_{Y,j}): the solve runs on S, whose conditioning does not suffer
+from relevances near the 1e-6 floor.
 """
 
 import numpy as np
 
 from ._common import checked_budget, cosine_matrix, float64, sorted_indices
 
-# Below this share of the largest kernel diagonal a conditional variance is rounding noise: the kernel's rank
-# (at most the feature width) is exhausted and the greedy order is no longer defined (the reference code then
-# divides by the square root of a value <= 0).
+# A token whose similarity-space conditional variance (1 for a token orthogonal to the picks, 0 for one in their
+# span) is below this is in the picks' span up to rounding: the kernel's rank (at most the feature width) is
+# exhausted and the greedy order is no longer defined (the reference code divides by sqrt of a value <= 0).
 RANK_EXHAUSTED = 1e-10
 
 
@@ -62,19 +64,20 @@ def cdpruner_reference(features, n_keep, relevance_embeds, instruction_embeds, *
         if not 0 < theta < 1:
             raise ValueError(f"theta must lie in (0, 1) or be None, got {theta}")
         relevance = np.exp(theta / (2 * (1 - theta)) * relevance)
-    kernel = relevance[:, None] * cosine_matrix(x, x) * relevance[None, :]
+    similarity = cosine_matrix(x, x)
 
     picked: list[int] = []
     for _ in range(n_keep):
         if picked:
-            cross = kernel[np.ix_(picked, range(n_tokens))]  # L_{Y, all}
-            explained = (cross * np.linalg.solve(kernel[np.ix_(picked, picked)], cross)).sum(axis=0)
-            variance = np.diag(kernel) - explained
+            cross = similarity[picked]  # S_{Y, all}
+            explained = (cross * np.linalg.solve(similarity[np.ix_(picked, picked)], cross)).sum(axis=0)
+            novelty = np.diag(similarity) - explained
         else:
-            variance = np.diag(kernel).copy()
+            novelty = np.diag(similarity).copy()
+        variance = relevance ** 2 * novelty  # d_j^2 = L_jj - L_{j,Y} L_{Y,Y}^{-1} L_{Y,j}
         variance[picked] = -np.inf
         best = int(np.argmax(variance))
-        if variance[best] <= RANK_EXHAUSTED * np.diag(kernel).max():
+        if novelty[best] <= RANK_EXHAUSTED:
             raise ValueError(f"the kernel's rank is exhausted after {len(picked)} picks (n_keep={n_keep}): "
                              "use features with more independent directions than n_keep")
         picked.append(best)
