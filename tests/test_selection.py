@@ -209,6 +209,16 @@ def test_vispruner_hand_computed_important_then_deduplicated_tokens():
     assert vispruner_select(x[None], _all(9), [7], cls, important_ratio=1.0)[0].tolist() == list(range(7))
 
 
+def test_duplicate_tokens_still_give_n_keep_distinct_tokens():
+    # Tokens 0-2 share one direction, 3-5 another: the DPP kernel has rank 2 and every distance inside a group is 0.
+    # DPP (relevance flat): picks 0 (residual 1, lowest index), then 3 (residual 1); every other residual is then 0:
+    # the picks stand without an update (no NaN), lowest index first: 1. DivPrune never re-picks a kept token.
+    x = _rows([[1, 0]] * 3 + [[0, 1]] * 3)
+    no_text = torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.bool)
+    assert cdpruner_select(x, _all(6), [3], x, *no_text)[0].tolist() == [0, 1, 3]
+    assert divprune_select(x, _all(6), [4])[0].unique().numel() == 4
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_flops_match_the_matmuls_counted_by_torch(method):
     batch, p, n_keep, n_ctx = 2, 30, 9, 5
