@@ -6,8 +6,8 @@ import torch
 
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import StageInput, register
-from lofi.selection import cdpruner_select
-from lofi.selection import flops as kernel_flops
+from lofi.selectors import cdpruner_select
+from lofi.selectors import flops as kernel_flops
 
 
 @register
@@ -24,7 +24,7 @@ class CDPruner(BeforeLanguageModel):
 
     Follows Theia-4869/CDPruner (``llava/model/llava_arch.py``, ``encode_images``): similarity ``S`` = cosine of
     the projector's outputs; relevance ``r_i`` = min-max normalised mean cosine between visual token i and the
-    instruction; greedy MAP inference (Chen et al. 2018), batched (``lofi.selection.cdpruner_select``).
+    instruction; greedy MAP inference (Chen et al. 2018), batched (``lofi.selectors.cdpruner_select``).
     Where the reference embeds the instruction with CLIP's text tower and the patches with CLIP's visual
     projection (llava-hf checkpoints ship neither), both sides are the language model's input embeddings: the
     projector's outputs and the embeddings of the instruction's tokens (the text after the sample's last visual
@@ -48,7 +48,7 @@ class CDPruner(BeforeLanguageModel):
                                instruction_valid, theta=self.theta, negate_relevance=self.negate_relevance)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
-        """The DPP's similarity, relevance and greedy steps (``lofi.selection.flops.cdpruner``), with the
+        """The DPP's similarity, relevance and greedy steps (``lofi.selectors.flops.cdpruner``), with the
         instruction bounded by the prompt's text tokens."""
         n, d = n_visual_per_stage[0], config.get_text_config().hidden_size
         return kernel_flops.cdpruner(n, d, self.n_keep_of(n), d, n_text).total

@@ -6,8 +6,8 @@ import torch
 
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import StageInput, register
-from lofi.selection import divprune_select
-from lofi.selection import flops as kernel_flops
+from lofi.selectors import divprune_select
+from lofi.selectors import flops as kernel_flops
 
 
 @register
@@ -21,7 +21,7 @@ class DivPrune(BeforeLanguageModel):
     Follows vbdi/divprune (``LLaVA/llava/model/llava_arch.py``, ``LAYER_INDEX=0``): distances ``1 - cos`` between
     the projector's outputs of one image's visual tokens; the first pick is the token whose smallest distance to
     the others is largest, then each pick maximises its smallest distance to the picks so far
-    (``lofi.selection.divprune_select``). Batched, any number of images and tokens per sample.
+    (``lofi.selectors.divprune_select``). Batched, any number of images and tokens per sample.
     """
 
     name = "divprune"
@@ -30,6 +30,6 @@ class DivPrune(BeforeLanguageModel):
         return divprune_select(state.visual_hidden(), state.visual_valid, state.n_keep_host)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
-        """The greedy's cosine matrix and min-updates (``lofi.selection.flops.divprune``)."""
+        """The greedy's cosine matrix and min-updates (``lofi.selectors.flops.divprune``)."""
         n = n_visual_per_stage[0]
         return kernel_flops.divprune(n, config.get_text_config().hidden_size, self.n_keep_of(n)).total

@@ -6,8 +6,8 @@ import torch
 
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import StageInput, register
-from lofi.selection import flops as kernel_flops
-from lofi.selection import scope_select
+from lofi.selectors import flops as kernel_flops
+from lofi.selectors import scope_select
 
 
 @register
@@ -20,7 +20,7 @@ class Scope(BeforeLanguageModel):
 
     Follows kinredon/SCOPE (``scope/clip_encoder.py``, ``SCOPE``): cosine facility-location over the tower's
     patch states at the layer the projector reads (LLaVA's ``vision_feature_layer``, -2), each gain weighted by
-    the [CLS] query's attention to the patch at that layer (``lofi.vision``, ``lofi.selection.scope_select``).
+    the [CLS] query's attention to the patch at that layer (``lofi.vision``, ``lofi.selectors.scope_select``).
     Needs a tower with a [CLS] token and one patch per visual token (LLaVA-1.5): other families refuse.
     """
 

@@ -7,9 +7,9 @@ import torch
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.methods.scope import cls_attention_flops
 from lofi.registry import Choice, StageInput, register
-from lofi.selection import flops as kernel_flops
-from lofi.selection import visionzip_select
-from lofi.selection._batch import kept_from_mask
+from lofi.selectors import flops as kernel_flops
+from lofi.selectors import visionzip_select
+from lofi.selectors._batch import kept_from_mask
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference budgets: 54 + 10, 108 + 20, 162 + 30 tokens
 
@@ -27,7 +27,7 @@ class VisionZip(BeforeLanguageModel):
     attention (summed over heads) at the tower layer the projector reads; the others, in index order, are
     assigned to evenly spaced targets by the cosine of their keys (averaged over heads), and each contextual
     token is the target's tower state plus the mean of its members', through the model's projector
-    (``lofi.selection.visionzip_select``). Deviations: a contextual token sits at its target's place in the
+    (``lofi.selectors.visionzip_select``). Deviations: a contextual token sits at its target's place in the
     sequence (the reference appends the contextual tokens after the dominant ones), and llava-hf drops the
     [CLS] state the reference also keeps, so every budgeted token is a patch. Needs a tower with a [CLS] token
     and one patch per visual token (LLaVA-1.5): other families refuse.

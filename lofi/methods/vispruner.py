@@ -7,8 +7,8 @@ import torch
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.methods.scope import cls_attention_flops
 from lofi.registry import StageInput, register
-from lofi.selection import flops as kernel_flops
-from lofi.selection import vispruner_select
+from lofi.selectors import flops as kernel_flops
+from lofi.selectors import vispruner_select
 
 
 @register
@@ -21,7 +21,7 @@ class VisPruner(BeforeLanguageModel):
 
     Follows Theia-4869/VisPruner (``llava/model/llava_arch.py``, ``encode_images``): [CLS] attention at the tower
     layer the projector reads, averaged over heads; the rest by rounds of bipartite duplicate removal over the
-    tower's patch states (``lofi.selection.vispruner_select``; where the reference fails on an odd residual,
+    tower's patch states (``lofi.selectors.vispruner_select``; where the reference fails on an odd residual,
     the round takes ceil(R/2) candidates). Needs a tower with a [CLS] token and one patch per visual token
     (LLaVA-1.5): other families refuse.
     """

@@ -2,7 +2,7 @@
 
 Each module transcribes one method from its paper and its authors' reference repository (named, with the
 commit followed, in the module docstring), one sample at a time and without padding, for clarity rather than
-speed. They serve as oracles for the batched kernels of ``lofi.selection``: same function names with a
+speed. They serve as oracles for the batched kernels of ``lofi.selectors``: same function names with a
 ``_reference`` suffix, same argument names, no batch dimension and no ``valid`` mask. Every function returns
 the kept token indices sorted increasingly (VisionZip also returns its merged contextual tokens).
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selection._batch import batch_sizes, cosine, kept_from_mask, masked_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_mask, masked_rows
 
 MAX_REMOVED_PER_ROUND = 8  # the reference's ``r = min(8, R - T_div)``
 

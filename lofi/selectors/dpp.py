@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selection._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active, unit_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active, unit_rows
 
 RELEVANCE_EPS = 1e-6  # the reference's additive constant in the min-max normalisation of the relevance
 

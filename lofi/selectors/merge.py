@@ -12,7 +12,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from lofi.selection._batch import batch_sizes, kept_from_mask, masked_rows, unit_rows
+from lofi.selectors._batch import batch_sizes, kept_from_mask, masked_rows, unit_rows
 
 
 class VisionZipSelection(NamedTuple):

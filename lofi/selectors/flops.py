@@ -1,4 +1,4 @@
-"""FLOPs of one sample's selection by each kernel of ``lofi.selection``, as pure functions of its shapes.
+"""FLOPs of one sample's selection by each kernel of ``lofi.selectors``, as pure functions of its shapes.
 
 A multiply-add counts 2 (as ``lofi.flops``). ``matmul`` is what the kernel's matrix products cost (what
 ``torch.utils.flop_counter.FlopCounterMode`` reports for one sample); ``elementwise`` counts one per add,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lofi.selection.duplicates import duplicate_rounds, important_count
+from lofi.selectors.duplicates import duplicate_rounds, important_count
 
 
 @dataclass(frozen=True)

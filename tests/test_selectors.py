@@ -1,4 +1,4 @@
-"""The batched selection kernels (``lofi.selection``): batching, padding, dtypes, hand-computed cases, FLOPs."""
+"""The batched selection kernels (``lofi.selectors``): batching, padding, dtypes, hand-computed cases, FLOPs."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from lofi.selection import cdpruner_select, divprune_select, flops, scope_select, visionzip_select, vispruner_select
+from lofi.selectors import cdpruner_select, divprune_select, flops, scope_select, visionzip_select, vispruner_select
 
 D, DK, C_TEXT, T_TEXT = 48, 8, 6, 3
 

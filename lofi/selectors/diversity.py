@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selection._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active
 
 
 def divprune_select(features: torch.Tensor, valid: torch.Tensor,
