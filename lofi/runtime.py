@@ -45,7 +45,8 @@ from lofi.attention import attention_received
 from lofi.compiled import options_of
 from lofi.families import Family, family_for
 from lofi.methods.replay import Replay
-from lofi.registry import PruningMethod, StageInput, build
+from lofi.registry import Choice, PruningMethod, StageInput, build
+from lofi.vision import TowerTap, TowerView, cls_attention_and_keys, gather_rows, per_visual_token
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -65,12 +66,18 @@ class PruningHandle:
             listed.
         n_visual: [batch] visual tokens per sample (newline rows included).
         n_prunable: [batch] of those, the ones a method may drop.
+        positions: how kept tokens are numbered, ``"original"`` or ``"compact"`` (``PruningMethod.positions``,
+            resolved for the model's family).
+        merged: per stage, None, or [batch, max n_kept, d] the states a merging method gave its kept tokens, in
+            the order of ``kept``.
     """
 
     method: PruningMethod
     stages: list[int]
     family: Family | None = None
+    positions: str = "original"
     kept: list[torch.Tensor] = field(default_factory=list)
+    merged: list[torch.Tensor | None] = field(default_factory=list)
     n_visual: torch.Tensor | None = None
     n_prunable: torch.Tensor | None = None
     _index: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -92,7 +99,7 @@ class PruningHandle:
         the same samples (``lofi.pruned(model, handle.replay())``: teacher forcing, rescoring)."""
         if not self.kept:
             raise RuntimeError("nothing to replay: no prompt with visual tokens has run inside this block")
-        return Replay(self.stages, self.kept)
+        return Replay(self.stages, self.kept, self.merged, self.positions)
 
 
 @dataclass
@@ -115,6 +122,10 @@ class _Sequence:
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
+    first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
+    shift: list[torch.Tensor] = field(default_factory=list)  # per pruning stage, compact positions: [B] original
+    #                                                        minus compact position of the last prompt token
+    tower: tuple | None = None    # the tower block's (input, output) for methods that read the tower
     _fingerprint: torch.Tensor | None = None
 
     def fingerprint(self) -> torch.Tensor | None:
@@ -128,6 +139,12 @@ class _Sequence:
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+    def instruction(self) -> torch.Tensor:
+        """[B, T] bool: the real text tokens after each row's last visual token (the instruction)."""
+        columns = torch.arange(self.length, device=self.valid.device)
+        last_visual = torch.where(self.is_visual, columns, -1).amax(1, keepdim=True)
+        return self.valid & ~self.is_visual & (columns > last_visual)
 
     def at(self, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """``values`` [B, T] read at ``index`` [B, n]; False / -1 / 0 at padding slots."""
@@ -158,7 +175,9 @@ class _Runtime:
             raise ValueError(f"{method.name}: stage layers must increase, got {self.stage_layers}")
         if method.attention_queries and self.stage_layers[0] < 1:
             raise ValueError(f"{method.name} ranks tokens by the attention of layer K-1, so layer must be >= 1")
-        self.handle = PruningHandle(method, list(self.stage_layers), self.family)
+        self.positions = self._positions(method)
+        self.handle = PruningHandle(method, list(self.stage_layers), self.family, self.positions)
+        self._tower = TowerTap(self.family.tower_block()) if method.reads_tower else None
         # the inherited select (top n_keep of masked scores) keeps the contract by construction; a method's
         # own select is checked on every stage (one host sync)
         self._check_selection = type(method).select is not PruningMethod.select
@@ -171,9 +190,22 @@ class _Runtime:
         self._stage_kwargs: dict[int, dict] = {}
         self._captured: dict[str, torch.Tensor] = {}
 
+    def _positions(self, method: PruningMethod) -> str:
+        """The method's ``positions`` for this family: None (a method's reference default) is compact numbering
+        on 1-D RoPE and the original M-RoPE positions (as the reference code's Qwen ports keep them)."""
+        positions = getattr(method, "positions", "original")
+        if positions is None:
+            return "original" if self.family.multimodal_rope else "compact"
+        if positions == "compact" and self.family.multimodal_rope:
+            raise ValueError(f"{method.name} positions='compact' renumbers 1-D positions; {self.family.name} numbers "
+                             "its tokens with M-RoPE (3 rows of positions): use positions='original'")
+        return positions
+
     # ------------------------------------------------------------------ attaching and detaching
     def attach(self) -> None:
         try:
+            if self._tower is not None:
+                self._tower.attach()
             mm, lm = self.family.multimodal_model(), self.family.language_model()
             # prepend: whatever else observes these modules (analysis.capture) sees the pruned inputs
             self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True, prepend=True))
@@ -199,6 +231,8 @@ class _Runtime:
 
     def detach(self) -> None:
         self._arm_layers(False)
+        if self._tower is not None:
+            self._tower.detach()
         while self._hooks:
             self._hooks.pop().remove()
         self._seq = None
@@ -250,7 +284,7 @@ class _Runtime:
             # one new token of an unpadded SDPA batch without padding slots sees every cached key in every
             # layer: no mask, and nothing for the layers' hooks to change (at batch 1 their calls are most of
             # what the runtime adds to a step)
-            plain = self._seq.dense and length == 1 and not any(self._seq.slotted)
+            plain = self._seq.dense and length == 1 and not any(self._seq.slotted) and self.positions != "compact"
             if plain:
                 kwargs["attention_mask"] = None
             self._arm_layers(not plain)
@@ -283,14 +317,19 @@ class _Runtime:
         rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
         if position_ids is None:
             last = torch.full((batch,), length - 1, device=device)
+            first = valid.long().argmax(1)
         else:
-            last = self.family.text_positions(position_ids)[..., -1].expand(batch).clone()
+            text_positions = self.family.text_positions(position_ids).expand(batch, -1)
+            last = text_positions[..., -1].clone()
+            first = text_positions.gather(1, valid.long().argmax(1, keepdim=True))[:, 0]
         index = torch.arange(length, device=device).expand(batch, length)
         hash_inputs = (input_ids, embeds) if self.method.draws else None
         counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
         self._seq = _Sequence(valid, is_visual, prunable, rank, counts[:, 0], hash_inputs, [index], last,
-                              host=sizes)
-        self.handle.kept = []
+                              host=sizes, first_position=first)
+        if self._tower is not None:
+            self._seq.tower = self._tower.take()
+        self.handle.kept, self.handle.merged = [], []
         self.handle._index = self._seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual, self.handle.n_prunable = counts[:, 2], self._seq.n_prunable
 
@@ -303,6 +342,8 @@ class _Runtime:
         for _ in seq.plans:
             seq.index.append(seq.index[0])
             self.handle.kept.append(kept)
+            self.handle.merged.append(None)
+            seq.shift.append(torch.zeros_like(seq.last_position))
         self._arm_layers(False)
 
     def _continue(self, new_tokens: int, mask2d) -> None:
@@ -329,7 +370,7 @@ class _Runtime:
                 if self._phase == "prefill" and layer == self.stage_layers[stage - 1]:
                     hidden = self._prune(stage, hidden)
                 if stage not in self._stage_kwargs:
-                    self._stage_kwargs[stage] = self._stage_arguments(stage, kwargs, hidden.dtype)
+                    self._stage_kwargs[stage] = self._stage_arguments(stage, kwargs, hidden)
                 kwargs.update(self._stage_kwargs[stage])
             if ranks_next and self._phase == "prefill":  # what layer K-1 computes its queries and keys from
                 self._captured["hidden"] = hidden
@@ -341,11 +382,15 @@ class _Runtime:
     # ------------------------------------------------------------------ the pruning step
     def _prune(self, stage: int, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` after stage ``stage`` (1-based) has dropped what its method chose, recorded."""
-        index, kept, hidden = self._apply_stage(stage, hidden)
+        index, kept, hidden, merged = self._apply_stage(stage, hidden)
         self._seq.index.append(index)
         self.handle.kept.append(kept)
+        self.handle.merged.append(merged)
+        if self.positions == "compact":
+            real = self._seq.at(index, self._seq.valid)
+            self._seq.shift.append(self._seq.last_position - self._seq.first_position - real.sum(1) + 1)
         if stage == len(self.stage_layers):
-            self._seq.hash_inputs = None  # not held through decoding
+            self._seq.hash_inputs = self._seq.tower = None  # not held through decoding
         return hidden
 
     def _apply_stage(self, stage: int, hidden: torch.Tensor):
@@ -358,8 +403,8 @@ class _Runtime:
         order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)
         if stage_steps.keeps_everything(n_keep, present, seq.slotted):
             # neither the method nor the step runs: at batch 1 their kernels are most of the runtime's cost
-            return current, visual_index, hidden
-        n_keep = n_keep.to(current.device, non_blocking=True)
+            return current, visual_index, hidden, None
+        n_keep_host, n_keep = n_keep, n_keep.to(current.device, non_blocking=True)
         text = valid & ~seq.at(current, seq.is_visual)
         state = StageInput(
             layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
@@ -369,11 +414,42 @@ class _Runtime:
                                                   current, valid, text))
             if self.method.attention_queries else None,
             fingerprint=seq.fingerprint(), model=self.model, keep_width=widest,
-            text_width=seq.host.text_width)
+            text_width=seq.host.text_width, n_keep_host=n_keep_host,
+            instruction=text & seq.at(current, seq.instruction()),
+            tower=(lambda: self._tower_view(current, order, visual_valid)) if self._tower is not None else None)
         chosen = self.method.select(state)
+        states = None
+        if isinstance(chosen, Choice):
+            chosen, states = chosen
         if self._check_selection:
             chosen = self._checked(chosen, state)
-        return steps.apply_choice(current, prunable, order, chosen.to(torch.long), visual_index, hidden, new_width)
+        chosen = chosen.to(torch.long)
+        if states is not None:
+            hidden = stage_steps.write_states(hidden, order, chosen, states)
+        index, kept, hidden = steps.apply_choice(current, prunable, order, chosen, visual_index, hidden, new_width)
+        return index, kept, hidden, None if states is None else stage_steps.in_kept_order(chosen, visual_index, states)
+
+    def _tower_view(self, current: torch.Tensor, order: torch.Tensor, visual_valid: torch.Tensor) -> TowerView:
+        """The tower's data at the prunable visual tokens a stage holds (``order``: their positions in it)."""
+        seq = self._seq
+        inputs, outputs = seq.tower
+        attention, keys = cls_attention_and_keys(self._tower.block, inputs)
+        original = current.gather(1, order).clamp_min(0)  # the candidates' original positions
+
+        def read(per_patch: torch.Tensor) -> torch.Tensor:
+            return gather_rows(per_visual_token(per_patch, seq.is_visual), original, visual_valid)
+
+        return TowerView(read(outputs[:, 1:]), read(attention), read(keys), self.family.project)
+
+    def _compact_positions(self, stage: int, index: torch.Tensor) -> torch.Tensor:
+        """[B, n] positions of the tokens stage ``stage`` holds, renumbered as a prompt of just those tokens (from
+        each row's first real position), or of the decoding call's tokens after such a prompt."""
+        seq = self._seq
+        if self._phase == "decode":
+            new = seq.last_position[:, None] - seq.new_tokens + 1 + torch.arange(seq.new_tokens, device=index.device)
+            return new - seq.shift[stage - 1][:, None]
+        real = seq.at(index, seq.valid)
+        return torch.where(real, seq.first_position[:, None] + real.long().cumsum(1) - 1, 0)
 
     def _steps(self) -> stage_steps.Steps:
         """The stage's tensor work: compiled inside ``lofi.compiled`` (with its backend), eager otherwise."""
@@ -400,13 +476,18 @@ class _Runtime:
         raise RuntimeError(f"{name}.select must return, per sample, n_keep = {state.n_keep.tolist()} distinct "
                            f"indices of its real visual tokens (-1 padding after them)")
 
-    def _stage_arguments(self, stage: int, kwargs: dict, dtype: torch.dtype) -> dict:
+    def _stage_arguments(self, stage: int, kwargs: dict, hidden: torch.Tensor) -> dict:
         """Mask, rotary tables and position ids of the tokens that stage ``stage`` sees."""
         seq = self._seq
         index = seq.index[stage]
         batch = index.shape[0]
+        dtype = hidden.dtype
         arguments = {}  # nothing dropped yet (the prompt's own index): the layer's own rotary tables serve
-        if self._phase == "prefill" and index is not seq.index[0]:
+        if self.positions == "compact" and index is not seq.index[0]:
+            positions = self._compact_positions(stage, index)
+            arguments["position_embeddings"] = self.family.language_model().rotary_emb(hidden, positions)
+            arguments["position_ids"] = positions
+        elif self._phase == "prefill" and index is not seq.index[0]:
             safe = index.clamp_min(0)
             cos, sin = kwargs["position_embeddings"]
             gather = lambda t: t.expand(batch, *t.shape[1:]).gather(  # noqa: E731

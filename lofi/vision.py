@@ -103,3 +103,10 @@ def per_visual_token(per_patch: torch.Tensor, is_visual: torch.Tensor) -> torch.
     out = flat.new_zeros(*is_visual.shape, *flat.shape[1:])
     out[is_visual] = flat
     return out
+
+
+def gather_rows(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values`` [batch, T, ...] read at ``index`` [batch, n]; zero where ``valid`` [batch, n] is false."""
+    shaped = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
+    rows = values.gather(1, shaped)
+    return rows * valid.reshape(*valid.shape, *([1] * (values.dim() - 2))).to(rows.dtype)

@@ -14,16 +14,21 @@ from lofi.registry import POSITIONS, PruningMethod
 
 
 class BeforeLanguageModel(PruningMethod):
-    """Base: layer 0 and compact positions by default (the reference implementations' setting)."""
+    """Base: layer 0 and the reference implementations' positions by default.
+
+    ``positions=None`` (the default) is the reference code's numbering for the model's family: compact on 1-D
+    RoPE (LLaVA-1.5, LLaVA-NeXT, OneVision), the original M-RoPE positions on Qwen2-VL / Qwen2.5-VL (what the
+    third-party Qwen ports of these methods keep: M-RoPE ids index-selected); ``PruningHandle.positions`` says
+    which applied.
+    """
 
     default_layer: ClassVar[int] = 0
-    default_positions: ClassVar[str] = "compact"
 
     def __init__(self, keep: float = 0.5, layer: int | None = None, positions: str | None = None):
         super().__init__(keep, layer)
-        positions = self.default_positions if positions is None else positions
-        if positions not in POSITIONS:
-            raise ValueError(f"{self.name} positions must be one of {list(POSITIONS)}, got {positions!r}")
+        if positions is not None and positions not in POSITIONS:
+            raise ValueError(f"{self.name} positions must be one of {list(POSITIONS)} or None (the reference's), "
+                             f"got {positions!r}")
         self.positions = positions
 
     def __repr__(self) -> str:
