@@ -94,15 +94,13 @@ class TowerTap:
 
 def per_visual_token(per_patch: torch.Tensor, is_visual: torch.Tensor) -> torch.Tensor:
     """[batch, T, ...] ``per_patch`` [images, patches, ...] laid on the visual positions of ``is_visual`` [batch, T],
-    in the order the model fills them (row by row, images in order, patches in order); zero elsewhere."""
+    in the order the model fills them (row by row, images in order, patches in order); zero elsewhere. The model
+    itself checks that its image features fill its image tokens, and ``Family.tower_block`` is one patch per
+    feature, so the counts agree and nothing is read back from the device here."""
     flat = per_patch.reshape(-1, *per_patch.shape[2:])
-    n_visual = int(is_visual.sum())
-    if flat.shape[0] != n_visual:
-        raise ValueError(f"the vision tower encoded {flat.shape[0]} patches for {n_visual} visual tokens; a method that "
-                         "reads the tower needs one patch per visual token")
     out = flat.new_zeros(*is_visual.shape, *flat.shape[1:])
-    out[is_visual] = flat
-    return out
+    mask = is_visual.reshape(*is_visual.shape, *([1] * (flat.dim() - 1))).expand_as(out)
+    return out.masked_scatter(mask, flat)
 
 
 def gather_rows(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
