@@ -208,7 +208,7 @@ class PruningMethod(ABC):
     def spent_decision_flops(self, config, n_text: int, present: list[int], kept: list[int]) -> float:
         """The decision FLOPs the runtime spends on a prompt whose stages hold ``present`` prunable tokens and
         keep ``kept`` of them: ``decision_flops`` of the stages that drop something. A stage that keeps all it
-        holds runs no decision work (``lofi.runtime``), so keep = 1 spends none."""
+        holds runs no decision work (``lofi.selection``), so keep = 1 spends none."""
         return sum(self.decision_flops(config, n_text, [n]) for n, k in zip(present, kept) if k < n)
 
     def __repr__(self) -> str:

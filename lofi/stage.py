@@ -3,8 +3,8 @@
 ``host_sizes`` copies a prompt's per-sample counts to the host (the runtime's one host sync per prompt)
 and ``plan_stages`` derives every stage's widths from them there. ``candidates`` (what the method is
 shown) and ``apply_choice`` (what its choice does to the sequence) do the tensor work around the
-method's choice; ``lofi.runtime`` keeps the bookkeeping (which original tokens each stage holds, what
-the handle records, the method's call). Every size comes from the host and nothing reads the device,
+method's choice; ``lofi.sequence`` keeps the bookkeeping (which original tokens each stage holds),
+``lofi.selection`` makes the method's call. Every size comes from the host and nothing reads the device,
 so the two tensor steps compile whole: inside ``lofi.compiled`` the runtime runs compiled copies of them
 (``compiled_steps``), a few fused kernels instead of some forty small ones.
 """

@@ -108,3 +108,18 @@ def gather_rows(values: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) 
     shaped = index.reshape(*index.shape, *([1] * (values.dim() - 2))).expand(*index.shape, *values.shape[2:])
     rows = values.gather(1, shaped)
     return rows * valid.reshape(*valid.shape, *([1] * (values.dim() - 2))).to(rows.dtype)
+
+
+def tower_view(block: nn.Module, seq, project, current: torch.Tensor, order: torch.Tensor,
+               visual_valid: torch.Tensor) -> TowerView:
+    """The ``TowerView`` of a stage's candidates: ``seq`` (``lofi.sequence.Sequence``) holds the tapped block's
+    (input, output) and the prompt's visual mask; ``current`` the original positions the stage holds, ``order``
+    the candidates' places among them, ``visual_valid`` which candidates are real."""
+    inputs, outputs = seq.tower
+    attention, keys = cls_attention_and_keys(block, inputs)
+    original = current.gather(1, order).clamp_min(0)
+
+    def read(per_patch: torch.Tensor) -> torch.Tensor:
+        return gather_rows(per_visual_token(per_patch, seq.is_visual), original, visual_valid)
+
+    return TowerView(read(outputs[:, 1:]), read(attention), read(keys), project)

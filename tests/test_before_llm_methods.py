@@ -212,3 +212,17 @@ def test_compact_positions_are_refused_on_multimodal_rope():
         with lofi.pruned(model, "divprune", keep=0.3, positions="compact"):
             pass
     assert "\n" not in str(error.value)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["visionzip", "divprune"])
+def test_replay_applies_the_merged_states_and_the_numbering_again(llava, method):
+    model, batch = llava
+    with lofi.pruned(model, method, keep=0.3) as handle:
+        first = model(**batch).logits
+    assert (handle.merged[0] is not None) == (method == "visionzip")
+    with lofi.pruned(model, handle.replay()) as again:
+        second = model(**batch).logits
+    assert again.positions == "compact"
+    assert torch.equal(again.kept[0], handle.kept[0])
+    assert torch.equal(second, first)

@@ -8,6 +8,9 @@ import torch
 from _tiny import N_VISUAL, emitting, make_inputs, positions, prompt_ids, tiny_llava
 
 import lofi
+from lofi.calls import CallTracker
+from lofi.families import family_for
+from lofi.sequence import Phase
 
 METHODS = ["fastv", "lofi", "random"]
 ATOL = 1e-5
@@ -317,6 +320,28 @@ def test_the_layer_hooks_leave_plain_decoding_steps_and_come_back_for_the_next_p
         finally:
             failing.remove()
         assert hooked() == before
+
+
+@torch.no_grad()
+def test_each_call_sets_the_phase_the_layer_hooks_follow(model):
+    """A prompt with visual tokens prefills and its cached continuations are decoding steps; a text-only prompt
+    forgets the pruned sequence, so it and its steps leave the layers idle, as does a prompt kept whole
+    (keep = 1) throughout; the next image prompt prefills again."""
+    text_only = {"input_ids": torch.tensor([[1, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    padded = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7,))])
+    prefill, decode, idle = Phase.PREFILL, Phase.DECODE, Phase.IDLE
+    for keep, expected in ((0.5, [prefill, decode, decode, idle, idle, prefill]), (1.0, [idle] * 6)):
+        phases = []
+        with lofi.pruned(model, "lofi", keep=keep, layer=2):
+            runtime = CallTracker.attached(family_for(model)).pruner
+            probe = model.model.language_model.register_forward_pre_hook(lambda *a: phases.append(runtime.phase))
+            try:
+                model.generate(**padded, max_new_tokens=3, do_sample=False)
+                model.generate(**text_only, max_new_tokens=2, do_sample=False)
+                model(**make_inputs(seed=1))
+            finally:
+                probe.remove()
+        assert phases == expected
 
 
 @torch.no_grad()

@@ -16,8 +16,10 @@ Where the spectra are decomposed (``CaptureOptions.spectra_on``): inline on the 
 the default on a GPU -- on the host in float64, by a background thread fed at the end of each forward
 pass (``analysis.measure.host_spectra``), so that decompositions do not hold up the model.
 
-Inside ``lofi.pruned(...)`` it works unchanged: it asks ``lofi.active(model)`` which original tokens
-each layer holds. Only calls whose prompt contains image tokens are captured (not decoding steps).
+Each call is read by the model's call tracker (``lofi.calls``), which the pruning runtime shares: its
+visual positions, its attention mask, and inside ``lofi.pruned(...)`` the block's ``PruningHandle``,
+which says which original tokens each layer holds, so it works unchanged there. Only calls whose prompt
+contains image tokens are captured (not decoding steps).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-import lofi
 from analysis.measure import spectral
 from analysis.measure.host_spectra import HostSpectra, spectrum_statistics
+from lofi.calls import CallTracker
 from lofi.families import family_for
 from lofi.linalg import current_eigh_route
 
@@ -155,9 +157,8 @@ class Capture:
         self._pending: list = []  # this forward pass's statistics, still on the device
         self._geometries: dict = {}
         self._calls = 0
+        self._tracker: CallTracker | None = None
         self._is_visual: torch.Tensor | None = None
-        self._input_ids: torch.Tensor | None = None
-        self._brings_visual = False
         self._valid: torch.Tensor | None = None
         self._active = False
         self._paused = False
@@ -170,8 +171,8 @@ class Capture:
         try:
             if self._host_spectra:
                 self._spectra = HostSpectra()
-            mm, lm = self.family.multimodal_model(), self.family.language_model()
-            self._hooks.append(mm.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+            self._tracker = CallTracker.join(self.family)  # its hooks come first: the call is read when ours run
+            lm = self.family.language_model()
             self._hooks.append(lm.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             for i, layer in enumerate(self.layers):
                 self._hooks.append(layer.register_forward_pre_hook(self._pre_layer(i), with_kwargs=True))
@@ -184,26 +185,22 @@ class Capture:
     def __exit__(self, *exc) -> None:
         while self._hooks:
             self._hooks.pop().remove()
+        if self._tracker is not None:
+            self._tracker.leave()
+            self._tracker = None
         self._active = False
         if self._spectra is not None:
             self._spectra.close()
             self._spectra = None
 
-    def _on_multimodal(self, module, args, kwargs):
-        kwargs = self.family.call_arguments(args, kwargs)
-        self._input_ids, self._brings_visual = kwargs.get("input_ids"), self.family.brings_visual(kwargs)
-        self._valid = kwargs.get("attention_mask")
-
     def _on_language_model(self, module, args, kwargs):
-        input_ids, self._input_ids = self._input_ids, None
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
-        is_visual = None if self._paused else self.family.call_visual_mask(input_ids, self._brings_visual, past)
+        call = self._tracker.call
+        is_visual = None if self._paused else call.is_visual
         self._is_visual = is_visual
         self._active = is_visual is not None and bool(is_visual.any())
         if not self._active:
             return
-        mask = self._valid
+        mask = call.attention_mask
         self._valid = torch.ones_like(is_visual) if mask is None else mask.bool()
         self._pending, self._geometries = [], {}  # nothing left over from an interrupted pass
         self._calls += 1
@@ -225,7 +222,7 @@ class Capture:
     def _geometry(self, layer: int):
         """(is_visual, valid, visual_rank, positions, present) of the tokens ``layer`` holds: computed once
         per pruning stage and forward pass (one host sync for its width), reused by its layers."""
-        handle = lofi.active(self.model)
+        handle = self._tracker.pruning
         index = handle.sequence_index(layer) if handle is not None else None
         key = None if index is None or index.shape[1] == self._is_visual.shape[1] else id(index)
         if key not in self._geometries:

@@ -11,7 +11,8 @@ A family adapter is the one place that knows, for one kind of Hugging Face VLM:
 * the FLOPs of its vision tower and projector for one image, and where each visual token lies on the
   image (``tiles``, for kept-token maps).
 
-``lofi.runtime`` keeps only what every family shares: index bookkeeping, stages, masks, KV cache.
+The runtime (``lofi.runtime`` and the modules beside it) keeps only what every family shares: reading a
+call (``lofi.calls``), index bookkeeping, stages, masks, KV cache.
 Families are chosen by ``config.model_type`` (``lofi.families.family_for``).
 """
 

@@ -1,0 +1,150 @@
+"""A prompt's bookkeeping in original sequence indices, from its prefill through its decoding steps.
+
+``Sequence.start`` (a prompt's prefill) records which of its tokens are real, visual and prunable, each
+visual token's original index, and every stage's sizes (``lofi.stage.plan_stages``); each pruning stage
+then appends to ``index`` the original positions it keeps. ``Sequence.step`` (a decoding step) appends
+the call's tokens and continues the prompt's position numbering. ``Phase`` names what the runtime's
+layer hooks do during a call. Nothing here touches a model: ``lofi.runtime`` applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from lofi import seeding
+from lofi import stage as stage_steps
+from lofi.families import Family
+
+
+class Phase(Enum):
+    """What the layers' hooks do during the language model's current call."""
+
+    IDLE = "idle"        # nothing: no prompt with visual tokens, or one that runs as the unpruned model
+    PREFILL = "prefill"  # a prompt: the stage layers drop tokens; later layers get their masks and rotary tables
+    DECODE = "decode"    # a decoding step after a pruned prompt: the layers from the first stage get their masks
+
+
+@dataclass
+class Sequence:
+    """Bookkeeping of one prompt (and its decoding steps), in original sequence indices."""
+
+    valid: torch.Tensor           # [B, T] bool: real tokens of the prompt
+    is_visual: torch.Tensor       # [B, T] bool: visual tokens (newline rows included)
+    prunable: torch.Tensor        # [B, T] bool: visual tokens a method may drop
+    visual_rank: torch.Tensor     # [B, T] long: 0..n_visual-1 at visual tokens, -1 elsewhere
+    n_prunable: torch.Tensor      # [B]
+    hash_inputs: tuple | None     # (input_ids, inputs_embeds) of the prompt, for methods that draw
+    index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
+    last_position: torch.Tensor   # [B] 1-D position of the last token so far
+    host: stage_steps.HostSizes | None = None  # the prompt's counts on the host
+    dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
+    slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
+    plans: list[stage_steps.StagePlan] = field(default_factory=list)  # per pruning stage: its sizes
+    whole: bool = False           # every stage keeps every token: the prompt runs as the unpruned model
+    decoded: int = 0              # tokens appended after the prompt, before this call
+    new_tokens: int = 0           # tokens of the current decoding call
+    tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
+    first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
+    shift: list[torch.Tensor] = field(default_factory=list)  # compact positions, per pruning stage: [B] original
+    #                                                        minus compact position of the prompt's last token
+    tower: tuple | None = None    # the vision tower block's (input, output), for methods that read the tower
+    _fingerprint: torch.Tensor | None = None
+
+    @classmethod
+    def start(cls, family: Family, is_visual: torch.Tensor, prunable: torch.Tensor, valid: torch.Tensor,
+              position_ids: torch.Tensor | None, sizes: stage_steps.HostSizes, plans: list[stage_steps.StagePlan],
+              hash_inputs: tuple | None, sdpa: bool) -> Sequence:
+        """A prompt's prefill: its [B, T] masks (visual, prunable, real), the position ids it was given (None:
+        0..T-1), its counts on the host and its stages' sizes; ``hash_inputs`` for methods that draw."""
+        batch, length = is_visual.shape
+        device = is_visual.device
+        rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
+        first_real = valid.long().argmax(1, keepdim=True)
+        if position_ids is None:
+            last = torch.full((batch,), length - 1, device=device)
+            first = first_real[:, 0]
+        else:
+            text_positions = family.text_positions(position_ids).expand(batch, -1)
+            last = text_positions[..., -1].clone()
+            first = text_positions.gather(1, first_real)[:, 0]
+        index = torch.arange(length, device=device).expand(batch, length)
+        counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
+        whole = all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in plans)
+        return cls(valid, is_visual, prunable, rank, counts[:, 0], None if whole else hash_inputs, [index], last,
+                   host=sizes, plans=plans, whole=whole, dense=sizes.unpadded and sdpa, first_position=first)
+
+    def keep_whole(self, steps: stage_steps.Steps) -> torch.Tensor:
+        """Every stage holds the prompt as it came (keep = 1): the index of each, and the kept visual tokens
+        ([B, max n_prunable], as a stage records them)."""
+        kept = steps.candidates(self.prunable, self.visual_rank, self.plans[0].most)[2]
+        self.index.extend(self.index[0] for _ in self.plans)
+        return kept
+
+    def compact_shift(self, index: torch.Tensor) -> torch.Tensor:
+        """[B] how far compact numbering of the tokens ``index`` holds moves the prompt's last token back: its
+        original position minus its compact one (for decoding in that stage's layers)."""
+        return self.last_position - self.first_position - self.at(index, self.valid).sum(1) + 1
+
+    def compact_positions(self, stage: int, phase: Phase) -> torch.Tensor:
+        """[B, n] compact positions of the tokens stage ``stage`` (1-based) holds in the current call: the prompt's
+        kept tokens renumbered from each row's first real position, or a decoding call's tokens after them."""
+        if phase is Phase.DECODE:
+            device = self.last_position.device
+            new = self.last_position[:, None] - self.new_tokens + 1 + torch.arange(self.new_tokens, device=device)
+            return new - self.shift[stage - 1][:, None]
+        real = self.at(self.index[stage], self.valid)
+        return torch.where(real, self.first_position[:, None] + real.long().cumsum(1) - 1, 0)
+
+    def instruction(self) -> torch.Tensor:
+        """[B, T] bool: the real text tokens after each row's last visual token (the instruction)."""
+        columns = torch.arange(self.length, device=self.valid.device)
+        last_visual = torch.where(self.is_visual, columns, -1).amax(1, keepdim=True)
+        return self.valid & ~self.is_visual & (columns > last_visual)
+
+    def step(self, new_tokens: int, mask2d: torch.Tensor | None) -> torch.Tensor:
+        """A decoding call of ``new_tokens`` tokens (``mask2d``: the 2-D mask of the whole sequence, or None):
+        recorded, and the 1-D positions [B, new_tokens] that continue the prompt's numbering."""
+        self.decoded += self.new_tokens
+        self.new_tokens = new_tokens
+        total = self.length + self.decoded + new_tokens
+        if mask2d is not None and mask2d.shape[1] != total:
+            raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens, the pruned sequence so far has "
+                             f"{total}; pass the mask of the whole sequence as generate() does")
+        batch = self.valid.shape[0]
+        self.tail_valid = (mask2d[:, self.length:].bool() if mask2d is not None else
+                           torch.ones(batch, total - self.length, dtype=torch.bool, device=self.valid.device))
+        # the model's own count would read a pruned cache's length
+        positions = self.last_position[:, None] + 1 + torch.arange(new_tokens, device=self.last_position.device)
+        self.last_position = positions[:, -1]
+        return positions
+
+    def sees_every_key(self) -> bool:
+        """Whether the current decoding call is one token of an unpadded SDPA batch without padding slots: in
+        every layer it attends to every cached key, with no mask."""
+        return self.dense and self.new_tokens == 1 and not any(self.slotted)
+
+    def fingerprint(self) -> torch.Tensor | None:
+        """[B] int64 (lofi.seeding) for methods that draw, else None; hashed when a stage first needs it, so
+        a prompt whose stages all keep everything hashes nothing."""
+        if self._fingerprint is None and self.hash_inputs is not None:
+            self._fingerprint = seeding.fingerprints(*self.hash_inputs, self.valid, self.is_visual)
+            self.hash_inputs = None
+        return self._fingerprint
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def at(self, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``values`` [B, T] read at ``index`` [B, n]; False / -1 / 0 at padding slots."""
+        stage = next((s for s, seen in enumerate(self.index) if seen is index), None)
+        if stage == 0:  # the prompt as it came: nothing to read (each kernel saved is a launch at batch 1)
+            return values
+        if stage is not None and not self.slotted[stage - 1]:  # rows without padding slots
+            return values.gather(1, index)
+        read = values.gather(1, index.clamp_min(0))
+        return torch.where(index >= 0, read, torch.zeros((), dtype=read.dtype) if read.dtype == torch.bool
+                           else torch.full((), -1 if read.dtype == torch.long else 0, dtype=read.dtype))
