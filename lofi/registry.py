@@ -33,10 +33,13 @@ class Choice(NamedTuple):
         kept: [batch, max n_keep] indices into ``StageInput.visual`` (as ``select`` returns them), -1 padding.
         states: [batch, max n_keep, d] the hidden state each kept token carries on from this stage, in the order
             of ``kept`` (a method that merges writes the merged state at the slot of the token it merged into).
+        sources: None, or [batch, P]: for each token of ``StageInput.visual``, the index (into ``visual`` too) of
+            the kept token whose state it was merged into, -1 if it was not (what kept-token maps show).
     """
 
     kept: torch.Tensor
     states: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 @dataclass

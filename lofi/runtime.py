@@ -80,8 +80,8 @@ class PruningHandle:
         n_prunable: [batch] of those, the ones a method may drop.
         positions: how kept tokens are numbered, ``"original"`` or ``"compact"`` (``PruningMethod.positions``,
             resolved for the model's family).
-        merged: per stage, None, or [batch, max n_kept, d] the states a merging method gave its kept tokens, in
-            the order of ``kept``.
+        merged: per stage, None, or what a merging method did (``lofi.selection.Merged``: the states it gave
+            its kept tokens, in the order of ``kept``, and which tokens it merged into which).
     """
 
     method: PruningMethod
@@ -89,7 +89,7 @@ class PruningHandle:
     family: Family | None = None
     positions: str = "original"
     kept: list[torch.Tensor] = field(default_factory=list)
-    merged: list[torch.Tensor | None] = field(default_factory=list)
+    merged: list = field(default_factory=list)
     n_visual: torch.Tensor | None = None
     n_prunable: torch.Tensor | None = None
     _index: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -111,7 +111,7 @@ class PruningHandle:
         the same samples (``lofi.pruned(model, handle.replay())``: teacher forcing, rescoring)."""
         if not self.kept:
             raise RuntimeError("nothing to replay: no prompt with visual tokens has run inside this block")
-        return Replay(self.stages, self.kept, self.merged, self.positions)
+        return Replay(self.stages, self.kept, [None if m is None else m.states for m in self.merged], self.positions)
 
 
 class _Runtime:

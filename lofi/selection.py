@@ -11,7 +11,7 @@ returns.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
@@ -47,7 +47,7 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
     Returns:
         (index [B, n'] original positions kept, -1 at padding slots; kept [B, max n_keep] kept original
         visual-token indices, increasing, -1 padded; hidden [B, n', d] their hidden states; merged: None, or
-        the states a merging method gave the kept tokens [B, max n_keep, d], in the order of ``kept``).
+        what a merging method did, ``Merged``).
     """
     current = seq.index[stage - 1]
     valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
@@ -67,16 +67,32 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
         fingerprint=seq.fingerprint(), model=model, keep_width=widest, text_width=seq.host.text_width,
         n_keep_host=n_keep_host, instruction=text & seq.at(current, seq.instruction()),
         tower=(lambda: tower(current, order, visual_valid)) if tower is not None else None)
-    chosen, states = method.select(state), None
+    chosen, states, sources = method.select(state), None, None
     if isinstance(chosen, Choice):
-        chosen, states = chosen
+        chosen, states, sources = chosen
     if check:
         chosen = checked_choice(method.name, chosen, state)
     chosen = chosen.to(torch.long)
     if states is not None:
         hidden = stage_steps.write_states(hidden, order, chosen, states)
     index, kept, hidden = steps.apply_choice(current, prunable, order, chosen, visual_index, hidden, new_width)
-    return index, kept, hidden, None if states is None else stage_steps.in_kept_order(chosen, visual_index, states)
+    if states is None:
+        return index, kept, hidden, None
+    into = None
+    if sources is not None:
+        target = torch.where(sources >= 0, visual_index.gather(1, sources.clamp_min(0)), -1)
+        into = torch.stack([visual_index, target], -1)
+    merged = Merged(stage_steps.in_kept_order(chosen, visual_index, states), into)
+    return index, kept, hidden, merged
+
+
+class Merged(NamedTuple):
+    """What a merging method did at a stage: ``states`` [B, max n_keep, d] of the kept tokens (in the order of
+    the handle's ``kept``), and ``into`` None or [B, P, 2] (original visual index of a candidate, original
+    visual index of the kept token it was merged into or -1)."""
+
+    states: torch.Tensor
+    into: torch.Tensor | None
 
 
 def checked_choice(name: str, chosen: torch.Tensor, state: StageInput) -> torch.Tensor:

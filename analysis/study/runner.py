@@ -120,10 +120,16 @@ def _kept_tokens(handle, batch, shapes) -> list[KeptTokens]:
     for b, n_prunable in enumerate(handle.n_prunable.tolist()):
         shapes[b]["n_prunable"] = n_prunable
     name, keep = handle.method.name, handle.method.keep
-    return [KeptTokens(s.question_id, name, keep, stage, handle.stages[stage], kept, shapes[b]["n_visual"],
-                       shapes[b]["tiles"])
-            for stage in range(len(handle.kept))
-            for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage)))]
+    records = []
+    for stage in range(len(handle.kept)):
+        merged = handle.merged[stage] if stage < len(handle.merged) else None
+        pairs = None if merged is None or merged.into is None else merged.into.tolist()
+        for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
+            moved = [(source, target) for source, target in (pairs[b] if pairs else []) if 0 <= target != source]
+            records.append(KeptTokens(s.question_id, name, keep, stage, handle.stages[stage], kept,
+                                      shapes[b]["n_visual"], shapes[b]["tiles"], [p for p, _ in moved],
+                                      [t for _, t in moved]))
+    return records
 
 
 def _sample(sample, method: str, keep: float, answer: str, baseline_answer: str, geometry: dict) -> SampleResult:

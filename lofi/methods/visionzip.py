@@ -62,7 +62,9 @@ class VisionZip(BeforeLanguageModel):
             slot = (kept[:, :, None] == chosen.contextual[:, None, :]) & (chosen.contextual[:, None, :] >= 0)
             states = torch.where(slot.any(2, keepdim=True), torch.einsum("bwc,bcd->bwd", slot.to(merged.dtype),
                                                                          merged), states)
-        return Choice(kept, states)
+        slot = chosen.assignment.clamp_min(0)
+        sources = torch.where(chosen.assignment >= 0, chosen.contextual.gather(1, slot), -1)  # the targets
+        return Choice(kept, states, sources)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         n = n_visual_per_stage[0]
