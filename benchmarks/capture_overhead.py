@@ -1,8 +1,8 @@
 """Time of ``analysis.capture.Capture`` (hooks + spectra) as a fraction of the forward pass it observes.
 
-    python benchmarks/capture_overhead.py                      # the bundled model on CPU
-    python benchmarks/capture_overhead.py --shape llava-7b --device cuda --dtype bfloat16
-    python benchmarks/capture_overhead.py --shape llava-7b --text-layers 4 --batch 1   # 7B widths, CPU
+    python -m benchmarks.capture_overhead                      # the bundled model on CPU
+    python -m benchmarks.capture_overhead --shape llava-7b --device cuda --dtype bfloat16
+    python -m benchmarks.capture_overhead --shape llava-7b --text-layers 4 --batch 1   # 7B widths, CPU
 
 Blocks of ``--block`` plain and of ``--block`` captured forward passes alternate, on the same batch, and
 the medians of the time per pass are compared: overhead = captured / plain - 1. Within a captured block
@@ -23,7 +23,7 @@ import time
 import torch
 
 from analysis.measure.capture import Capture
-from benchmarks.prefill import SHAPES, shape_model
+from benchmarks.shapes import SHAPES, shape_model
 from lofi.linalg import current_eigh_route
 
 MODES = {"every-layer": ("full spectrum, every layer", "all", "device"),

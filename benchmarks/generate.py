@@ -1,17 +1,17 @@
 """``generate()`` wall time of baseline vs each pruning method: the prefill and every decoding step, one run.
 
-    python benchmarks/generate.py --shape overhead --keep 1 0.5 0.25    # batch 1: the runtime's cost per step
-    python benchmarks/generate.py --shape mid --text-layers 4 --batch 8  # a KV cache worth pruning (CPU)
-    python benchmarks/generate.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16
+    python -m benchmarks.generate --shape overhead --keep 1 0.5 0.25    # batch 1: the runtime's cost per step
+    python -m benchmarks.generate --shape mid --text-layers 4 --batch 8  # a KV cache worth pruning (CPU)
+    python -m benchmarks.generate --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16
 
-Shapes and inputs are ``benchmarks/prefill.py``'s. For every (method, keep) the script runs greedy
-``model.generate(**inputs, max_new_tokens=N, min_new_tokens=N)``, interleaving baseline and pruned runs so
-that drifts in machine speed hit both. A stopping criterion stamps the time after every step (on a GPU after
-synchronising, where ``generate`` reads the device for its own stopping check anyway), which splits a run
-into its prefill (with the first token) and its ``N - 1`` decoding steps. Per (method, keep) it prints the
-medians of both, their speedups, the KV cache held at the end (exact bytes of the cache tensors) and the
-share of generated tokens equal to the baseline's (random weights: only keep = 1, where it must be 1, says
-anything about answers; the rest is the cost).
+Shapes and inputs are ``benchmarks.shapes``'s, as in ``benchmarks.prefill``. For every (method, keep) the
+script runs greedy ``model.generate(**inputs, max_new_tokens=N, min_new_tokens=N)``, interleaving baseline
+and pruned runs so that drifts in machine speed hit both. A stopping criterion stamps the time after every
+step (on a GPU after synchronising, where ``generate`` reads the device for its own stopping check anyway),
+which splits a run into its prefill (with the first token) and its ``N - 1`` decoding steps. Per (method,
+keep) it prints the medians of both, their speedups, the KV cache held at the end (exact bytes of the cache
+tensors) and the share of generated tokens equal to the baseline's (random weights: only keep = 1, where it
+must be 1, says anything about answers; the rest is the cost).
 
 A pruned decoding step attends over fewer cached keys, and otherwise costs what an unpruned one costs plus
 the runtime's work: its hooks and a handful of ops (``benchmarks/README.md``). Where the cache is a small
@@ -31,7 +31,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 import lofi
-from benchmarks.prefill import add_shape_arguments, kv_bytes, shape_model, shared_settings
+from benchmarks.prefill import kv_bytes
+from benchmarks.shapes import add_shape_arguments, shape_model, shared_settings
 
 
 class StepClock(StoppingCriteria):

@@ -1,6 +1,6 @@
 """Count the calls that would make a GPU wait for the host, per prefill, on any device.
 
-    python benchmarks/host_syncs.py                 # bundled model, batch 16, CPU
+    python -m benchmarks.host_syncs                 # bundled model, batch 16, CPU
 
 A CUDA device synchronises with the host whenever a value must leave it: ``.item()``, ``.tolist()``,
 ``.cpu()``/``.numpy()``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero()`` (its size),

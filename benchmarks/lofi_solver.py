@@ -1,7 +1,7 @@
 """LoFi's routes to leverage scores: the kept sets they agree on, and what each costs.
 
-    python benchmarks/lofi_solver.py                         # bundled model (real hidden states) + 7B shape
-    python benchmarks/lofi_solver.py --device cuda --batch 16
+    python -m benchmarks.lofi_solver                         # bundled model (real hidden states) + 7B shape
+    python -m benchmarks.lofi_solver --device cuda --batch 16
 
 For the visual hidden states entering layer K = 2, several routes give leverage scores: the exact one
 (an eigendecomposition of H_v H_v^T through ``torch.linalg.eigh``); the randomized one (subspace
@@ -33,7 +33,7 @@ import torch
 
 from analysis.benchmark.datasets import load_split
 from analysis.study.models import batch_inputs, load_model
-from benchmarks.prefill import shape_model
+from benchmarks.shapes import shape_model
 from lofi.cusolver import CusolverError
 from lofi.families import family_for
 from lofi.linalg import eigh_route, gram, leverage_at_energy, leverage_at_energy_randomized

@@ -1,6 +1,6 @@
 """LVPruning at rho = 0.6 / 0.5 / 0.45 beside random and fastv at matched relative FLOPs.
 
-    python benchmarks/lvpruning_matched.py [--limit 0] [--out reports/lvpruning-matched] [--random-seeds 1]
+    python -m benchmarks.lvpruning_matched [--limit 0] [--out reports/lvpruning-matched] [--random-seeds 1]
 
 For each rho the whole-model relative FLOPs of LVPruning (its decision modules included) are computed
 with ``lofi.count_flops``; for random and fastv the keep fraction with the same relative FLOPs is found
@@ -83,8 +83,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from transformers import AutoConfig
 
-    from benchmarks.prefill import N_TEXT as N_TEXT_7B
-    from benchmarks.prefill import shape_config
+    from benchmarks.shapes import N_TEXT as N_TEXT_7B
+    from benchmarks.shapes import shape_config
     config = AutoConfig.from_pretrained(paths.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """What choices on LVPruning's own schedule can achieve: trained modules vs random and ground truth.
 
-    python benchmarks/lvpruning_schedule.py [--limit 0] [--rho 0.5] [--path FOLDER] [--seeds 1] [--drop-asked]
+    python -m benchmarks.lvpruning_schedule [--limit 0] [--rho 0.5] [--path FOLDER] [--seeds 1] [--drop-asked]
 
 Every row keeps the same visual tokens per stage as LVPruning at ``rho`` (stages at its trained layers,
 ratios [rho, rho-0.2, rho-0.4]) through the same ``lofi`` runtime; only the choice differs:

@@ -1,26 +1,25 @@
 """Prefill wall time and memory of baseline vs each pruning method, measured in one run.
 
-    python benchmarks/prefill.py                        # mid-size random LLaVA on CPU (16 x 1024)
-    python benchmarks/prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16
-    python benchmarks/prefill.py --shape qwen2.5-vl-7b --text-layers 4 --vision-layers 1   # fewer layers
-    python benchmarks/prefill.py --shape llava-7b --device cuda --dtype bfloat16 --compile reduce-overhead
+    python -m benchmarks.prefill                        # mid-size random LLaVA on CPU (16 x 1024)
+    python -m benchmarks.prefill --shape llava-1.5-7b --device cuda --dtype bfloat16
+    python -m benchmarks.prefill --shape qwen2.5-vl-7b --text-layers 4 --vision-layers 1   # fewer layers
+    python -m benchmarks.prefill --shape llava-7b --device cuda --dtype bfloat16 --compile reduce-overhead
 
 ``--shape`` is ``mid``, ``overhead`` (7B depth at width 64: per-op overhead, as at batch 1 on a GPU) or a
-checkpoint of ``lofi.configs`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL at 7B; random
-weights of the true widths), with the benchmark image of
-``lofi.configs.BENCHMARK_IMAGES`` (672 x 672 for LLaVA-NeXT and Qwen, 768 x 768 for OneVision) and 30
-text tokens. For every (method, keep) the script times ``model(**inputs, logits_to_keep=1)`` (the
-prefill that ``generate`` runs first), interleaving the baseline with the pruned runs so that drifts in
-machine speed hit both, and prints the measured speedup beside the speedup the FLOPs predict
-(``lofi.count_flops``; the whole-model ratio, since the whole forward pass is timed). It also times the
-method's own selection (``select``) as a share of the pruned prefill, beside the share its FLOPs set
-(``select_flops_share``: the FLOPs of a method's decision work, ``decision_flops``, over the pruned
-prefill's; LVPruning's decision modules, FastV's rebuilt keys; LoFi's decomposition is not counted), times
-the vision tower inside each prefill (``vision_ms``) to give the ratio without it
-(``rest_measured/predicted``: what pruning gains where it acts, apart from how well the unpruned vision
-tower runs), and reports the KV cache held after prefill (exact bytes of the cache tensors) and the peak memory of the
-forward pass: on CUDA the allocator's peak, on Linux CPUs the growth of the process's peak RSS (VmHWM,
-reset before each run).
+checkpoint of ``benchmarks.shapes`` (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL at 7B;
+random weights of the true widths), with the benchmark image of ``benchmarks.shapes.BENCHMARK_IMAGES``
+(672 x 672 for LLaVA-NeXT and Qwen, 768 x 768 for OneVision) and 30 text tokens. For every (method, keep)
+the script times ``model(**inputs, logits_to_keep=1)`` (the prefill that ``generate`` runs first),
+interleaving the baseline with the pruned runs so that drifts in machine speed hit both, and prints the
+measured speedup beside the speedup the FLOPs predict (``lofi.count_flops``; the whole-model ratio, since
+the whole forward pass is timed). It also times the method's own selection (``select``) as a share of the
+pruned prefill, beside the share its FLOPs set (``select_flops_share``: the FLOPs of a method's decision
+work, ``decision_flops``, over the pruned prefill's; LVPruning's decision modules, FastV's rebuilt keys;
+LoFi's decomposition is not counted), times the vision tower inside each prefill (``vision_ms``) to give the
+ratio without it (``rest_measured/predicted``: what pruning gains where it acts, apart from how well the
+unpruned vision tower runs), and reports the KV cache held after prefill (exact bytes of the cache tensors)
+and the peak memory of the forward pass: on CUDA the allocator's peak, on Linux CPUs the growth of the
+process's peak RSS (VmHWM, reset before each run).
 ``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path).
 """
 
@@ -32,87 +31,15 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
+import pandas as pd
 import torch
-import transformers
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 import lofi
-from lofi import configs
+from benchmarks.shapes import add_shape_arguments, benchmark_image, shape_model, shared_settings
 from lofi.families import family_class
 from lofi.linalg import current_eigh_route
-from lofi.methods.lvpruning import DecisionModules
 
-MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
-           vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
-           image_size=336)
-# LLaVA-1.5-7B's depth (32 text, 24 vision layers) at width 64, 64 visual tokens: every op is tiny, so the time
-# is the per-op overhead (Python, dispatch) that dominates a batch-1 prefill on a GPU
-OVERHEAD = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=2),
-                vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=2),
-                image_size=112)
-SMALL = {"mid": MID, "overhead": OVERHEAD}
-SHAPES = [*SMALL, *configs.CHECKPOINTS]
-ALIASES = {"llava-7b": "llava-1.5-7b"}
-N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune-no-cudagraphs"]
-
-
-def add_shape_arguments(parser: argparse.ArgumentParser, default_shape: str) -> None:
-    """The options every prefill-shaped benchmark shares: the model's shape and depth, the device, dtype and
-    batch (read back by ``shape_model``)."""
-    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default=default_shape)
-    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
-    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=1)
-
-
-def shape_config(shape: str, text_layers: int | None = None, vision_layers: int | None = None):
-    """``mid`` (a mid-size LLM, small vision tower: most of the time is in the decoder, as in LLaVA-1.5-7B),
-    ``overhead`` (tiny widths at 7B depth: the time is per-op overhead), or a 7B checkpoint's configuration,
-    optionally with fewer layers."""
-    shape = ALIASES.get(shape, shape)
-    if shape not in SMALL:
-        return configs.config(shape, text_layers, vision_layers)
-    small = SMALL[shape]
-    text = {**small["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers})}
-    vision = {**small["vision"], **({} if vision_layers is None else {"num_hidden_layers": vision_layers})}
-    return LlavaConfig(vision_config=CLIPVisionConfig(image_size=small["image_size"], patch_size=14, **vision),
-                       text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text),
-                       image_token_index=32000, vision_feature_layer=-2)
-
-
-def build_model(config, device: str, dtype: torch.dtype):
-    model_class = getattr(transformers, family_class(config).classes[0])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = model_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
-    return model.eval()
-
-
-def benchmark_image(shape: str):
-    return configs.BENCHMARK_IMAGES.get(ALIASES.get(shape, shape))
-
-
-def shape_model(shape: str, batch: int, device: str, dtype: torch.dtype, text_layers: int | None = None,
-                vision_layers: int | None = None):
-    """(config, random-weight model, inputs) of a benchmark shape: its benchmark image and ``N_TEXT`` text
-    tokens per sample, pixels in ``dtype``."""
-    config = shape_config(shape, text_layers, vision_layers)
-    inputs = configs.synthetic_inputs(config, benchmark_image(shape), N_TEXT, batch, device)
-    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return config, build_model(config, device, dtype), inputs
-
-
-def shared_settings(model, methods: list[str], layer: int) -> dict:
-    """The run-wide settings ``lofi.build`` hands the methods that take them: K, and for LVPruning random
-    decision modules on the model's device and dtype (their cost, not their choices, is what is timed)."""
-    shared = {"layer": layer}
-    if any("modules" in lofi.options(method) for method in methods):
-        parameter = next(model.parameters())
-        shared["modules"] = DecisionModules.for_model(model).to(parameter.device, parameter.dtype)
-    return shared
 
 
 def _rss_kb(field: str) -> int | None:
@@ -207,7 +134,7 @@ def timed_module(module: torch.nn.Module, watch: Stopwatch) -> Iterator[Stopwatc
             hook.remove()
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_arguments(parser, "mid")
     parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
@@ -220,97 +147,130 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1 (timed pairs, after one pair that warms up)")
+    return args
+
+
+class PrefillTimer:
+    """Times one prefill (``model(**inputs, logits_to_keep=1)``, what ``generate`` runs first) of a model,
+    unpruned or under a method instance, with its vision tower, peak memory and KV cache."""
+
+    def __init__(self, model, inputs: dict, compiled: bool):
+        self.model, self.inputs, self.compiled = model, inputs, compiled
+        self.cuda = next(model.parameters()).device.type == "cuda"
+        self.family = lofi.families.family_for(model)
+        self.vision = Stopwatch(self.cuda)
+
+    def _sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def prefill(self):
+        """(seconds, output) of one prefill."""
+        self._sync()
+        if self.compiled:  # a new step for CUDA graphs: the previous prefill's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
+        start = time.perf_counter()
+        out = self.model(**self.inputs, logits_to_keep=1)
+        self._sync()
+        return time.perf_counter() - start, out
+
+    def measure(self, instance: lofi.PruningMethod | None):
+        """(seconds, vision-tower seconds, peak MiB, KV bytes, handle) of one prefill, unpruned when
+        ``instance`` is None."""
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rss = reset_cpu_peak()
+        self.vision.reset()
+        with (lofi.pruned(self.model, instance) if instance is not None else nullcontext()) as handle, \
+                timed_module(self.family.vision_tower(), self.vision):
+            seconds, out = self.prefill()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else cpu_peak_mb(rss)
+        return seconds, self.vision.seconds, peak, kv_bytes(out.past_key_values), handle
+
+
+def time_pairs(timer: PrefillTimer, instance: lofi.PruningMethod, repeats: int) -> dict:
+    """Medians over ``repeats`` interleaved (baseline, pruned) pairs, after one pair that warms up: seconds of
+    each and of their vision towers, the method's ``select`` seconds, the last pair's peaks and KV bytes, and
+    the pruned run's handle."""
+    select = TimedSelect(instance, timer.cuda)
+    times: dict[str, list[float]] = {k: [] for k in ("base", "pruned", "base_vision", "pruned_vision", "select")}
+    for repeat in range(repeats + 1):  # the first pair warms up
+        base_t, base_v, base_peak, base_kv, _ = timer.measure(None)
+        select.reset()
+        pruned_t, pruned_v, pruned_peak, pruned_kv, handle = timer.measure(instance)
+        if repeat:
+            for key, value in zip(times, (base_t, pruned_t, base_v, pruned_v, select.seconds)):
+                times[key].append(value)
+    return {**{k: statistics.median(v) for k, v in times.items()}, "base_peak": base_peak,
+            "pruned_peak": pruned_peak, "base_kv": base_kv, "pruned_kv": pruned_kv, "handle": handle}
+
+
+def condition_row(method: str, keep: float, timed: dict, flops: lofi.Flops, base_flops: lofi.Flops) -> dict:
+    """One table row: the measured speedup beside the FLOPs-predicted one (whole model, and without the vision
+    tower, which no method prunes; decision work included), the method's share, KV cache and peaks."""
+    base_t, pruned_t = timed["base"], timed["pruned"]
+    measured, predicted = base_t / pruned_t, base_flops.total / flops.total
+    rest_measured = (base_t - timed["base_vision"]) / (pruned_t - timed["pruned_vision"])
+    rest_predicted = (base_flops.total - base_flops.vision) / (flops.total - flops.vision)
+    return {
+        "method": method, "keep": keep, "kept": int((timed["handle"].kept[-1][0] >= 0).sum()),
+        "baseline_ms": 1000 * base_t, "pruned_ms": 1000 * pruned_t,
+        "measured_speedup": measured, "flops_speedup": predicted,
+        "llm_flops_speedup": base_flops.llm / flops.llm,
+        "measured/predicted": measured / predicted,
+        "vision_ms": 1000 * timed["base_vision"], "rest_measured/predicted": rest_measured / rest_predicted,
+        "select_ms": 1000 * timed["select"], "select_share": timed["select"] / pruned_t,
+        "select_flops_share": flops.decision / flops.total,
+        "kv_mb_base": timed["base_kv"] / 2**20, "kv_mb_pruned": timed["pruned_kv"] / 2**20,
+        "peak_mb_base": timed["base_peak"], "peak_mb_pruned": timed["pruned_peak"],
+    }
+
+
+def time_conditions(args: argparse.Namespace) -> list[dict]:
+    """Every (method, keep) of ``args`` timed against the unpruned prefill of the shape's model; a line per
+    row as it is measured."""
     dtype = getattr(torch, args.dtype)
-    cuda = args.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     config, model, inputs = shape_model(args.shape, args.batch, args.device, dtype, args.text_layers,
                                         args.vision_layers)
     image = benchmark_image(args.shape)
-    family = lofi.families.family_for(model)
-    is_visual = family.visual_mask(inputs["input_ids"][:1])
-    n_visual = int(is_visual.sum())
+    timer = PrefillTimer(model, inputs, compiled=bool(args.compile))
+    n_visual = int(timer.family.visual_mask(inputs["input_ids"][:1]).sum())
     n_text = inputs["input_ids"].shape[1] - n_visual
     base_flops = lofi.count_flops(config, n_text, n_visual, image=image)
-    layers = config.text_config.num_hidden_layers
-
-    def prefill():
-        sync()
-        if args.compile:  # a new step for CUDA graphs: the previous prefill's outputs are no longer read
-            torch.compiler.cudagraph_mark_step_begin()
-        start = time.perf_counter()
-        out = model(**inputs, logits_to_keep=1)
-        sync()
-        return time.perf_counter() - start, out
-
-    vision = Stopwatch(cuda)
-
-    def measure(instance):
-        """(seconds, vision-tower seconds, peak MiB, KV bytes, handle) of one prefill, unpruned when
-        ``instance`` is None."""
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        rss = reset_cpu_peak()
-        vision.reset()
-        with (lofi.pruned(model, instance) if instance is not None else nullcontext()) as handle, \
-                timed_module(family.vision_tower(), vision):
-            seconds, out = prefill()
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else cpu_peak_mb(rss)
-        return seconds, vision.seconds, peak, kv_bytes(out.past_key_values), handle
-
-    print(f"shape={args.shape} ({layers} text layers, {family_class(config).name}) image={image} "
-          f"visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} batch={args.batch} "
-          f"threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
+    print(f"shape={args.shape} ({config.text_config.num_hidden_layers} text layers, {family_class(config).name}) "
+          f"image={image} visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} "
+          f"batch={args.batch} threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
           f"compile={args.compile or 'no'} eigh={current_eigh_route()}", flush=True)
     shared = shared_settings(model, args.methods, args.layer)
     rows = []
     compiling = lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()
     with compiling, torch.inference_mode():
-        prefill()  # warm-up
+        timer.prefill()  # warm-up
         for method in args.methods:
             for keep in args.keep:
                 instance = lofi.build(method, shared=shared, keep=keep)
-                timer = TimedSelect(instance, cuda)
-                base_times, pruned_times, base_vision, pruned_vision, select_times = [], [], [], [], []
-                for repeat in range(args.repeats + 1):  # the first pair warms up
-                    base_t, base_v, base_peak, base_kv, _ = measure(None)
-                    timer.reset()
-                    pruned_t, pruned_v, pruned_peak, pruned_kv, handle = measure(instance)
-                    if repeat:
-                        base_times.append(base_t)
-                        pruned_times.append(pruned_t)
-                        base_vision.append(base_v)
-                        pruned_vision.append(pruned_v)
-                        select_times.append(timer.seconds)
-                n_prunable = int(handle.n_prunable[0])
+                timed = time_pairs(timer, instance, args.repeats)
+                n_prunable = int(timed["handle"].n_prunable[0])
                 flops = lofi.method_flops(config, instance, n_text, n_visual, n_prunable, image)
-                base_t, pruned_t = statistics.median(base_times), statistics.median(pruned_times)
-                select_seconds = statistics.median(select_times)
-                base_v, pruned_v = statistics.median(base_vision), statistics.median(pruned_vision)
-                measured, predicted = base_t / pruned_t, base_flops.total / flops.total
-                # everything but the vision tower, which no method prunes (decision work included)
-                rest_measured = (base_t - base_v) / (pruned_t - pruned_v)
-                rest_predicted = (base_flops.total - base_flops.vision) / (flops.total - flops.vision)
-                rows.append({
-                    "method": method, "keep": keep, "kept": int((handle.kept[-1][0] >= 0).sum()),
-                    "baseline_ms": 1000 * base_t, "pruned_ms": 1000 * pruned_t,
-                    "measured_speedup": measured, "flops_speedup": predicted,
-                    "llm_flops_speedup": base_flops.llm / flops.llm,
-                    "measured/predicted": measured / predicted,
-                    "vision_ms": 1000 * base_v, "rest_measured/predicted": rest_measured / rest_predicted,
-                    "select_ms": 1000 * select_seconds, "select_share": select_seconds / pruned_t,
-                    "select_flops_share": flops.decision / flops.total,
-                    "kv_mb_base": base_kv / 2**20, "kv_mb_pruned": pruned_kv / 2**20,
-                    "peak_mb_base": base_peak, "peak_mb_pruned": pruned_peak,
-                })
-                r = rows[-1]
+                r = condition_row(method, keep, timed, flops, base_flops)
+                rows.append(r)
                 print(f"{method:>9} keep={keep:<5} {r['baseline_ms']:8.1f} ms -> {r['pruned_ms']:8.1f} ms  "
-                      f"speedup {measured:5.2f} (FLOPs {predicted:5.2f}, ratio {measured / predicted:4.2f})  "
-                      f"select {r['select_ms']:6.2f} ms = {100 * r['select_share']:4.1f}% "
-                      f"(its FLOPs {100 * r['select_flops_share']:4.1f}%)", flush=True)
-    import pandas as pd
-    frame = pd.DataFrame(rows)
+                      f"speedup {r['measured_speedup']:5.2f} (FLOPs {r['flops_speedup']:5.2f}, "
+                      f"ratio {r['measured/predicted']:4.2f})  select {r['select_ms']:6.2f} ms = "
+                      f"{100 * r['select_share']:4.1f}% (its FLOPs {100 * r['select_flops_share']:4.1f}%)", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """The rows as a markdown table, three significant digits."""
+    return pd.DataFrame(rows).to_markdown(index=False, floatfmt=".3g")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    rows = time_conditions(parse_args(argv))
     print()
-    print(frame.to_markdown(index=False, floatfmt=".3g"))
+    print(table(rows))
+    return rows
 
 
 if __name__ == "__main__":

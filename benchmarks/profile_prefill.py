@@ -1,7 +1,7 @@
 """Where a prefill's time goes, unpruned and pruned: launches, device busy time, the costliest ops.
 
-    python benchmarks/profile_prefill.py --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1
-    python benchmarks/profile_prefill.py --shape overhead --method fastv --keep 0.25 [--compile]   # CPU
+    python -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1
+    python -m benchmarks.profile_prefill --shape overhead --method fastv --keep 0.25 [--compile]   # CPU
 
 One profiled prefill (``model(**inputs, logits_to_keep=1)``) of each kind after warm-ups, under
 ``torch.profiler``. Per kind it prints the wall time, the operator calls dispatched (``aten::`` ops), the
@@ -21,7 +21,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lofi
-from benchmarks.prefill import COMPILE_MODES, add_shape_arguments, shape_model, shared_settings
+from benchmarks.prefill import COMPILE_MODES
+from benchmarks.shapes import add_shape_arguments, shape_model, shared_settings
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 

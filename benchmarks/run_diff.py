@@ -1,6 +1,6 @@
 """How far apart two run folders of ``analysis.compare`` are: the check that a GPU run's tables equal the CPU's.
 
-    python benchmarks/run_diff.py reports/default gpu-results/default-cuda
+    python -m benchmarks.run_diff reports/default gpu-results/default-cuda
 
 For ``summary.csv`` and ``correlation.csv``: the largest absolute difference of each numeric column
 (rows matched on their key columns); for ``samples.parquet``: the share of (sample, method, keep) rows

@@ -13,22 +13,29 @@ import argparse
 from pathlib import Path
 
 import jupytext
+import nbformat
 import papermill
+
+from analysis.paths import relative_to_repo
 
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(p for p in HERE.glob("*.py") if p.name != "build.py")
 
 
 def build(sources=SOURCES, parameters: dict | None = None, out: Path = HERE, kernel: str = "python3") -> list[Path]:
-    """Convert each source to ``out/<name>.ipynb`` and execute it there with ``parameters``."""
+    """Convert each source to ``out/<name>.ipynb`` and execute it there with ``parameters`` (the paths papermill
+    records in it relative to the repository when inside it)."""
     written = []
     for source in sources:
         path = Path(out) / f"{source.stem}.ipynb"
         notebook = jupytext.read(source)
         notebook.metadata["kernelspec"] = {"name": kernel, "display_name": "Python 3", "language": "python"}
         jupytext.write(notebook, path)
-        papermill.execute_notebook(path, path, parameters=parameters or {}, cwd=str(HERE.parent), kernel_name=kernel,
-                                   progress_bar=False)
+        executed = papermill.execute_notebook(path, path, parameters=parameters or {}, cwd=str(HERE.parent),
+                                              kernel_name=kernel, progress_bar=False)
+        # papermill records the paths it was given; the committed notebooks hold them relative to the repository
+        executed.metadata.papermill.update(input_path=relative_to_repo(path), output_path=relative_to_repo(path))
+        nbformat.write(executed, path)
         written.append(path)
     return written
 

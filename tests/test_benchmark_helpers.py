@@ -9,7 +9,7 @@ import pytest
 import lofi
 from analysis.study.tables import relative_flops
 from benchmarks.lvpruning_matched import flops_share, matched_keep, mcnemar
-from benchmarks.prefill import N_TEXT, shape_config
+from benchmarks.shapes import N_TEXT, shape_config
 
 
 def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs():
@@ -119,12 +119,27 @@ def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():
                              capture_output=True, text=True, check=True)
         return run.stdout.strip()
 
-    assert shrunk("python3 benchmarks/prefill.py --shape qwen2-vl-7b --device cuda --dtype bfloat16 --batch 16 "
-                  "--repeats 3") == ("python3 benchmarks/prefill.py --shape qwen2-vl-7b --text-layers 4 "
+    assert shrunk("python3 -m benchmarks.prefill --shape qwen2-vl-7b --device cuda --dtype bfloat16 --batch 16 "
+                  "--repeats 3") == ("python3 -m benchmarks.prefill --shape qwen2-vl-7b --text-layers 4 "
                                      "--vision-layers 1 --device cpu --dtype bfloat16 --batch 2 --repeats 1")
-    assert shrunk("python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --device cuda --batch 8") == (
-        "python3 benchmarks/capture_overhead.py --shape llava-1.5-7b --text-layers 4 --device cpu --batch 2")
-    assert shrunk("python3 benchmarks/generate.py --device cuda --new-tokens 32") == (
-        "python3 benchmarks/generate.py --device cpu --new-tokens 4")
+    assert shrunk("python3 -m benchmarks.capture_overhead --shape llava-1.5-7b --device cuda --batch 8") == (
+        "python3 -m benchmarks.capture_overhead --shape llava-1.5-7b --text-layers 4 --device cpu --batch 2")
+    assert shrunk("python3 -m benchmarks.generate --device cuda --new-tokens 32") == (
+        "python3 -m benchmarks.generate --device cpu --new-tokens 4")
     assert shrunk("python3 -m analysis.compare --methods lofi --device cuda --out x") == (
         "python3 -m analysis.compare --methods lofi --device cpu --out x")
+
+
+def test_the_prefill_benchmark_prints_a_row_per_condition(capsys):
+    """benchmarks/prefill.py on a small model on the CPU: one row per (method, keep), keep = 1 keeps every
+    visual token at the unpruned FLOPs, and a pruned prefill holds a smaller KV cache."""
+    from benchmarks.prefill import main
+
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--repeats", "1",
+                 "--methods", "fastv", "--keep", "1", "0.25", "--device", "cpu"])
+    keep_all, pruned = rows
+    assert (keep_all["keep"], keep_all["kept"], keep_all["flops_speedup"]) == (1.0, 64, 1.0)
+    assert keep_all["kv_mb_pruned"] == keep_all["kv_mb_base"] > pruned["kv_mb_pruned"]
+    assert pruned["kept"] == 16 and pruned["flops_speedup"] > 1
+    assert all(row["baseline_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
+    assert "| fastv" in capsys.readouterr().out

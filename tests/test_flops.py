@@ -4,7 +4,7 @@ import pytest
 from _tiny import tiny_llava
 
 import lofi
-from lofi.configs import config as checkpoint_config
+from benchmarks.shapes import checkpoint_config
 
 
 def test_llava_15_7b_whole_model_matches_lvpruning_table_1():
@@ -44,7 +44,6 @@ def test_gqa_narrows_only_the_key_value_projections():
 
 
 # ---------------------------------------------------------------------------------- every family, by hand
-from lofi import configs  # noqa: E402
 from lofi.families import family_class  # noqa: E402
 
 
@@ -53,7 +52,7 @@ def _vit_layer(n, d, m, mlp=2):
 
 
 def _visual_tokens(name, image):
-    config = configs.config(name)
+    config = checkpoint_config(name)
     tiles = family_class(config).tiles(config, image)
     return tiles[0].start + sum(t.tokens for t in tiles)
 
@@ -72,7 +71,7 @@ def test_visual_token_counts_of_the_7b_checkpoints(name, image, tokens):
 
 
 def test_llava_next_vision_and_projector_flops_count_every_crop():
-    config = configs.config("llava-next-7b")
+    config = checkpoint_config("llava-next-7b")
     flops = lofi.count_flops(config, 30, 2928, image=(672, 672))
     crops, n, d = 5, 577, 1024
     embed = 2 * 576 * (3 * 14 * 14) * d
@@ -81,7 +80,7 @@ def test_llava_next_vision_and_projector_flops_count_every_crop():
 
 
 def test_llava_onevision_flops_have_no_cls_token():
-    config = configs.config("llava-onevision-7b")
+    config = checkpoint_config("llava-onevision-7b")
     flops = lofi.count_flops(config, 30, 7371, image=(2304, 2304))
     crops, n, d = 37, 729, 1152
     embed = 2 * 729 * (3 * 14 * 14) * d
@@ -93,7 +92,7 @@ def test_llava_onevision_flops_have_no_cls_token():
 
 
 def test_qwen2_vl_attends_over_the_whole_image_in_every_block():
-    config = configs.config("qwen2-vl-7b")
+    config = checkpoint_config("qwen2-vl-7b")
     flops = lofi.count_flops(config, 30, 324, image=(1, 36, 36))
     n, d = 1296, 1280
     block = 2 * 4 * n * d * d + 2 * 2 * n * n * d + 2 * 2 * n * d * (4 * d)
@@ -102,7 +101,7 @@ def test_qwen2_vl_attends_over_the_whole_image_in_every_block():
 
 
 def test_qwen2_5_vl_attends_within_windows_except_four_blocks():
-    config = configs.config("qwen2.5-vl-7b")
+    config = checkpoint_config("qwen2.5-vl-7b")
     flops = lofi.count_flops(config, 30, 324, image=(1, 36, 36))
     n, d, m = 1296, 1280, 3420
     # 18 x 18 merged tokens in windows of 4 x 4: sides 4, 4, 4, 4, 2; a window of a x b tokens holds 4ab patches
@@ -111,15 +110,15 @@ def test_qwen2_5_vl_attends_within_windows_except_four_blocks():
     common = 2 * 4 * n * d * d + 2 * 3 * n * d * m
     expected = 2 * n * 1176 * d + 28 * (common + 2 * 2 * windowed * d) + 4 * (common + 2 * 2 * n * n * d)
     assert flops.vision == pytest.approx(expected, rel=1e-12)
-    assert flops.vision < lofi.count_flops(configs.config("qwen2-vl-7b"), 30, 324, image=(1, 36, 36)).vision
+    assert flops.vision < lofi.count_flops(checkpoint_config("qwen2-vl-7b"), 30, 324, image=(1, 36, 36)).vision
 
 
 def test_the_7b_configs_hold_the_checkpoints_shapes():
-    assert configs.config("qwen2-vl-7b").text_config.num_key_value_heads == 4
-    assert configs.config("llava-next-7b", text_layers=2).text_config.num_hidden_layers == 2
-    assert configs.config("qwen2.5-vl-7b", vision_layers=9).vision_config.fullatt_block_indexes == [7]
+    assert checkpoint_config("qwen2-vl-7b").text_config.num_key_value_heads == 4
+    assert checkpoint_config("llava-next-7b", text_layers=2).text_config.num_hidden_layers == 2
+    assert checkpoint_config("qwen2.5-vl-7b", vision_layers=9).vision_config.fullatt_block_indexes == [7]
     with pytest.raises(ValueError, match="valid: llava-1.5-7b"):
-        configs.config("llava-13b")
+        checkpoint_config("llava-13b")
 
 
 def test_fastv_counts_the_attention_rows_it_rebuilds():

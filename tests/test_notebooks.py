@@ -26,6 +26,37 @@ def test_committed_notebooks_are_their_sources_with_outputs(source):
     assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
 
 
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_committed_notebooks_record_their_path_relative_to_the_repository(source):
+    recorded = nbformat.read(source.with_suffix(".ipynb"), as_version=4).metadata.papermill
+    assert recorded.input_path == recorded.output_path == f"notebooks/{source.stem}.ipynb"
+
+
+def test_build_records_the_notebook_relative_to_the_repository(tmp_path, monkeypatch):
+    """notebooks/build.py rewrites the absolute paths papermill records (a stand-in runs no kernel)."""
+    import importlib.util
+
+    from analysis import paths
+
+    spec = importlib.util.spec_from_file_location("notebooks_build", NOTEBOOKS / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+
+    def execute(input_path, output_path, **settings):
+        notebook = nbformat.read(input_path, as_version=4)
+        notebook.metadata["papermill"] = nbformat.from_dict({"input_path": str(input_path),
+                                                             "output_path": str(output_path)})
+        nbformat.write(notebook, output_path)
+        return notebook
+
+    monkeypatch.setattr(build.papermill, "execute_notebook", execute)
+    monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)
+    (tmp_path / "notebooks").mkdir()
+    (written,) = build.build(SOURCES[:1], out=tmp_path / "notebooks")
+    recorded = nbformat.read(written, as_version=4).metadata.papermill
+    assert recorded.input_path == recorded.output_path == f"notebooks/{SOURCES[0].stem}.ipynb"
+
+
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("nb") / "run"

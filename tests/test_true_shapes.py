@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import lofi
-from lofi import configs
+from benchmarks import shapes
 from lofi.families import family_class
 
 IMAGES = {"llava-1.5-7b": None, "llava-next-7b": (336, 672), "llava-onevision-7b": (384, 384),
@@ -20,7 +20,7 @@ NEWLINES = {"llava-next-7b": 24, "llava-onevision-7b": 27}
 
 
 def _model(name):
-    config = configs.config(name, text_layers=2, vision_layers=1)
+    config = shapes.checkpoint_config(name, text_layers=2, vision_layers=1)
     model_class = getattr(transformers, family_class(config).classes[0])
     torch.manual_seed(0)
     return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
@@ -28,10 +28,10 @@ def _model(name):
 
 @pytest.mark.slow
 @torch.no_grad()
-@pytest.mark.parametrize("name", list(configs.CHECKPOINTS))
+@pytest.mark.parametrize("name", list(shapes.CHECKPOINTS))
 def test_the_7b_shape_runs_through_the_engine(name):
     model = _model(name)
-    inputs = configs.synthetic_inputs(model.config, IMAGES[name], n_text=30)
+    inputs = shapes.synthetic_inputs(model.config, IMAGES[name], n_text=30)
     base = model(**inputs, logits_to_keep=1).logits
     assert torch.isfinite(base).all()
     with lofi.pruned(model, "fastv", keep=1.0, layer=1) as handle:

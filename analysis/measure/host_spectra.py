@@ -3,7 +3,7 @@
 On a GPU, torch's ``eigvalsh`` of a batch of Gram matrices runs one matrix at a time (unless
 ``LOFI_EIGH=cusolver-batched``, ``lofi.linalg``), and inside a forward pass
 it holds the pass up: the headline layer's spectra alone doubled a batch-8 forward at LLaVA-1.5-7B shape
-(issue [G]). ``HostSpectra`` takes Gram matrices that ``Capture`` has already moved to the host (with
+(measured on an H200). ``HostSpectra`` takes Gram matrices that ``Capture`` has already moved to the host (with
 the rest of a forward pass's statistics, in its one transfer) and decomposes them in float64 on a
 background thread while the model goes on (decoding, the next batch); ``Capture.take`` waits for them.
 """

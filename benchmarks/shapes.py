@@ -1,16 +1,22 @@
-"""The configurations of the 7B checkpoints the field studies, written out (no download).
+"""The model shapes the benchmarks run, with random weights (no download).
 
-    lofi.configs.config("qwen2.5-vl-7b")                      # Qwen/Qwen2.5-VL-7B-Instruct's shapes
-    lofi.configs.config("llava-next-7b", text_layers=2)      # fewer layers: the same widths, less memory
+    shapes.checkpoint_config("qwen2.5-vl-7b")                 # Qwen/Qwen2.5-VL-7B-Instruct's shapes
+    shapes.checkpoint_config("llava-next-7b", text_layers=2)  # fewer layers: the same widths, less memory
+    config, model, inputs = shapes.shape_model("mid", batch=1, device="cpu", dtype=torch.float32)
 
-They give a random-weight model of the checkpoint's true widths, heads, token counts and vision towers
-(``from_config``), for FLOPs, benchmarks and shape tests; ``CHECKPOINTS`` names the hub id each one
-reproduces. Values are those of the checkpoints' ``config.json``.
+It owns the 7B checkpoints' configurations written out (``CHECKPOINTS`` names the hub id each one reproduces;
+values are those of the checkpoints' ``config.json``), two small shapes (``mid``: most of the time in the
+decoder, as in LLaVA-1.5-7B; ``overhead``: tiny widths at 7B depth, the time is per-op overhead), the
+benchmark image of each shape, synthetic inputs laid out as the family's processor lays them out, and the
+command-line options every prefill-shaped benchmark shares. Tests use the checkpoint configurations too.
 """
 
 from __future__ import annotations
 
+import argparse
+
 import torch
+import transformers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -22,6 +28,10 @@ from transformers import (
     Qwen2VLConfig,
     SiglipVisionConfig,
 )
+
+import lofi
+from lofi.families import family_class
+from lofi.methods.lvpruning import DecisionModules
 
 CHECKPOINTS = {
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
@@ -42,7 +52,7 @@ _QWEN_VL_TOKENS = dict(image_token_id=151655, video_token_id=151656, vision_star
 _MROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
 
 
-def config(name: str, text_layers: int | None = None, vision_layers: int | None = None):
+def checkpoint_config(name: str, text_layers: int | None = None, vision_layers: int | None = None):
     """The configuration of checkpoint ``name`` (a key of ``CHECKPOINTS``), optionally with fewer
     language-model and vision layers (every other value unchanged)."""
     if name not in CHECKPOINTS:
@@ -90,7 +100,6 @@ def synthetic_inputs(config, image=None, n_text: int = 30, batch: int = 1, devic
     """Model inputs of ``batch`` copies of one prompt as the family's processor lays it out: ``n_text`` text
     tokens around the visual tokens of one random ``image`` (the family's description, see
     ``lofi.count_flops``), with the pixel tensors and extra inputs the family's forward takes."""
-    from lofi.families import family_class
     family = family_class(config)
     image = image or family.default_image(config)
     tiles = family.tiles(config, image)
@@ -121,3 +130,76 @@ def synthetic_inputs(config, image=None, n_text: int = 30, batch: int = 1, devic
     if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
         out["mm_token_type_ids"] = (input_ids == image_token).int()
     return {k: v.to(device) for k, v in out.items()}
+
+
+MID = dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16),
+           vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4),
+           image_size=336)
+# LLaVA-1.5-7B's depth (32 text, 24 vision layers) at width 64, 64 visual tokens: every op is tiny, so the time
+# is the per-op overhead (Python, dispatch) that dominates a batch-1 prefill on a GPU
+OVERHEAD = dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=2),
+                vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=24, num_attention_heads=2),
+                image_size=112)
+SMALL = {"mid": MID, "overhead": OVERHEAD}
+SHAPES = [*SMALL, *CHECKPOINTS]
+ALIASES = {"llava-7b": "llava-1.5-7b"}
+N_TEXT = 30  # LVPruning's Table 1 setting: 576 visual + 30 text tokens
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, default_shape: str) -> None:
+    """The options every prefill-shaped benchmark shares: the model's shape and depth, the device, dtype and
+    batch (read back by ``shape_model``)."""
+    parser.add_argument("--shape", choices=SHAPES + sorted(ALIASES), default=default_shape)
+    parser.add_argument("--text-layers", type=int, help="fewer language-model layers (default: the shape's)")
+    parser.add_argument("--vision-layers", type=int, help="fewer vision layers (default: the shape's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch", type=int, default=1)
+
+
+def shape_config(shape: str, text_layers: int | None = None, vision_layers: int | None = None):
+    """``mid``, ``overhead`` or a 7B checkpoint's configuration (``llava-7b`` is LLaVA-1.5-7B), optionally
+    with fewer layers."""
+    shape = ALIASES.get(shape, shape)
+    if shape not in SMALL:
+        return checkpoint_config(shape, text_layers, vision_layers)
+    small = SMALL[shape]
+    text = {**small["text"], **({} if text_layers is None else {"num_hidden_layers": text_layers})}
+    vision = {**small["vision"], **({} if vision_layers is None else {"num_hidden_layers": vision_layers})}
+    return LlavaConfig(vision_config=CLIPVisionConfig(image_size=small["image_size"], patch_size=14, **vision),
+                       text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text),
+                       image_token_index=32000, vision_feature_layer=-2)
+
+
+def build_model(config, device: str, dtype: torch.dtype):
+    """A random-weight model of ``config`` (seed 0, SDPA attention) in eval mode."""
+    model_class = getattr(transformers, family_class(config).classes[0])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_class._from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def benchmark_image(shape: str):
+    """The image a shape's prompts carry (``BENCHMARK_IMAGES``; None: the family's default)."""
+    return BENCHMARK_IMAGES.get(ALIASES.get(shape, shape))
+
+
+def shape_model(shape: str, batch: int, device: str, dtype: torch.dtype, text_layers: int | None = None,
+                vision_layers: int | None = None):
+    """(config, random-weight model, inputs) of a benchmark shape: its benchmark image and ``N_TEXT`` text
+    tokens per sample, pixels in ``dtype``."""
+    config = shape_config(shape, text_layers, vision_layers)
+    inputs = synthetic_inputs(config, benchmark_image(shape), N_TEXT, batch, device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return config, build_model(config, device, dtype), inputs
+
+
+def shared_settings(model, methods: list[str], layer: int) -> dict:
+    """The run-wide settings ``lofi.build`` hands the methods that take them: K, and for LVPruning random
+    decision modules on the model's device and dtype (their cost, not their choices, is what is timed)."""
+    shared = {"layer": layer}
+    if any("modules" in lofi.options(method) for method in methods):
+        parameter = next(model.parameters())
+        shared["modules"] = DecisionModules.for_model(model).to(parameter.device, parameter.dtype)
+    return shared
