@@ -1,5 +1,5 @@
-"""Where the repository keeps its data and reports (the bundled model and benchmark, run folders), and how files
-the project writes record a path."""
+"""Where the repository keeps its data and reports (the bundled model and benchmark, run folders), and
+how a path is written into what the project commits (``portable``)."""
 
 from pathlib import Path
 
@@ -10,10 +10,10 @@ BUNDLED_BENCHMARK = DATA_DIR / "shapes"
 REPORTS = REPO_ROOT / "reports"
 
 
-def relative_to_repo(path: str | Path) -> str:
-    """``path`` as a file the project writes records it: relative to the repository root when it lies inside the
-    repository (a committed file then holds no machine's absolute path), else exactly as given."""
-    try:
-        return Path(path).resolve().relative_to(REPO_ROOT.resolve()).as_posix()
-    except ValueError:
-        return str(path)
+def portable(path: str | Path) -> str:
+    """``path`` as a committed file records it: relative to the project when it is an absolute path inside
+    it (``data/shapes-llava``, not the machine's folder), otherwise exactly as given."""
+    given = Path(path)
+    if given.is_absolute() and given.is_relative_to(REPO_ROOT):
+        return given.relative_to(REPO_ROOT).as_posix()
+    return str(path)

@@ -16,7 +16,7 @@ import jupytext
 import nbformat
 import papermill
 
-from analysis.paths import relative_to_repo
+from analysis.paths import portable
 
 HERE = Path(__file__).resolve().parent
 SOURCES = sorted(p for p in HERE.glob("*.py") if p.name != "build.py")
@@ -34,7 +34,7 @@ def build(sources=SOURCES, parameters: dict | None = None, out: Path = HERE, ker
         executed = papermill.execute_notebook(path, path, parameters=parameters or {}, cwd=str(HERE.parent),
                                               kernel_name=kernel, progress_bar=False)
         # papermill records the paths it was given; the committed notebooks hold them relative to the repository
-        executed.metadata.papermill.update(input_path=relative_to_repo(path), output_path=relative_to_repo(path))
+        executed.metadata.papermill.update(input_path=portable(path), output_path=portable(path))
         nbformat.write(executed, path)
         written.append(path)
     return written

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.study import compare, report, runfolder, runner
+from analysis.study import compare, report, request, runfolder, runner
 from analysis.study.evaluate import load_model
+from analysis.study.records import BASELINE, Condition
 from lofi.methods.lvpruning import DecisionModules
 
 
@@ -62,7 +63,7 @@ def test_methods_list(capsys):
 
 @pytest.mark.parametrize("extra,message", [
     (["--methods", "lofii"], "valid methods: fastv, lofi"),
-    (["--keep", "1.5"], "--keep values must be in (0, 1]"),
+    (["--keep", "1.5"], "keep must be a fraction in (0, 1]"),
     (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
     (["--dataset", "/nonexistent.jsonl"], "not found"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -98,22 +99,21 @@ def test_an_interrupted_run_resumes_without_recomputing(tiny_model, tmp_path, mo
     real = runner.run_condition
 
     def counting(*args, **kwargs):
-        calls.append(runner._condition(kwargs["method"]))
+        calls.append(Condition.of(kwargs["method"]))
         if len(calls) == 4:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(compare, "run_condition", counting)
-    with pytest.raises(KeyboardInterrupt):
-        compare.main(_args(tiny_model, out))
+    assert compare.main(_args(tiny_model, out)) == 130
     assert not out.exists() and (tmp_path / "run.partial").is_dir()
     first = list(calls)
     calls.clear()
-    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(runner._condition(k["method"])),
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(Condition.of(k["method"])),
                                                                     real(*a, **k))[1])
     assert compare.main(_args(tiny_model, out)) == 0
-    assert first[:3] == [("baseline", 1.0), ("lofi", 0.5), ("lofi", 0.25)]
-    assert calls == [("lvpruning", 0.5), ("lvpruning", 0.25), ("fastv", 0.5), ("fastv", 0.25)]
+    assert first[:3] == [BASELINE, Condition("lofi", 0.5), Condition("lofi", 0.25)]
+    assert calls == [Condition(m, k) for m in ("lvpruning", "fastv") for k in (0.5, 0.25)]
     calls.clear()
     assert compare.main(_args(tiny_model, out)) == 0 and calls == []  # complete: nothing recomputed
 
@@ -277,8 +277,8 @@ def test_a_model_that_is_not_a_supported_vlm_is_refused_before_loading(tmp_path,
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(gpt2)
     assert compare.main(_args(gpt2, tmp_path / "run")) == 2
-    err = _one_line_error(capsys, "'gpt2' model")
-    assert "LlavaForConditionalGeneration" in err
+    err = _one_line_error(capsys, "'gpt2' model, not a VLM lofi supports")
+    assert "llava_next" in err and len(err) < 120 + len(str(gpt2))  # one line on a terminal, besides the path
     assert not list(tmp_path.glob("run*"))
 
 
@@ -295,8 +295,7 @@ def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeyp
     out = tmp_path / "run"
     from analysis.study import report as report_module
     monkeypatch.setattr(report_module, "render", lambda folder: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        compare.main(_args(tiny_model, out))
+    assert compare.main(_args(tiny_model, out)) == 130
     work = tmp_path / "run.partial"
     assert not out.exists() and len(list((work / "shards").glob("*.parquet"))) == 3 * 7  # nothing deleted
     for kind in ("spectra", "kept"):
@@ -304,10 +303,10 @@ def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeyp
     monkeypatch.undo()
     calls = []
     real = runner.run_condition
-    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(runner._condition(k["method"])),
+    monkeypatch.setattr(compare, "run_condition", lambda *a, **k: (calls.append(Condition.of(k["method"])),
                                                                     real(*a, **k))[1])
     assert compare.main(_args(tiny_model, out)) == 0
-    assert calls == [("lofi", 0.5)]
+    assert calls == [Condition("lofi", 0.5)]
     spectra = pd.read_parquet(out / "spectra.parquet")
     assert spectra.delta_ipr.notna().all()
     summary = pd.read_csv(out / "summary.csv")
@@ -315,11 +314,26 @@ def test_a_condition_missing_a_shard_is_recomputed(tiny_model, tmp_path, monkeyp
 
 
 def test_the_default_run_folder_is_one_folder_whatever_the_dataset_path(tmp_path):
-    args = compare.parse_args(["--methods", "lofi", "--dataset", str(tmp_path / "a" / "b" / "pope.json")])
-    out = compare.default_out(args, 10)
+    parsed = request.parse(["--methods", "lofi", "--dataset", str(tmp_path / "a" / "b" / "pope.json")])
+    out = request.default_out(parsed, 10)
     assert out.parent.name == "reports" and "pope" in out.name and "/" not in out.name
 
 
 def test_load_split_limit_zero_is_no_question():
     from analysis.benchmark.datasets import load_split
     assert load_split("test", limit=0) == [] and len(load_split("test", limit=2)) == 2
+
+
+def test_the_plan_resolves_auto_and_the_config_holds_no_machine_path(tmp_path):
+    """The request stays as parsed (``auto`` is resolved in the plan); the bundled model and split are
+    recorded relative to the project, so a committed run folder names no folder of the machine it ran on."""
+    from analysis import paths
+    parsed = request.parse(["--methods", "fastv", "--keep", "0.5", "--limit", "2", "--out", str(tmp_path / "run"),
+                            "--dataset", str(paths.BUNDLED_BENCHMARK / "test.jsonl")])
+    checked = request.plan(parsed)
+    assert parsed.spectrum_layers == "auto" and checked.spectrum_layers == "all" and checked.device == "cpu"
+    assert checked.conditions == (BASELINE, Condition("fastv", 0.5))
+    config = compare.run_config(checked)
+    assert (config.model, config.dataset) == ("data/shapes-llava", "data/shapes/test.jsonl")
+    assert str(paths.REPO_ROOT) not in json.dumps(config.as_dict())
+    assert not (tmp_path / "run").exists()

@@ -58,7 +58,7 @@ def test_a_hub_id_in_the_local_cache_runs_offline(next_folder, tmp_path, monkeyp
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     out = tmp_path / "run"
-    assert compare.main([*ARGS[:2], "lofi", "--keep", "0.5", "--limit", "2", "--no-progress", "--max-new-tokens",
+    assert compare.main([*ARGS[:2], "--keep", "0.5", "--limit", "2", "--no-progress", "--max-new-tokens",
                          "1", "--model", "lofi-test/tiny-next", "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == "lofi-test/tiny-next" and "model.safetensors" in config["weights"]

@@ -92,3 +92,57 @@ def test_verify_images_catches_corruption_up_front(tmp_path):
     (tmp_path / rows[3]["image"]).write_bytes(b"\x89PNG broken")
     with pytest.raises(DatasetError, match="cannot be read"):
         datasets.verify_images(load_split(path))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda r: [1, 2], "is a JSON list, not an object"),
+    (lambda r: {**r, "image": 5}, "the image is int 5, not a string"),
+    (lambda r: {**r, "answer": 3}, "the answer is int 3, not a string"),
+    (lambda r: {**r, "family": ["a"]}, "the family is list"),
+    (lambda r: {**r, "question_id": True}, "question_id is bool"),
+    (lambda r: {**r, "image": "../outside.png"}, "outside the split's folder"),
+])
+def test_a_field_of_the_wrong_type_names_the_line_and_the_fix(tmp_path, edit, message):
+    path, rows = _copy_split(tmp_path, n=2)
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], edit(rows[1])]))
+    with pytest.raises(DatasetError) as error:
+        load_split(path)
+    assert f"{path}:2" in str(error.value) and message in str(error.value)
+
+
+def test_images_outside_the_split_load_only_when_allowed(tmp_path):
+    (tmp_path / "split").mkdir()
+    path, rows = _copy_split(tmp_path / "split", n=1)
+    shutil.copy(tmp_path / "split" / rows[0]["image"], tmp_path / "shared.png")
+    path.write_text(json.dumps({**rows[0], "image": "../shared.png"}) + "\n")
+    with pytest.raises(DatasetError, match="--allow-outside-images"):
+        load_split(path)
+    assert load_split(path, allow_outside_images=True)[0].image.resolve() == (tmp_path / "shared.png").resolve()
+
+
+def test_verify_images_decodes_every_pixel(tmp_path):
+    """A PNG whose checksums hold (verify() passes) but whose pixel data is no zlib stream."""
+    import struct
+    import zlib
+    path, rows = _copy_split(tmp_path, n=1)
+    image = tmp_path / rows[0]["image"]
+    data, out, at = image.read_bytes(), [], 8
+    while at < len(data):
+        (length,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
+        body = b"\0" * length if kind == b"IDAT" else data[at + 8:at + 8 + length]
+        out.append(struct.pack(">I", length) + kind + body + struct.pack(">I", zlib.crc32(kind + body)))
+        at += 12 + length
+    image.write_bytes(data[:8] + b"".join(out))
+    with pytest.raises(DatasetError, match="cannot be read"):
+        datasets.verify_images(load_split(path))
+
+
+def test_the_content_fingerprint_follows_content_not_paths(tmp_path, monkeypatch):
+    path, rows = _copy_split(tmp_path, n=3)
+    samples = load_split(path)
+    first = datasets.content_sha256(samples, datasets.verify_images(samples))
+    monkeypatch.chdir(tmp_path)
+    relative = load_split("split.jsonl")
+    assert datasets.content_sha256(relative, datasets.verify_images(relative)) == first
+    shutil.copy(datasets.BUNDLED_BENCHMARK / "images" / "test_00009.png", tmp_path / rows[0]["image"])
+    assert datasets.content_sha256(samples, datasets.verify_images(samples)) != first

@@ -42,7 +42,7 @@ from transformers import LlavaForConditionalGeneration
 from analysis.benchmark import shapes
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import ConversationBatches, curriculum_max_objects, parse_family_weights
-from analysis.paths import relative_to_repo
+from analysis.paths import portable
 from analysis.study.evaluate import accuracy_table
 
 
@@ -339,7 +339,7 @@ def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict
         vision_warmup=config.vision_warmup,
         vision_warmup_final_aux=warmup_log[-1]["aux_loss"] if warmup_log else None, aux_weight=config.aux_weight,
         family_weights=config.family_weights, bf16=config.bf16,
-        init_from=relative_to_repo(config.init_from) if config.init_from else None, start=config.start,
+        init_from=portable(config.init_from) if config.init_from else None, start=config.start,
         previous=previous,
         config={k: v for k, v in text.to_dict().items()
                 if k in ("hidden_size", "num_hidden_layers", "num_attention_heads")},

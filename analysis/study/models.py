@@ -1,10 +1,10 @@
 """Loading a VLM of any supported family, offline, and turning questions into its inputs.
 
 This module owns the model side of the study: where a model is (a local folder, or a hub id already in
-the local Hugging Face cache: nothing is downloaded), checking it before any weights are read (a
-supported family, an image processor and a tokenizer), loading it with its family's class, and the
-prompt: the processor's chat template when it has one (the bundled model's renders LLaVA-1.5's
-``USER: <image>\\n{question} ASSISTANT:``), else the question after the image token.
+the local Hugging Face cache: nothing is downloaded), checking it before any weights are loaded (a
+supported family, an image processor and a tokenizer, whole safetensors files), loading it with its
+family's class, and the prompt: the processor's chat template when it has one (the bundled model's
+renders LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``), else the question after the image token.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def check_model(model: str | Path = paths.BUNDLED_MODEL):
     (``lofi.families.supported()``) with an image processor and a tokenizer."""
     from transformers import AutoConfig, AutoProcessor
 
-    from lofi.families import UnsupportedModelError, family_class
+    from lofi.families import UnsupportedModelError, family_class, supported
     folder = resolve(model)
     if not (folder / "config.json").is_file():
         raise ModelError(f"no model at {model}: expected a Hugging Face model folder with config.json "
@@ -58,8 +58,9 @@ def check_model(model: str | Path = paths.BUNDLED_MODEL):
         raise ModelError(f"{folder / 'config.json'} is not a transformers configuration ({e})") from None
     try:
         family_class(config)
-    except UnsupportedModelError as e:
-        raise ModelError(f"{model}: {e}") from None
+    except UnsupportedModelError:
+        raise ModelError(f"{model} is a {getattr(config, 'model_type', None)!r} model, not a VLM lofi supports "
+                         f"({', '.join(supported())})") from None
     try:
         processor = AutoProcessor.from_pretrained(folder)
     except Exception as e:  # transformers raises many types here; all mean the same to the user
@@ -77,16 +78,38 @@ def check_model(model: str | Path = paths.BUNDLED_MODEL):
     return config, processor
 
 
+def check_weights(files: Sequence[Path]) -> None:
+    """Every safetensors file in ``files`` whole: its header reads and its tensors cover the file exactly (a
+    truncated or padded file fails here, before a run starts, not while the model loads)."""
+    from safetensors import SafetensorError, safe_open
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ModelError(f"{file} is not a whole safetensors file ({e}); restore or re-save it") from None
+
+
 def load_model(model: str | Path = paths.BUNDLED_MODEL, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               checked: tuple | None = None):
+               checked: tuple | None = None, progress: bool = True):
     """(model, processor) of a checked model (``check_model``) with its family's class, in eval mode.
-    ``checked``: the (config, processor) ``check_model`` already returned for it, not read again."""
+    ``checked``: the (config, processor) ``check_model`` already returned for it, not read again;
+    ``progress``: transformers' loading bar."""
     import transformers
+    from transformers.utils import logging
 
     from lofi.families import family_class
     config, processor = checked or check_model(model)
     model_class = getattr(transformers, family_class(config).classes[0])
-    loaded = model_class.from_pretrained(resolve(model), dtype=dtype).to(device).eval()
+    shown = logging.is_progress_bar_enabled()
+    if not progress:
+        logging.disable_progress_bar()
+    try:
+        loaded = model_class.from_pretrained(resolve(model), dtype=dtype).to(device).eval()
+    finally:
+        if shown:
+            logging.enable_progress_bar()
     return loaded, processor
 
 

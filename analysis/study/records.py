@@ -1,8 +1,9 @@
 """The typed records a comparison produces, and the table columns that come from them.
 
-One ``SampleResult`` per (sample, condition), one ``KeptTokens`` per (sample, condition, stage); the run
-folder's tables (docs/definitions.md#run-folder) are these records as rows, with the columns
-``analysis.study.tables`` derives from them added. ``RunConfig`` is ``config.json``.
+A ``Condition`` (method, keep; ``BASELINE`` for the unpruned model) is the one key of a comparison's
+shards, records and table rows. One ``SampleResult`` per (sample, condition), one ``KeptTokens`` per
+(sample, condition, stage); the run folder's tables (docs/definitions.md#run-folder) are these records as
+rows, with the columns ``analysis.study.tables`` derives from them added. ``RunConfig`` is ``config.json``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,30 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One condition of a comparison: a method's registry name and its keep (``BASELINE``: the unpruned
+    model). Its shards are named by ``stem``; its rows carry ``method`` and ``keep`` as columns."""
+
+    method: str
+    keep: float
+
+    @classmethod
+    def of(cls, method) -> "Condition":
+        """The condition of a built ``lofi.PruningMethod`` (None: the unpruned model)."""
+        return BASELINE if method is None else cls(method.name, method.keep)
+
+    @property
+    def stem(self) -> str:
+        return f"{self.method}__{self.keep:g}"
+
+    def __str__(self) -> str:
+        return f"{self.method} keep={self.keep:g}"
+
+
+BASELINE = Condition("baseline", 1.0)
 
 
 @dataclass
@@ -98,7 +123,17 @@ class ConditionResult:
 
 @dataclass
 class RunConfig:
-    """``config.json`` of a run folder: every argument, resolved defaults and provenance."""
+    """``config.json`` of a run folder: every argument, resolved defaults, what the run read (fingerprints)
+    and provenance.
+
+    Attributes (besides the command's options):
+        dataset_sha256: ``analysis.benchmark.datasets.content_sha256`` of the questions and images used.
+        chat_template_sha256: sha256 of the processor's chat template (None without one).
+        weights: sha256 per weights file read (the model's safetensors, a method's trained modules).
+        model_files: sha256 per configuration, tokenizer and processor file of the model folder.
+        method_defaults: each method's settings (its ``repr`` at the first keep).
+        packages, python, git_commit: provenance.
+    """
 
     methods: list[str]
     keep: list[float]
@@ -114,13 +149,19 @@ class RunConfig:
     spectrum_layers: str
     method_defaults: dict
     weights: dict
+    model_files: dict
+    chat_template_sha256: str | None
+    dataset_sha256: str
     headline: dict
     packages: dict
     python: str
     git_commit: str | None
 
-    IDENTITY = ("methods", "keep", "model", "weights", "dataset", "limit", "seed", "center", "max_new_tokens",
-                "spectrum_layers")  # a finished run is returned only for the same values of these
+    # a finished or unfinished run is reused only for the same values of these: everything that changes a
+    # number. The model and dataset enter by content (fingerprints), not by how their paths are written.
+    IDENTITY = ("methods", "keep", "method_defaults", "weights", "model_files", "chat_template_sha256",
+                "dataset_sha256", "n_samples", "seed", "center", "max_new_tokens", "batch_size", "spectrum_layers",
+                "device", "packages")
 
     def as_dict(self) -> dict:
         return asdict(self)

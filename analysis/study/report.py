@@ -1,7 +1,9 @@
 """``python -m analysis.report DIR``: figures and ``report.html`` of a run folder, from its tables alone.
 
-This module owns presentation: it never loads a model. It reads ``config.json``, ``summary.csv``,
-``correlation.csv``, ``spectra.parquet``, ``kept.parquet`` and ``leverage.parquet``, writes
+This module owns presentation: it never loads a model and never reads outside the run folder. It reads
+``config.json``, ``summary.csv``, ``correlation.csv``, ``spectra.parquet``, ``kept.parquet``,
+``leverage.parquet`` and ``thumbnails/`` (the few images the kept-token figure draws on, which
+``save_thumbnails`` copies into the run folder while the run still reads its split), writes
 ``figures/*.png`` and one self-contained ``report.html`` (the ``templates/report.html.j2`` page, figures
 embedded as data URIs) with the tables, the definitions of their columns and a short reading of the
 results written from the numbers -- which claims a relation only where the permutation test across
@@ -21,13 +23,15 @@ import jinja2
 import numpy as np
 import pandas as pd
 from markupsafe import Markup, escape
+from PIL import Image
 
-from analysis.benchmark.datasets import load_split
 from analysis.measure.correlation import smallest_p
 from analysis.study import plots
+from analysis.study.runfolder import RunFolderError, read_config, write_atomically
 from analysis.study.tables import headline
 
 MIN_CONDITIONS = 5  # fewer: even a perfect correlation has permutation p >= 2/5! = 0.017 (4: 0.083)
+THUMBNAILS, MAP_SAMPLES, THUMBNAIL_SIDE = "thumbnails", 3, 512  # the kept-token figure's images, longest side
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def render(folder: str | Path) -> Path:
     if missing:
         raise FileNotFoundError(f"{folder} is not a finished run folder (missing {missing}); "
                                 "create one with `python -m analysis.compare`")
-    config = json.loads((folder / "config.json").read_text())
+    config = read_config(folder)
     summary = pd.read_csv(folder / "summary.csv")
     correlation = pd.read_csv(folder / "correlation.csv")
     spectra = pd.read_parquet(folder / "spectra.parquet")
@@ -115,7 +119,7 @@ def render(folder: str | Path) -> Path:
         "ipr_per_layer": plots.ipr_panels(spectra),
         "singular_spectra": plots.spectra_panels(spectra, layer, group, sorted(summary["keep"].unique(), reverse=True)),
         "accuracy_flips_kl": plots.metric_panels(summary),
-        "kept_token_maps": _maps_figure(folder, config, summary),
+        "kept_token_maps": _maps_figure(folder, summary),
     }
     for name, fig in drawn.items():
         if fig is not None:
@@ -128,40 +132,79 @@ def render(folder: str | Path) -> Path:
     return folder / "report.html"
 
 
-def _maps_figure(folder, config, summary, n_samples: int = 3):
+def _map_keep(summary: pd.DataFrame) -> float:
+    """The keep level the kept-token figure shows: the middle one."""
+    keeps = sorted(summary["keep"].unique())
+    return keeps[len(keeps) // 2]
+
+
+def _last_stage(kept: pd.DataFrame, keep: float) -> pd.DataFrame:
+    """Each (sample, method)'s kept tokens after its last stage at ``keep``."""
+    return kept[kept.keep == keep].sort_values("stage").groupby(["sample_id", "method"]).last().reset_index()
+
+
+def save_thumbnails(folder: str | Path, samples) -> None:
+    """The images of the first ``MAP_SAMPLES`` samples the kept-token figure shows (of ``samples``, the run's
+    ``Sample`` records), at most ``THUMBNAIL_SIDE`` pixels a side, into ``folder/thumbnails/`` as
+    ``0.png, 1.png, ...`` with ``index.json`` (their sample ids and questions, in that order): the report
+    is then rendered from the run folder alone."""
+    folder = Path(folder)
+    kept = pd.read_parquet(folder / "kept.parquet")
+    if not len(kept):
+        return
+    last = _last_stage(kept, _map_keep(pd.read_csv(folder / "summary.csv")))
+    by_id = {s.question_id: s for s in samples}
+    chosen = [by_id[i] for i in dict.fromkeys(last["sample_id"]) if i in by_id][:MAP_SAMPLES]
+    (folder / THUMBNAILS).mkdir(exist_ok=True)
+    for n, sample in enumerate(chosen):
+        image = sample.load_image()
+        image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        image.save(folder / THUMBNAILS / f"{n}.png")
+    write_atomically(folder / THUMBNAILS / "index.json",
+                     json.dumps([{"sample_id": s.question_id, "question": s.question} for s in chosen], indent=1))
+
+
+def _thumbnails(folder: Path) -> list[tuple[str, str, Image.Image]]:
+    """(sample id, question, image) of each thumbnail the run folder holds (none for a folder without)."""
+    try:
+        index = json.loads((folder / THUMBNAILS / "index.json").read_text())
+        out = []
+        for n, entry in enumerate(index):
+            with Image.open(folder / THUMBNAILS / f"{n}.png") as image:
+                out.append((str(entry["sample_id"]), str(entry["question"]), image.convert("RGB")))
+        return out
+    except (OSError, ValueError, TypeError, KeyError, Image.DecompressionBombError):
+        return []
+
+
+def _maps_figure(folder, summary):
     """Per sample and tile of its visual tokens: the baseline's leverage at layer 2, then each method's kept
-    tokens at the middle keep level."""
+    tokens at the middle keep level; drawn on the run folder's thumbnails."""
     kept_file, leverage_file = folder / "kept.parquet", folder / "leverage.parquet"
     if not kept_file.is_file():
         return None
     kept = pd.read_parquet(kept_file)
-    if not len(kept):
+    keep = _map_keep(summary)
+    last = _last_stage(kept, keep)
+    thumbnails = [t for t in _thumbnails(folder) if (last.sample_id == t[0]).any()]
+    if not thumbnails:
         return None
-    try:
-        samples = {s.question_id: s for s in load_split(config["dataset"], limit=config["limit"] or None)}
-    except Exception:  # the images are not available here: the report still renders without maps
-        return None
-    keeps = sorted(summary["keep"].unique())
-    keep = keeps[len(keeps) // 2]
-    last = kept[kept.keep == keep].sort_values("stage").groupby(["sample_id", "method"]).last().reset_index()
-    ids = [i for i in dict.fromkeys(last["sample_id"]) if i in samples][:n_samples]
     methods = sorted(last["method"].unique())
     leverage = pd.read_parquet(leverage_file) if leverage_file.is_file() else pd.DataFrame()
-    layouts = {i: _tiles(last[last.sample_id == i].iloc[0]) for i in ids}
-    panels = [(i, tile) for i in ids for tile in layouts[i]]
+    layouts = {i: _tiles(last[last.sample_id == i].iloc[0]) for i, _, _ in thumbnails}
+    panels = [(i, question, image, tile) for i, question, image in thumbnails for tile in layouts[i]]
     columns = 1 + len(methods)
     fig, axes = plots.plt.subplots(len(panels), columns, figsize=(2.5 * columns, 2.6 * len(panels)), squeeze=False,
                                    layout="constrained")
-    for r, (sample_id, tile) in enumerate(panels):
-        image = samples[sample_id].load_image()
+    for r, (sample_id, question, image, tile) in enumerate(panels):
         where = f", {tile['name']} tokens" if len(layouts[sample_id]) > 1 else ""
         lev = leverage[(leverage.sample_id == sample_id) & (leverage.layer == 2)] if len(leverage) else leverage
         if len(lev):
             plots.kept_token_map(image, None, tile, np.asarray(lev.iloc[0]["leverage"]),
-                                 title=f"{samples[sample_id].question}\nleverage, layer 2{where}", ax=axes[r, 0],
+                                 title=f"{question}\nleverage, layer 2{where}", ax=axes[r, 0],
                                  value_index=np.asarray(lev.iloc[0]["visual_index"], int))
         else:
-            plots.kept_token_map(image, None, tile, title=samples[sample_id].question, ax=axes[r, 0])
+            plots.kept_token_map(image, None, tile, title=question, ax=axes[r, 0])
         for c, method in enumerate(methods, 1):
             row = last[(last.sample_id == sample_id) & (last.method == method)]
             merged = row.iloc[0]["merged_from"] if len(row) and "merged_from" in row else None
@@ -201,11 +244,15 @@ def reading(summary: pd.DataFrame, correlation: pd.DataFrame, layer: int, group:
                                 "{:.1f}%{}").format(100 * target, best[0], 100 * best[1],
                                                     f" against {others}." if others else "."))
         worst = summary.sort_values("flip_rate").iloc[-1]
-        lines.append(escape(
-            f"The largest change is {worst['method']} at keep={worst['keep']:g}: {100 * worst['flip_rate']:.1f}% "
-            f"of answers flip while accuracy moves from {100 * worst['baseline_accuracy']:.1f}% to "
-            f"{100 * worst['accuracy']:.1f}% (C\u2192I {int(worst['c_to_i'])}, I\u2192C {int(worst['i_to_c'])}): "
-            "accuracy hides part of the change."))
+        change = f"The largest change is {worst['method']} at keep={worst['keep']:g}: {100 * worst['flip_rate']:.1f}% "
+        if np.isfinite(worst["baseline_accuracy"]):
+            lines.append(escape(
+                f"{change}of answers flip while accuracy moves from {100 * worst['baseline_accuracy']:.1f}% to "
+                f"{100 * worst['accuracy']:.1f}% (C\u2192I {int(worst['c_to_i'])}, I\u2192C {int(worst['i_to_c'])}): "
+                "accuracy hides part of the change."))
+        else:
+            lines.append(escape(f"{change}of answers flip. The questions have no ground truth, so accuracy is not "
+                                "measured: flips, KL and JS compare with the unpruned model only."))
     head = correlation[(correlation.level == "condition") & (correlation.layer == layer) &
                        (correlation.group == group)]
     for measure, label in (("flip", "flip rate"), ("kl", "mean KL")):
@@ -298,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = render(args.folder)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

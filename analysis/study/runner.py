@@ -21,7 +21,7 @@ import lofi
 from analysis.measure.capture import Capture, CaptureOptions
 from analysis.measure.consistency import forced_kl, js_divergence, kl_divergence, normalize_answer
 from analysis.study.models import batch_inputs
-from analysis.study.records import BaselineOutputs, ConditionResult, KeptTokens, SampleResult
+from analysis.study.records import BaselineOutputs, Condition, ConditionResult, KeptTokens, SampleResult
 from lofi.families import family_class
 
 
@@ -49,10 +49,6 @@ def _answer_length(tokens: list[int], stop: set[int]) -> int:
         if t in stop:
             return i
     return len(tokens)
-
-
-def _condition(method: lofi.PruningMethod | None) -> tuple[str, float]:
-    return ("baseline", 1.0) if method is None else (method.name, method.keep)
 
 
 @torch.no_grad()
@@ -99,15 +95,15 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
                 statistics.sample_id = batch[statistics.row].question_id
                 result.spectra.append(statistics)
     first = torch.stack(first_logits)
-    name, keep = _condition(method)
+    condition = Condition.of(method)
     if baseline is None:
         result.baseline = BaselineOutputs(answers, first, sequences, lengths, forced)
-        result.samples = [_sample(s, name, keep, a, a, g) for s, a, g in zip(samples, answers, geometry)]
+        result.samples = [_sample(s, condition, a, a, g) for s, a, g in zip(samples, answers, geometry)]
         return result
     kl, js = kl_divergence(baseline.first_logits, first), js_divergence(baseline.first_logits, first)
     for i, (s, a, g) in enumerate(zip(samples, answers, geometry)):
         n = baseline.answer_lengths[i]
-        record = _sample(s, name, keep, a, baseline.answers[i], g)
+        record = _sample(s, condition, a, baseline.answers[i], g)
         record.kl, record.js = float(kl[i]), float(js[i])
         record.forced_kl = float(forced_kl(baseline.forced_logits[i][None], forced[i][None],
                                            torch.ones(1, n))[0]) if n else 0.0
@@ -119,23 +115,24 @@ def _kept_tokens(handle, batch, shapes) -> list[KeptTokens]:
     """The handle's kept tokens as records; the samples' prunable counts go into ``shapes``."""
     for b, n_prunable in enumerate(handle.n_prunable.tolist()):
         shapes[b]["n_prunable"] = n_prunable
-    name, keep = handle.method.name, handle.method.keep
+    condition = Condition.of(handle.method)
     records = []
     for stage in range(len(handle.kept)):
         merged = handle.merged[stage] if stage < len(handle.merged) else None
         pairs = None if merged is None or merged.into is None else merged.into.tolist()
         for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
             moved = [(source, target) for source, target in (pairs[b] if pairs else []) if 0 <= target != source]
-            records.append(KeptTokens(s.question_id, name, keep, stage, handle.stages[stage], kept,
-                                      shapes[b]["n_visual"], shapes[b]["tiles"], [p for p, _ in moved],
+            records.append(KeptTokens(s.question_id, condition.method, condition.keep, stage, handle.stages[stage],
+                                      kept, shapes[b]["n_visual"], shapes[b]["tiles"], [p for p, _ in moved],
                                       [t for _, t in moved]))
     return records
 
 
-def _sample(sample, method: str, keep: float, answer: str, baseline_answer: str, geometry: dict) -> SampleResult:
+def _sample(sample, condition: Condition, answer: str, baseline_answer: str, geometry: dict) -> SampleResult:
     gold, norm = sample.answer, normalize_answer
     return SampleResult(
-        sample_id=sample.question_id, method=method, keep=keep, family=sample.family, question=sample.question,
+        sample_id=sample.question_id, method=condition.method, keep=condition.keep, family=sample.family,
+        question=sample.question,
         gold=gold, answer=norm(answer), baseline_answer=norm(baseline_answer),
         correct=None if gold is None else norm(answer) == norm(gold),
         baseline_correct=None if gold is None else norm(baseline_answer) == norm(gold),

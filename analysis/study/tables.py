@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,7 @@ import lofi
 from analysis.measure.consistency import flips
 from analysis.measure.correlation import condition_correlation, sample_correlation
 from analysis.study import runfolder
-from analysis.study.records import SampleResult, columns
+from analysis.study.records import BASELINE, Condition, SampleResult, columns
 
 MEASURES = ("flip", "kl", "js", "forced_kl", "changed_correctness")
 DERIVED = ("rel_flops", "rel_flops_llm", "n_visual_kept")  # computed here from the shards
@@ -53,11 +54,11 @@ def relative_flops(model_config, method: lofi.PruningMethod, n_text: int, n_visu
     return pruned.total / base.total, pruned.llm / base.llm
 
 
-def assemble(work: Path, model_config, methods: list[lofi.PruningMethod]) -> None:
-    """The run folder's tables from its shards; ``methods`` are the run's conditions (for their FLOPs)."""
+def assemble(work: Path, model_config, methods: Mapping[Condition, lofi.PruningMethod]) -> None:
+    """The run folder's tables from its shards; ``methods``: the run's pruned conditions' built methods
+    (for their FLOPs)."""
     config = json.loads((work / "config.json").read_text())
-    by_condition = {(m.name, m.keep): m for m in methods}
-    missing = runfolder.missing_shards(work, [("baseline", 1.0), *by_condition])
+    missing = runfolder.missing_shards(work, [BASELINE, *methods])
     if missing:
         raise RuntimeError(f"{work} lacks the shard(s) {missing}: those conditions are not finished; "
                            "rerun the same command to compute them")
@@ -67,12 +68,12 @@ def assemble(work: Path, model_config, methods: list[lofi.PruningMethod]) -> Non
     flops_cache: dict = {}
 
     def rel(row):
-        if row.method == "baseline":
+        if row.method == BASELINE.method:
             return 1.0, 1.0
         key = (row.method, row.keep, row.n_text, row.n_visual, row.n_prunable, row.image)
         if key not in flops_cache:
             image = json.loads(row.image)
-            flops_cache[key] = relative_flops(model_config, by_condition[(row.method, row.keep)], int(row.n_text),
+            flops_cache[key] = relative_flops(model_config, methods[Condition(row.method, row.keep)], int(row.n_text),
                                               int(row.n_visual), int(row.n_prunable), tuple(image) if image else None)
         return flops_cache[key]
 
