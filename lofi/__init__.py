@@ -18,8 +18,8 @@ from lofi import methods as _methods  # noqa: F401  (registers the built-in meth
 from lofi.compiled import compiled
 from lofi.flops import Flops, count_flops, method_flops
 from lofi.methods.replay import Replay
-from lofi.registry import PruningMethod, StageInput, available, build, describe, options, register
+from lofi.registry import Choice, PruningMethod, StageInput, available, build, describe, options, register
 from lofi.runtime import PruningHandle, active, pruned
 
 __all__ = ["pruned", "available", "describe", "options", "register", "build", "PruningMethod", "StageInput",
-           "PruningHandle", "Replay", "active", "count_flops", "method_flops", "Flops", "compiled"]
+           "Choice", "PruningHandle", "Replay", "active", "count_flops", "method_flops", "Flops", "compiled"]

@@ -1,16 +1,35 @@
 """The attention mask, rotary tables and position ids of the tokens a pruned layer holds, as pure functions.
 
-Kept tokens keep their *original* positions: their rotary tables are the prompt's, read at their original
-indices, and a query may attend to a key when the key's original index is not after its own and the key
-is a real token (padding and a ragged batch's padding slots are not). ``stage_arguments`` gives a decoder
+Kept tokens keep their *original* positions (their rotary tables are the prompt's, read at their original
+indices) or, for a method whose ``positions`` is compact, are renumbered as a prompt of just those tokens
+would be. A query may attend to a key when the key's original index is not after its own and the key is a
+real token (padding and a ragged batch's padding slots are not). ``stage_arguments`` gives a decoder
 layer of a pruning stage the arguments that replace the model's own for the tokens that stage holds.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from lofi.registry import PruningMethod
 from lofi.sequence import Phase, Sequence
+
+if TYPE_CHECKING:
+    from lofi.families import Family
+
+
+def resolve_positions(method: PruningMethod, family: Family) -> str:
+    """The method's ``positions`` on ``family``: None (a method's reference default) is compact numbering on 1-D
+    RoPE and the original M-RoPE positions (as the reference code's Qwen ports keep them)."""
+    positions = getattr(method, "positions", "original")
+    if positions is None:
+        return "original" if family.multimodal_rope else "compact"
+    if positions == "compact" and family.multimodal_rope:
+        raise ValueError(f"{method.name} positions='compact' renumbers 1-D positions; {family.name} numbers its "
+                         "tokens with M-RoPE (3 rows of positions): use positions='original'")
+    return positions
 
 
 def kept_rotary(position_embeddings: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple:
@@ -38,12 +57,17 @@ def causal_mask(keys: torch.Tensor, key_valid: torch.Tensor, queries: torch.Tens
 
 
 def stage_arguments(seq: Sequence, stage: int, phase: Phase, kwargs: dict, dtype: torch.dtype,
-                    attention: str) -> dict:
+                    attention: str, rotary=None) -> dict:
     """Mask, rotary tables and position ids of the tokens stage ``stage`` (1-based) holds, for a layer of
-    that stage in the current call (``kwargs``: the layer's own arguments, ``attention``: "sdpa" or "eager")."""
+    that stage in the current call (``kwargs``: the layer's own arguments, ``attention``: "sdpa" or "eager";
+    ``rotary``: for compact positions, a function of [B, n] positions returning the layer's (cos, sin))."""
     index = seq.index[stage]
     arguments = {}  # nothing dropped yet (the prompt's own index): the layer's own rotary tables serve
-    if phase is Phase.PREFILL and index is not seq.index[0]:
+    if rotary is not None and index is not seq.index[0]:
+        positions = seq.compact_positions(stage, phase)
+        arguments["position_embeddings"] = rotary(positions)
+        arguments["position_ids"] = positions
+    elif phase is Phase.PREFILL and index is not seq.index[0]:
         arguments["position_embeddings"] = kept_rotary(kwargs["position_embeddings"], index)
         if kwargs.get("position_ids") is not None:
             arguments["position_ids"] = kept_position_ids(kwargs["position_ids"], index)

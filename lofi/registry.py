@@ -12,13 +12,34 @@ import math
 from abc import ABC
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar, NamedTuple
 
 import torch
 
 from lofi.seeding import uniform
 
+if TYPE_CHECKING:
+    from lofi.vision import TowerView
+
 _METHODS: dict[str, type["PruningMethod"]] = {}
+
+POSITIONS = ("original", "compact")  # how kept tokens are numbered for the rotary embedding (PruningMethod.positions)
+
+
+class Choice(NamedTuple):
+    """A method's choice that also gives the kept tokens new states (merging, aggregation).
+
+    Attributes:
+        kept: [batch, max n_keep] indices into ``StageInput.visual`` (as ``select`` returns them), -1 padding.
+        states: [batch, max n_keep, d] the hidden state each kept token carries on from this stage, in the order
+            of ``kept`` (a method that merges writes the merged state at the slot of the token it merged into).
+        sources: None, or [batch, P]: for each token of ``StageInput.visual``, the index (into ``visual`` too) of
+            the kept token whose state it was merged into, -1 if it was not (what kept-token maps show).
+    """
+
+    kept: torch.Tensor
+    states: torch.Tensor
+    sources: torch.Tensor | None = None
 
 
 @dataclass
@@ -46,6 +67,12 @@ class StageInput:
         model: the model being pruned.
         keep_width: the largest ``n_keep`` of the batch, already on the host (the width ``select`` returns).
         text_width: the largest number of real text tokens of a sample, already on the host.
+        n_keep_host: ``n_keep`` on the host (CPU), for methods whose own sizes follow from it.
+        instruction: [batch, n] bool, true at the instruction's tokens: the real text tokens after the sample's
+            last visual token (the question and what the chat template adds after it).
+        tower: callable returning a ``lofi.vision.TowerView`` of the prunable visual tokens present: the vision
+            tower's states and [CLS] attention at the layer the projector reads; only for methods whose
+            ``reads_tower`` is true.
     """
 
     layer: int
@@ -62,6 +89,9 @@ class StageInput:
     model: torch.nn.Module | None = None
     keep_width: int | None = None
     text_width: int | None = None
+    n_keep_host: torch.Tensor | None = None
+    instruction: torch.Tensor | None = None
+    tower: Callable[[], "TowerView"] | None = None
 
     def uniform(self, salt: int) -> torch.Tensor:
         """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens
@@ -71,6 +101,15 @@ class StageInput:
             raise TypeError("StageInput.uniform needs the samples' fingerprints, which the runtime computes only "
                             "for methods that draw: set `draws = True` on the method's class")
         return uniform(self.fingerprint, salt, self.visual_index)
+
+    def instruction_hidden(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([batch, text_width, d] hidden states of each sample's instruction tokens in order, zero after them;
+        [batch, text_width] bool, true at real entries)."""
+        width = self.text_width if self.text_width is not None else int(self.instruction.sum(1).max())
+        order = torch.sort((~self.instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        present = self.instruction.gather(1, order)
+        rows = self.hidden.gather(1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
+        return rows * present[..., None].to(rows.dtype), present
 
     def visual_hidden(self) -> torch.Tensor:
         """[batch, P, d] hidden states of the visual tokens present (zero rows at padding)."""
@@ -88,6 +127,12 @@ class PruningMethod(ABC):
         default_layer: K when the caller gives none.
         min_layer: the smallest valid K.
         draws: the method calls ``StageInput.uniform`` (the runtime hashes each sample only for such methods).
+        reads_tower: the method calls ``StageInput.tower`` (the runtime taps the vision tower only for such methods).
+
+    Attributes:
+        positions: ``"original"`` (the default: kept tokens keep their positions, with gaps where tokens were
+            dropped) or ``"compact"`` (kept tokens are renumbered 0, 1, ... after each stage, as a shorter prompt
+            would be, and decoding continues from there; 1-D RoPE families only).
     """
 
     name: ClassVar[str] = ""
@@ -95,6 +140,8 @@ class PruningMethod(ABC):
     default_layer: ClassVar[int] = 2
     min_layer: ClassVar[int] = 0
     draws: ClassVar[bool] = False
+    reads_tower: ClassVar[bool] = False
+    positions: str = "original"
 
     def __init__(self, keep: float = 0.5, layer: int | None = None):
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
@@ -122,6 +169,10 @@ class PruningMethod(ABC):
                 for n, present in zip(n_visual.tolist(), n_present.tolist())]
         return torch.tensor(kept, dtype=torch.long, device=n_present.device)
 
+    def n_keep_of(self, n_visual: int) -> int:
+        """Tokens a sample of ``n_visual`` prunable visual tokens keeps at the first stage (``n_keep``'s rule)."""
+        return int(self.n_keep(0, torch.tensor([n_visual]), torch.tensor([n_visual]))[0])
+
     def schedule(self, num_layers: int, n_visual: int, always_kept: int = 0) -> list[tuple[int, int]]:
         """``(layer, visual tokens left)`` per stage for one sample of ``n_visual`` prunable visual tokens and
         ``always_kept`` others (LLaVA-NeXT's newline rows), the form ``lofi.count_flops`` takes."""
@@ -135,10 +186,11 @@ class PruningMethod(ABC):
         """[batch, P] how much to keep each visual token of ``state.visual`` (higher: kept first)."""
         raise TypeError(f"{type(self).__name__} must implement scores() (or select())")
 
-    def select(self, state: StageInput) -> torch.Tensor:
+    def select(self, state: StageInput) -> torch.Tensor | Choice:
         """[batch, max n_keep] indices into ``state.visual`` of the tokens to keep, any order; a sample that
-        keeps fewer than the widest row pads its row with -1. Default: each sample's top ``n_keep`` by
-        ``scores`` among its real entries."""
+        keeps fewer than the widest row pads its row with -1. A method that merges returns a ``Choice`` (the
+        indices and the kept tokens' new states). Default: each sample's top ``n_keep`` by ``scores`` among its
+        real entries."""
         scores = self.scores(state).double().masked_fill(~state.visual_valid, float("-inf"))
         width = state.keep_width if state.keep_width is not None else int(state.n_keep.max())
         top = scores.topk(width, dim=1).indices

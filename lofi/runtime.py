@@ -14,8 +14,12 @@ While it is active, every forward pass and ``generate()`` call runs like this:
   hidden states entering K; the pre-hook of layer K removes the others from ``hidden_states``, so
   layers K.. really compute on fewer tokens, and their KV cache holds exactly the tokens they saw.
 * Every layer from the first stage on gets its own attention mask (causal by *original* sequence
-  index, padding respected) and the rotary tables of the kept tokens' *original* positions (1-D RoPE or
-  M-RoPE alike: positions are never renumbered; decoding continues the prompt's numbering).
+  index, padding respected) and the rotary tables of the kept tokens' positions: their *original* ones
+  (1-D RoPE or M-RoPE; decoding continues the prompt's numbering), or, for a method whose ``positions``
+  is ``"compact"``, the numbering of a prompt of just the kept tokens (1-D RoPE; ``lofi.masks``).
+* A method may read the vision tower (``lofi.vision``: the projector's input block, tapped by a pre- and a
+  forward hook) and the instruction's tokens, and may give the tokens it keeps new states (a ``Choice``:
+  merging), which the stage writes in and the handle records for ``replay``.
 * Methods that rank by attention (FastV) get the attention rows they need rebuilt from the hidden states
   entering layer K-1, through that layer's own norm and query/key projections: any attention kernel
   (SDPA, eager, a compiled layer) keeps running, and nothing hooks inside a layer.
@@ -49,11 +53,12 @@ from lofi import stage as stage_steps
 from lofi.attention import attention_received
 from lofi.calls import Call, CallTracker
 from lofi.families import Family, UnsupportedModelError, family_for
-from lofi.masks import stage_arguments
+from lofi.masks import resolve_positions, stage_arguments
 from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, build
 from lofi.selection import run_stage, steps_for
 from lofi.sequence import Phase, Sequence
+from lofi.vision import TowerTap, tower_view
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -73,12 +78,18 @@ class PruningHandle:
             listed.
         n_visual: [batch] visual tokens per sample (newline rows included).
         n_prunable: [batch] of those, the ones a method may drop.
+        positions: how kept tokens are numbered, ``"original"`` or ``"compact"`` (``PruningMethod.positions``,
+            resolved for the model's family).
+        merged: per stage, None, or what a merging method did (``lofi.selection.Merged``: the states it gave
+            its kept tokens, in the order of ``kept``, and which tokens it merged into which).
     """
 
     method: PruningMethod
     stages: list[int]
     family: Family | None = None
+    positions: str = "original"
     kept: list[torch.Tensor] = field(default_factory=list)
+    merged: list = field(default_factory=list)
     n_visual: torch.Tensor | None = None
     n_prunable: torch.Tensor | None = None
     _index: list[torch.Tensor] = field(default_factory=list, repr=False)
@@ -100,7 +111,7 @@ class PruningHandle:
         the same samples (``lofi.pruned(model, handle.replay())``: teacher forcing, rescoring)."""
         if not self.kept:
             raise RuntimeError("nothing to replay: no prompt with visual tokens has run inside this block")
-        return Replay(self.stages, self.kept)
+        return Replay(self.stages, self.kept, [None if m is None else m.states for m in self.merged], self.positions)
 
 
 class _Runtime:
@@ -124,7 +135,9 @@ class _Runtime:
             raise ValueError(f"{method.name}: stage layers must increase, got {self.stage_layers}")
         if method.attention_queries and self.stage_layers[0] < 1:
             raise ValueError(f"{method.name} ranks tokens by the attention of layer K-1, so layer must be >= 1")
-        self.handle = PruningHandle(method, list(self.stage_layers), self.family)
+        self.positions = resolve_positions(method, self.family)
+        self.handle = PruningHandle(method, list(self.stage_layers), self.family, self.positions)
+        self._tower = TowerTap(self.family.tower_block()) if method.reads_tower else None
         # the inherited select (top n_keep of masked scores) keeps the contract by construction; a method's
         # own select is checked on every stage (one host sync)
         self._check_selection = type(method).select is not PruningMethod.select
@@ -142,6 +155,8 @@ class _Runtime:
         try:
             self._tracker = CallTracker.join(self.family)
             self._tracker.prune_with(self)
+            if self._tower is not None:
+                self._tower.attach()
         except BaseException:
             self.detach()
             raise
@@ -159,6 +174,8 @@ class _Runtime:
 
     def detach(self) -> None:
         self._arm_layers(False)
+        if self._tower is not None:
+            self._tower.detach()
         if self._tracker is not None:
             if self._tracker.pruner is self:
                 self._tracker.prune_with(None)
@@ -192,7 +209,7 @@ class _Runtime:
             self.phase = self._decoding_step(kwargs)
         else:
             self.phase = self._prefill(call, kwargs)
-        self._arm_layers(self.phase is Phase.PREFILL or (self.phase is Phase.DECODE and not self._seq.sees_every_key()))
+        self._arm_layers(self.phase is Phase.PREFILL or (self.phase is Phase.DECODE and not self._plain_step()))
         if self.phase is Phase.IDLE:
             return None
         if self.stage_layers[0] == 0 and self.phase is Phase.DECODE:
@@ -218,6 +235,11 @@ class _Runtime:
                                          plans, (call.input_ids, embeds) if self.method.draws else None,
                                          self.attention_kind == "sdpa")
         self.handle.kept = [seq.keep_whole(steps_for(self.model))] * len(plans) if seq.whole else []
+        self.handle.merged = [None] * len(self.handle.kept)
+        if seq.whole:
+            seq.shift = [torch.zeros_like(seq.last_position)] * len(plans)
+        if self._tower is not None:
+            seq.tower = self._tower.take()
         self.handle._index = seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual, self.handle.n_prunable = sizes.on_device[:, 2], seq.n_prunable
         # every stage keeps every token (keep = 1): the prompt and its decoding steps run as the unpruned model,
@@ -251,8 +273,10 @@ class _Runtime:
                 if prefill and layer == self.stage_layers[stage - 1]:
                     hidden = self._prune(stage, hidden)
                 if stage not in self._stage_kwargs:
+                    rotary = partial(self.family.language_model().rotary_emb, hidden) \
+                        if self.positions == "compact" else None
                     self._stage_kwargs[stage] = stage_arguments(self._seq, stage, self.phase, kwargs, hidden.dtype,
-                                                                self.attention_kind)
+                                                                self.attention_kind, rotary)
                 kwargs.update(self._stage_kwargs[stage])
             if ranks_next and prefill:  # what layer K-1 computes its queries and keys from
                 self._ranked_input = (hidden, kwargs["position_embeddings"])
@@ -267,14 +291,21 @@ class _Runtime:
         if self.method.attention_queries:
             attention = partial(attention_received, self.family, self.layers[layer - 1], *self._ranked_input,
                                 self.method.attention_queries)
-        index, kept, hidden = run_stage(self._seq, stage, layer, hidden, self.method, self.model, attention,
-                                        self._check_selection)
+        tower = partial(tower_view, self._tower.block, self._seq, self.family.project) if self._tower else None
+        index, kept, hidden, merged = run_stage(self._seq, stage, layer, hidden, self.method, self.model, attention,
+                                                self._check_selection, tower)
         self._seq.index.append(index)
         self.handle.kept.append(kept)
+        self.handle.merged.append(merged)
+        if self.positions == "compact":
+            self._seq.shift.append(self._seq.compact_shift(index))
         if stage == len(self.stage_layers):
-            self._seq.hash_inputs = None  # not held through decoding
+            self._seq.hash_inputs = self._seq.tower = None  # not held through decoding
         return hidden
 
+    def _plain_step(self) -> bool:
+        """A decoding step that needs no layer hook (``Sequence.sees_every_key``), unless positions are compact."""
+        return self._seq.sees_every_key() and self.positions != "compact"
 
 @contextmanager
 def pruned(model: torch.nn.Module, method: str | PruningMethod, keep: float | None = None,

@@ -3,24 +3,30 @@ sequence keeps its choice.
 
 ``run_stage`` builds the method's ``StageInput`` from the prompt's bookkeeping (``lofi.sequence``),
 calls ``select``, checks a method's own ``select`` against the contract (``checked_choice``), and
-applies the choice with the tensor steps of ``lofi.stage`` (compiled inside ``lofi.compiled``). A stage
+applies the choice with the tensor steps of ``lofi.stage`` (compiled inside ``lofi.compiled``), the new
+states of a merging method's ``Choice`` written in first. A stage
 that keeps every token it holds runs neither the method nor the step. ``lofi.runtime`` records what it
 returns.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 
 from lofi import stage as stage_steps
 from lofi.compiled import options_of
-from lofi.registry import PruningMethod, StageInput
+from lofi.registry import Choice, PruningMethod, StageInput
 from lofi.sequence import Sequence
+
+if TYPE_CHECKING:
+    from lofi.vision import TowerView
 
 # (index, valid, text) of the tokens a stage holds -> [B, n] attention each receives at the layer before it
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (index, candidates' positions, candidates' validity) of a stage -> the vision tower's view of its candidates
+Tower = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "TowerView"]
 
 
 def steps_for(model: torch.nn.Module) -> stage_steps.Steps:
@@ -30,16 +36,18 @@ def steps_for(model: torch.nn.Module) -> stage_steps.Steps:
 
 
 def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, method: PruningMethod,
-              model: torch.nn.Module, attention: Attention | None, check: bool):
+              model: torch.nn.Module, attention: Attention | None, check: bool, tower: Tower | None = None):
     """Stage ``stage`` (1-based, at decoder layer ``layer``) applied to ``hidden``, the states entering it.
 
     Args:
         attention: what an attention-ranked method is shown (None for the others).
         check: check the method's choice against the ``select`` contract (one host sync when it holds).
+        tower: for a method that reads the vision tower, what makes its ``TowerView`` from the candidates.
 
     Returns:
         (index [B, n'] original positions kept, -1 at padding slots; kept [B, max n_keep] kept original
-        visual-token indices, increasing, -1 padded; hidden [B, n', d] their hidden states).
+        visual-token indices, increasing, -1 padded; hidden [B, n', d] their hidden states; merged: None, or
+        what a merging method did, ``Merged``).
     """
     current = seq.index[stage - 1]
     valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
@@ -49,18 +57,42 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
     order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)
     if stage_steps.keeps_everything(n_keep, present, seq.slotted):
         # neither the method nor the step runs: at batch 1 their kernels are most of the runtime's cost
-        return current, visual_index, hidden
-    n_keep = n_keep.to(current.device, non_blocking=True)
+        return current, visual_index, hidden, None
+    n_keep_host, n_keep = n_keep, n_keep.to(current.device, non_blocking=True)
     text = valid & ~seq.at(current, seq.is_visual)
     state = StageInput(
         layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
         visual_index=visual_index, text=text, valid=valid, n_keep=n_keep,
         attention=(lambda: attention(current, valid, text)) if attention is not None else None,
-        fingerprint=seq.fingerprint(), model=model, keep_width=widest, text_width=seq.host.text_width)
-    chosen = method.select(state)
+        fingerprint=seq.fingerprint(), model=model, keep_width=widest, text_width=seq.host.text_width,
+        n_keep_host=n_keep_host, instruction=text & seq.at(current, seq.instruction()),
+        tower=(lambda: tower(current, order, visual_valid)) if tower is not None else None)
+    chosen, states, sources = method.select(state), None, None
+    if isinstance(chosen, Choice):
+        chosen, states, sources = chosen
     if check:
         chosen = checked_choice(method.name, chosen, state)
-    return steps.apply_choice(current, prunable, order, chosen.to(torch.long), visual_index, hidden, new_width)
+    chosen = chosen.to(torch.long)
+    if states is not None:
+        hidden = stage_steps.write_states(hidden, order, chosen, states)
+    index, kept, hidden = steps.apply_choice(current, prunable, order, chosen, visual_index, hidden, new_width)
+    if states is None:
+        return index, kept, hidden, None
+    into = None
+    if sources is not None:
+        target = torch.where(sources >= 0, visual_index.gather(1, sources.clamp_min(0)), -1)
+        into = torch.stack([visual_index, target], -1)
+    merged = Merged(stage_steps.in_kept_order(chosen, visual_index, states), into)
+    return index, kept, hidden, merged
+
+
+class Merged(NamedTuple):
+    """What a merging method did at a stage: ``states`` [B, max n_keep, d] of the kept tokens (in the order of
+    the handle's ``kept``), and ``into`` None or [B, P, 2] (original visual index of a candidate, original
+    visual index of the kept token it was merged into or -1)."""
+
+    states: torch.Tensor
+    into: torch.Tensor | None
 
 
 def checked_choice(name: str, chosen: torch.Tensor, state: StageInput) -> torch.Tensor:

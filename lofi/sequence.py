@@ -47,6 +47,10 @@ class Sequence:
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
+    first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
+    shift: list[torch.Tensor] = field(default_factory=list)  # compact positions, per pruning stage: [B] original
+    #                                                        minus compact position of the prompt's last token
+    tower: tuple | None = None    # the vision tower block's (input, output), for methods that read the tower
     _fingerprint: torch.Tensor | None = None
 
     @classmethod
@@ -58,15 +62,19 @@ class Sequence:
         batch, length = is_visual.shape
         device = is_visual.device
         rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
+        first_real = valid.long().argmax(1, keepdim=True)
         if position_ids is None:
             last = torch.full((batch,), length - 1, device=device)
+            first = first_real[:, 0]
         else:
-            last = family.text_positions(position_ids)[..., -1].expand(batch).clone()
+            text_positions = family.text_positions(position_ids).expand(batch, -1)
+            last = text_positions[..., -1].clone()
+            first = text_positions.gather(1, first_real)[:, 0]
         index = torch.arange(length, device=device).expand(batch, length)
         counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
         whole = all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in plans)
         return cls(valid, is_visual, prunable, rank, counts[:, 0], None if whole else hash_inputs, [index], last,
-                   host=sizes, plans=plans, whole=whole, dense=sizes.unpadded and sdpa)
+                   host=sizes, plans=plans, whole=whole, dense=sizes.unpadded and sdpa, first_position=first)
 
     def keep_whole(self, steps: stage_steps.Steps) -> torch.Tensor:
         """Every stage holds the prompt as it came (keep = 1): the index of each, and the kept visual tokens
@@ -74,6 +82,27 @@ class Sequence:
         kept = steps.candidates(self.prunable, self.visual_rank, self.plans[0].most)[2]
         self.index.extend(self.index[0] for _ in self.plans)
         return kept
+
+    def compact_shift(self, index: torch.Tensor) -> torch.Tensor:
+        """[B] how far compact numbering of the tokens ``index`` holds moves the prompt's last token back: its
+        original position minus its compact one (for decoding in that stage's layers)."""
+        return self.last_position - self.first_position - self.at(index, self.valid).sum(1) + 1
+
+    def compact_positions(self, stage: int, phase: Phase) -> torch.Tensor:
+        """[B, n] compact positions of the tokens stage ``stage`` (1-based) holds in the current call: the prompt's
+        kept tokens renumbered from each row's first real position, or a decoding call's tokens after them."""
+        if phase is Phase.DECODE:
+            device = self.last_position.device
+            new = self.last_position[:, None] - self.new_tokens + 1 + torch.arange(self.new_tokens, device=device)
+            return new - self.shift[stage - 1][:, None]
+        real = self.at(self.index[stage], self.valid)
+        return torch.where(real, self.first_position[:, None] + real.long().cumsum(1) - 1, 0)
+
+    def instruction(self) -> torch.Tensor:
+        """[B, T] bool: the real text tokens after each row's last visual token (the instruction)."""
+        columns = torch.arange(self.length, device=self.valid.device)
+        last_visual = torch.where(self.is_visual, columns, -1).amax(1, keepdim=True)
+        return self.valid & ~self.is_visual & (columns > last_visual)
 
     def step(self, new_tokens: int, mask2d: torch.Tensor | None) -> torch.Tensor:
         """A decoding call of ``new_tokens`` tokens (``mask2d``: the 2-D mask of the whole sequence, or None):

@@ -134,6 +134,23 @@ def apply_choice(current: torch.Tensor, prunable: torch.Tensor, order: torch.Ten
     return index, kept, hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+def write_states(hidden: torch.Tensor, order: torch.Tensor, chosen: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``hidden`` [B, n, d] with the chosen tokens' rows replaced by ``states`` [B, max n_keep, d] (a merging
+    method's choice; ``order``, ``chosen`` as for ``apply_choice``)."""
+    batch, width, d = hidden.shape
+    rows = torch.where(chosen >= 0, order.gather(1, chosen.clamp_min(0)), width)  # -1: a spare row, dropped
+    spare = torch.cat([hidden, hidden.new_zeros(batch, 1, d)], 1)
+    return spare.scatter(1, rows[..., None].expand(-1, -1, d), states.to(hidden.dtype))[:, :width]
+
+
+def in_kept_order(chosen: torch.Tensor, visual_index: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``states`` [B, max n_keep, d] (in the order of ``chosen``) reordered as ``apply_choice``'s ``kept``: by
+    increasing original visual-token index, padding last."""
+    ranks = torch.where(chosen >= 0, visual_index.gather(1, chosen.clamp_min(0)), _NONE)
+    order = ranks.argsort(dim=1, stable=True)
+    return states.gather(1, order[..., None].expand(-1, -1, states.shape[-1]))
+
+
 class Steps(NamedTuple):
     candidates: Callable
     apply_choice: Callable

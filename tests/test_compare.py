@@ -62,7 +62,7 @@ def test_methods_list(capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--methods", "lofii"], "valid methods: fastv, lofi"),
+    (["--methods", "lofii"], "valid methods: cdpruner, divprune, fastv, lofi"),
     (["--keep", "1.5"], "keep must be a fraction in (0, 1]"),
     (["--model", "/nonexistent/model"], "no model at /nonexistent/model"),
     (["--dataset", "/nonexistent.jsonl"], "not found"),

@@ -208,7 +208,7 @@ CASES = [
     Case("repeated-method", lambda t: ["--methods", "fastv", "lofi", "fastv"], "--methods repeats fastv"),
     Case("repeated-keep", lambda t: ["--keep", "0.5", "0.25", "0.50"], "--keep repeats 0.5"),
     Case("keep-nan", lambda t: ["--keep", "nan"], "keep must be a fraction in (0, 1]"),
-    Case("unknown-method", lambda t: ["--methods", "lofii"], "valid methods: fastv, lofi"),
+    Case("unknown-method", lambda t: ["--methods", "lofii"], "valid methods: cdpruner, divprune, fastv, lofi"),
 ]
 
 

@@ -15,7 +15,7 @@ def test_available_lists_the_built_in_methods():
 
 def test_unknown_method_lists_the_valid_ones():
     model = tiny_llava()
-    with pytest.raises(ValueError, match="valid methods: fastv, lofi"):
+    with pytest.raises(ValueError, match="valid methods: .*fastv, lofi"):
         with lofi.pruned(model, "fastvv"):
             pass
 

@@ -242,10 +242,12 @@ def _cells(layout, indices, values=None):
 
 
 def kept_token_map(image, kept: list[int] | None, layout, values: list[float] | None = None,
-                   title: str = "", ax=None, colorbar_label: str = "leverage score", value_index=None):
+                   title: str = "", ax=None, colorbar_label: str = "leverage score", value_index=None,
+                   merged: list[int] | None = None):
     """The image with one tile's token grid over it (``layout``: an int n for an n x n grid, or a tile of
-    ``lofi.families.tiles``, any rows x cols): dropped tokens dimmed, or a heat map of ``values`` (given for
-    the visual-token indices ``value_index``, default 0, 1, ...) with its colour scale."""
+    ``lofi.families.tiles``, any rows x cols): dropped tokens dimmed (those ``merged`` into a kept token, by a
+    merging method, half as much), or a heat map of ``values`` (given for the visual-token indices
+    ``value_index``, default 0, 1, ...) with its colour scale."""
     fig, ax = _axes(ax, (2.2, 2.2))
     array = np.asarray(image.convert("RGB"), dtype=float) / 255
     height, width = array.shape[:2]
@@ -262,8 +264,9 @@ def kept_token_map(image, kept: list[int] | None, layout, values: list[float] | 
         bar.ax.tick_params(labelsize=6)
     if kept is not None:
         present = _cells(layout, kept)[3]
+        folded = _cells(layout, list(merged if merged is not None else []))[3]
         shade = np.zeros((rows, cols, 4))
-        shade[..., 3] = np.isnan(present) * 0.75
+        shade[..., 3] = np.isnan(present) * np.where(np.isnan(folded), 0.75, 0.35)
         ax.imshow(shade, extent=extent, interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)

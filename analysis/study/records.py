@@ -83,6 +83,8 @@ class KeptTokens:
         kept: kept visual-token indices, increasing (docs/definitions.md#pruning).
         n_visual: the sample's visual tokens (newline rows included).
         tiles: where its visual tokens lie on the image, JSON (``lofi.families.Tile`` fields).
+        merged_from, merged_into: a merging method's dropped tokens that were merged into a kept one, and that
+            kept token, pairwise (visual-token indices; empty for the other methods).
     """
 
     sample_id: str
@@ -93,6 +95,8 @@ class KeptTokens:
     kept: list[int]
     n_visual: int
     tiles: str
+    merged_from: list[int] = field(default_factory=list)
+    merged_into: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -60,7 +60,7 @@ FIGURES = (
     Figure("kept_token_maps", "Kept visual tokens",
            "First column: each visual token's leverage score in the unpruned model at layer 2 (what lofi ranks "
            "by), over the image. Other columns: the tokens each method keeps at the middle keep level, "
-           "dropped patches dimmed."),
+           "dropped patches dimmed (half as much where a merging method folded them into a kept token)."),
 )
 
 SUMMARY_COLUMNS = {  # column: (header, format, definition)
@@ -207,8 +207,9 @@ def _maps_figure(folder, summary):
             plots.kept_token_map(image, None, tile, title=question, ax=axes[r, 0])
         for c, method in enumerate(methods, 1):
             row = last[(last.sample_id == sample_id) & (last.method == method)]
+            merged = row.iloc[0]["merged_from"] if len(row) and "merged_from" in row else None
             plots.kept_token_map(image, row.iloc[0]["kept"] if len(row) else [], tile,
-                                 title=f"{method}, keep={keep:g}{where}", ax=axes[r, c])
+                                 title=f"{method}, keep={keep:g}{where}", ax=axes[r, c], merged=merged)
     return fig
 
 

@@ -116,10 +116,16 @@ def _kept_tokens(handle, batch, shapes) -> list[KeptTokens]:
     for b, n_prunable in enumerate(handle.n_prunable.tolist()):
         shapes[b]["n_prunable"] = n_prunable
     condition = Condition.of(handle.method)
-    return [KeptTokens(s.question_id, condition.method, condition.keep, stage, handle.stages[stage], kept,
-                       shapes[b]["n_visual"], shapes[b]["tiles"])
-            for stage in range(len(handle.kept))
-            for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage)))]
+    records = []
+    for stage in range(len(handle.kept)):
+        merged = handle.merged[stage] if stage < len(handle.merged) else None
+        pairs = None if merged is None or merged.into is None else merged.into.tolist()
+        for b, (s, kept) in enumerate(zip(batch, handle.kept_lists(stage))):
+            moved = [(source, target) for source, target in (pairs[b] if pairs else []) if 0 <= target != source]
+            records.append(KeptTokens(s.question_id, condition.method, condition.keep, stage, handle.stages[stage],
+                                      kept, shapes[b]["n_visual"], shapes[b]["tiles"], [p for p, _ in moved],
+                                      [t for _, t in moved]))
+    return records
 
 
 def _sample(sample, condition: Condition, answer: str, baseline_answer: str, geometry: dict) -> SampleResult:

@@ -145,6 +145,20 @@ class Family(ABC):
         """[batch, T] bool: the visual positions a method may drop (all of them by default)."""
         return is_visual
 
+    # ------------------------------------------------------------------------------ vision stage
+    def tower_block(self) -> nn.Module:
+        """The vision-tower block whose output the projector reads, for methods that read the tower
+        (``lofi.vision``). Only families whose tower has a [CLS] token and gives the language model one patch
+        per visual token support it; the others refuse with one line."""
+        raise ValueError(f"{type(self.model).__name__} ({self.name}) has no [CLS] token or no one-patch-per-token "
+                         "map from its vision tower to the language model's visual tokens, which scope, visionzip "
+                         "and vispruner read; use a method that chooses from the language model's inputs "
+                         "(divprune, cdpruner, fastv, lofi, random)")
+
+    def project(self, tower_states: torch.Tensor) -> torch.Tensor:
+        """The model's projector applied to vision-tower states [..., d_tower] (``tower_block``'s output)."""
+        return self.multimodal_model().multi_modal_projector(tower_states)
+
     # -------------------------------------------------------------------------------- positions
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[batch or 1, T]: the 1-D position of each token (the text row for M-RoPE)."""

@@ -28,6 +28,20 @@ class Llava(Family):
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return cls.grid(config) ** 2 + (full and cls.has_cls(config))
 
+    def tower_block(self):
+        """The CLIP block whose output is ``hidden_states[vision_feature_layer]``: one patch per visual token
+        under the "default" feature strategy (the [CLS] state dropped), the [CLS] query at token 0."""
+        config = self.config
+        layer = config.vision_feature_layer
+        if not self.has_cls(config) or isinstance(layer, (list, tuple)) or \
+                getattr(config, "vision_feature_select_strategy", "default") != "default":
+            return super().tower_block()
+        blocks = self.vision_layers()
+        index = layer - 1 if layer > 0 else len(blocks) + layer  # hidden_states[i] is block i - 1's output
+        if not 0 <= index < len(blocks):
+            raise ValueError(f"vision_feature_layer {layer} names no block of the {len(blocks)}-block tower")
+        return blocks[index]
+
     @classmethod
     def vision_flops(cls, config, image=None) -> float:
         return clip_vit_flops(config.vision_config, cls_token=cls.has_cls(config))
