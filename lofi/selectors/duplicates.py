@@ -62,6 +62,7 @@ def vispruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | 
     removed = torch.tensor([plan + [0] * (n_rounds - len(plan)) for plan in plans], dtype=torch.long).reshape(batch, -1)
     lengths = (counts - important)[:, None] - torch.cat([torch.zeros(batch, 1, dtype=torch.long),
                                                          removed.cumsum(1)[:, :-1]], 1)
+    widths = lengths.amax(0).tolist()[:n_rounds]  # per round, the longest residual list: the width its work needs
     similarity = cosine(features, valid)
     device = similarity.device
     removed, lengths = removed.to(device), lengths.to(device)
@@ -70,21 +71,22 @@ def vispruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | 
     slots = torch.arange(p, device=device)
     first = important.to(device)[:, None]
     residual = order.gather(1, (first + slots).clamp_max(p - 1))
-    half_a, half_b = (p + 1) // 2, p // 2
     flat = similarity.flatten(1)
-    for t in range(n_rounds):
+    for t, width in enumerate(widths):
         r, length = removed[:, t:t + 1], lengths[:, t:t + 1]
-        a, b = residual[:, 0::2], residual[:, 1::2]
+        half_a, half_b = (width + 1) // 2, width // 2
+        here = slots[:width]
+        a, b = residual[:, 0:width:2], residual[:, 1:width:2]
         pairs = (a[:, :, None] * p + b[:, None, :]).flatten(1)
         sims = flat.gather(1, pairs).view(batch, half_a, half_b)
         sims = sims.masked_fill(slots[None, None, :half_b] >= length[:, :, None] // 2, float("-inf"))
         dup = sims.amax(2).masked_fill(slots[None, :half_a] >= (length + 1) // 2, float("-inf"))
         a_sorted = a.gather(1, dup.sort(dim=1, descending=True, stable=True).indices)
         kept_a = (length + 1) // 2 - r
-        from_a = a_sorted.gather(1, (r + slots).clamp_max(half_a - 1))
-        from_b = b.gather(1, (slots - kept_a).clamp(0, half_b - 1))
-        shrunk = torch.where(slots < kept_a, from_a, from_b)
-        residual = torch.where(r > 0, shrunk, residual)
+        from_a = a_sorted.gather(1, (r + here).clamp_max(half_a - 1))
+        from_b = b.gather(1, (here - kept_a).clamp(0, max(half_b - 1, 0)))
+        shrunk = torch.where(here < kept_a, from_a, from_b)
+        residual = torch.cat([torch.where(r > 0, shrunk, residual[:, :width]), residual[:, width:]], 1)
     in_rank = torch.empty_like(order).scatter_(1, order, slots.expand(batch, p)) < first
     chosen = torch.zeros(batch, p, dtype=torch.long, device=device)
     chosen = chosen.scatter_add(1, residual, (slots < diverse.to(device)[:, None]).long())
