@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--keep", nargs="+", type=float, default=[1.0, 0.5, 0.25])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--layer", type=int, default=None,
+                        help="K for every method that takes one (default: each method's own)")
     args = parser.parse_args(argv)
     if args.new_tokens < 2:
         parser.error("--new-tokens must be at least 2 (the first token comes with the prefill)")
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return first, step, clock.stamps[-1] - clock.stamps[0], kv_bytes(out.past_key_values), out.sequences
 
     print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} new tokens="
-          f"{args.new_tokens} layer K={args.layer} repeats={args.repeats} threads={torch.get_num_threads()}",
+          f"{args.new_tokens} layer K={'default' if args.layer is None else args.layer} repeats={args.repeats} "
+          f"threads={torch.get_num_threads()}",
           flush=True)
     shared = shared_settings(model, args.methods, args.layer)
     rows = []

@@ -140,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["fastv", "lofi", "random", "lvpruning"])
     parser.add_argument("--keep", nargs="+", type=float, default=[0.5, 0.25, 0.1])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--layer", type=int, default=None,
+                        help="K for every method that takes one (default: each method's own)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
                         help="baseline and pruned prefills both through lofi.compiled (torch.compile mode; "
                              "default: 'default'); the first pair, which compiles, is not timed")
@@ -239,7 +240,8 @@ def time_conditions(args: argparse.Namespace) -> list[dict]:
     base_flops = lofi.count_flops(config, n_text, n_visual, image=image)
     print(f"shape={args.shape} ({config.text_config.num_hidden_layers} text layers, {family_class(config).name}) "
           f"image={image} visual tokens={n_visual} text tokens={n_text} device={args.device} dtype={args.dtype} "
-          f"batch={args.batch} threads={torch.get_num_threads()} layer K={args.layer} repeats={args.repeats} "
+          f"batch={args.batch} threads={torch.get_num_threads()} "
+          f"layer K={'default' if args.layer is None else args.layer} repeats={args.repeats} "
           f"compile={args.compile or 'no'} eigh={current_eigh_route()}", flush=True)
     shared = shared_settings(model, args.methods, args.layer)
     rows = []

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     add_shape_arguments(parser, "overhead")
     parser.add_argument("--method", default="fastv", choices=lofi.available())
     parser.add_argument("--keep", type=float, default=0.25)
-    parser.add_argument("--layer", type=int, default=2)
+    parser.add_argument("--layer", type=int, default=None,
+                        help="K for every method that takes one (default: each method's own)")
     parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES)
     parser.add_argument("--rows", type=int, default=12, help="ops listed per kind")
     args = parser.parse_args(argv)

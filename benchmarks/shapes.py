@@ -195,10 +195,12 @@ def shape_model(shape: str, batch: int, device: str, dtype: torch.dtype, text_la
     return config, build_model(config, device, dtype), inputs
 
 
-def shared_settings(model, methods: list[str], layer: int) -> dict:
-    """The run-wide settings ``lofi.build`` hands the methods that take them: K, and for LVPruning random
-    decision modules on the model's device and dtype (their cost, not their choices, is what is timed)."""
-    shared = {"layer": layer}
+def shared_settings(model, methods: list[str], layer: int | None) -> dict:
+    """The run-wide settings ``lofi.build`` hands the methods that take them: K (None: each method's own
+    default, 2 for fastv / lofi / random, 0 for the methods that choose before the language model), and for
+    LVPruning random decision modules on the model's device and dtype (their cost, not their choices, is what
+    is timed)."""
+    shared = {} if layer is None else {"layer": layer}
     if any("modules" in lofi.options(method) for method in methods):
         parameter = next(model.parameters())
         shared["modules"] = DecisionModules.for_model(model).to(parameter.device, parameter.dtype)
