@@ -68,7 +68,8 @@ class StageInput:
         keep_width: the largest ``n_keep`` of the batch, already on the host (the width ``select`` returns).
         text_width: the largest number of real text tokens of a sample, already on the host.
         n_keep_host: ``n_keep`` on the host (CPU), for methods whose own sizes follow from it.
-        instruction: [batch, n] bool, true at the instruction's tokens: the real text tokens after the sample's
+        instruction: callable returning [batch, n] bool, true at the instruction's tokens: the real text tokens
+            after the sample's
             last visual token (the question and what the chat template adds after it).
         tower: callable returning a ``lofi.vision.TowerView`` of the prunable visual tokens present: the vision
             tower's states and [CLS] attention at the layer the projector reads; only for methods whose
@@ -90,7 +91,7 @@ class StageInput:
     keep_width: int | None = None
     text_width: int | None = None
     n_keep_host: torch.Tensor | None = None
-    instruction: torch.Tensor | None = None
+    instruction: Callable[[], torch.Tensor] | None = None
     tower: Callable[[], "TowerView"] | None = None
 
     def uniform(self, salt: int) -> torch.Tensor:
@@ -105,9 +106,10 @@ class StageInput:
     def instruction_hidden(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([batch, text_width, d] hidden states of each sample's instruction tokens in order, zero after them;
         [batch, text_width] bool, true at real entries)."""
-        width = self.text_width if self.text_width is not None else int(self.instruction.sum(1).max())
-        order = torch.sort((~self.instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
-        present = self.instruction.gather(1, order)
+        instruction = self.instruction()
+        width = self.text_width if self.text_width is not None else int(instruction.sum(1).max())
+        order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        present = instruction.gather(1, order)
         rows = self.hidden.gather(1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
         return rows * present[..., None].to(rows.dtype), present
 

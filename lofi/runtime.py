@@ -239,7 +239,8 @@ class _Runtime:
         if seq.whole:
             seq.shift = [torch.zeros_like(seq.last_position)] * len(plans)
         if self._tower is not None:
-            seq.tower = self._tower.take()
+            taken = self._tower.take()  # taken either way: a later prompt must not read this one's tower
+            seq.tower = None if seq.whole else taken
         self.handle._index = seq.index  # the same list: stages append to it as they prune
         self.handle.n_visual, self.handle.n_prunable = sizes.on_device[:, 2], seq.n_prunable
         # every stage keeps every token (keep = 1): the prompt and its decoding steps run as the unpruned model,

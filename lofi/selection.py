@@ -65,7 +65,7 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
         visual_index=visual_index, text=text, valid=valid, n_keep=n_keep,
         attention=(lambda: attention(current, valid, text)) if attention is not None else None,
         fingerprint=seq.fingerprint(), model=model, keep_width=widest, text_width=seq.host.text_width,
-        n_keep_host=n_keep_host, instruction=text & seq.at(current, seq.instruction()),
+        n_keep_host=n_keep_host, instruction=lambda: text & seq.at(current, seq.instruction()),
         tower=(lambda: tower(current, order, visual_valid)) if tower is not None else None)
     chosen, states, sources = method.select(state), None, None
     if isinstance(chosen, Choice):

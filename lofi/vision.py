@@ -123,3 +123,11 @@ def tower_view(block: nn.Module, seq, project, current: torch.Tensor, order: tor
         return gather_rows(per_visual_token(per_patch, seq.is_visual), original, visual_valid)
 
     return TowerView(read(outputs[:, 1:]), read(attention), read(keys), project)
+
+
+def cls_attention_flops(config, n_patches: int) -> float:
+    """Rebuilding the [CLS] query's attention and every patch's key at one tower layer: the layer norm is the
+    tower's own work; keys ``2 (n+1) d d``, the query ``2 d d``, scores ``2 (n+1) d``, softmax ``3 (n+1) h``."""
+    vision = config.vision_config
+    d, h, n = vision.hidden_size, vision.num_attention_heads, n_patches + 1
+    return 2.0 * n * d * d + 2.0 * d * d + 2.0 * n * d + 3.0 * n * h

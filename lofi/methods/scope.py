@@ -8,6 +8,7 @@ from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import StageInput, register
 from lofi.selectors import flops as kernel_flops
 from lofi.selectors import scope_select
+from lofi.vision import cls_attention_flops
 
 
 @register
@@ -43,11 +44,3 @@ class Scope(BeforeLanguageModel):
         n = n_visual_per_stage[0]
         return kernel_flops.scope(n, config.vision_config.hidden_size, self.n_keep_of(n)).total + \
             cls_attention_flops(config, n)
-
-
-def cls_attention_flops(config, n_patches: int) -> float:
-    """Rebuilding the [CLS] query's attention and every patch's key at one tower layer: the layer norm is the
-    tower's own work; keys ``2 (n+1) d d``, the query ``2 d d``, scores ``2 (n+1) d``, softmax ``3 (n+1) h``."""
-    vision = config.vision_config
-    d, h, n = vision.hidden_size, vision.num_attention_heads, n_patches + 1
-    return 2.0 * n * d * d + 2.0 * d * d + 2.0 * n * d + 3.0 * n * h

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from lofi.methods.before_llm import BeforeLanguageModel
-from lofi.methods.scope import cls_attention_flops
 from lofi.registry import Choice, StageInput, register
 from lofi.selectors import flops as kernel_flops
 from lofi.selectors import visionzip_select
 from lofi.selectors._batch import kept_from_mask
+from lofi.vision import cls_attention_flops
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference budgets: 54 + 10, 108 + 20, 162 + 30 tokens
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from lofi.methods.before_llm import BeforeLanguageModel
-from lofi.methods.scope import cls_attention_flops
 from lofi.registry import StageInput, register
 from lofi.selectors import flops as kernel_flops
 from lofi.selectors import vispruner_select
+from lofi.vision import cls_attention_flops
 
 
 @register
