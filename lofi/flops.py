@@ -87,10 +87,13 @@ def count_flops(config, n_text: int, n_visual: int, stages: Sequence[tuple[int, 
 def method_flops(config, method, n_text: int, n_visual: int, n_prunable: int | None = None, image=None) -> Flops:
     """FLOPs of one prompt of ``n_visual`` visual tokens (``n_prunable`` of them prunable, default all; LLaVA-NeXT's
     newline rows are not) pruned by ``method`` (a ``PruningMethod``): its schedule, and the decision work it
-    spends, which is none at a stage that keeps every token it holds (``spent_decision_flops``)."""
+    spends, which is none at a stage that keeps every token it holds (``spent_decision_flops``), plus, for a
+    method that reads the vision tower, the tower attention its family rebuilds (``Family.tower_view_flops``)."""
     n_prunable = n_visual if n_prunable is None else n_prunable
     fixed = n_visual - n_prunable
     schedule = method.schedule(config.text_config.num_hidden_layers, n_prunable, fixed)
     kept = [n - fixed for _, n in schedule]
     decision = method.spent_decision_flops(config, n_text, [n_prunable] + kept[:-1], kept)
+    if getattr(method, "reads_tower", False) and kept and kept[0] < n_prunable:
+        decision += family_class(config).tower_view_flops(config, image)  # the tower's attention, rebuilt once
     return count_flops(config, n_text, n_visual, schedule, decision=decision, image=image)

@@ -72,8 +72,8 @@ class StageInput:
             after the sample's
             last visual token (the question and what the chat template adds after it).
         tower: callable returning a ``lofi.vision.TowerView`` of the prunable visual tokens present: the vision
-            tower's states and [CLS] attention at the layer the projector reads; only for methods whose
-            ``reads_tower`` is true.
+            tower's states, saliency ([CLS] attention, or mean attention received) and keys at the block the
+            projector reads; only for methods whose ``reads_tower`` is true.
     """
 
     layer: int
@@ -130,6 +130,8 @@ class PruningMethod(ABC):
         min_layer: the smallest valid K.
         draws: the method calls ``StageInput.uniform`` (the runtime hashes each sample only for such methods).
         reads_tower: the method calls ``StageInput.tower`` (the runtime taps the vision tower only for such methods).
+        tower_saliencies: the tower saliencies the method can rank by (``lofi.vision.TowerView.saliency``); a
+            model whose tower gives another is refused when pruning starts.
 
     Attributes:
         positions: ``"original"`` (the default: kept tokens keep their positions, with gaps where tokens were
@@ -143,6 +145,7 @@ class PruningMethod(ABC):
     min_layer: ClassVar[int] = 0
     draws: ClassVar[bool] = False
     reads_tower: ClassVar[bool] = False
+    tower_saliencies: ClassVar[tuple[str, ...]] = ("cls", "received")
     positions: str = "original"
 
     def __init__(self, keep: float = 0.5, layer: int | None = None):

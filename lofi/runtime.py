@@ -17,8 +17,9 @@ While it is active, every forward pass and ``generate()`` call runs like this:
   index, padding respected) and the rotary tables of the kept tokens' positions: their *original* ones
   (1-D RoPE or M-RoPE; decoding continues the prompt's numbering), or, for a method whose ``positions``
   is ``"compact"``, the numbering of a prompt of just the kept tokens (1-D RoPE; ``lofi.masks``).
-* A method may read the vision tower (``lofi.vision``: the projector's input block, tapped by a pre- and a
-  forward hook) and the instruction's tokens, and may give the tokens it keeps new states (a ``Choice``:
+* A method may read the vision tower (``lofi.vision``: the block the projector reads, tapped by hooks the
+  family adapter places, laid on the visual tokens by the family's map) and the instruction's tokens, and
+  may give the tokens it keeps new states (a ``Choice``:
   merging), which the stage writes in and the handle records for ``replay``.
 * Methods that rank by attention (FastV) get the attention rows they need rebuilt from the hidden states
   entering layer K-1, through that layer's own norm and query/key projections: any attention kernel
@@ -58,7 +59,7 @@ from lofi.methods.replay import Replay
 from lofi.registry import PruningMethod, build
 from lofi.selection import run_stage, steps_for
 from lofi.sequence import Phase, Sequence
-from lofi.vision import TowerTap, tower_view
+from lofi.vision import tower_view
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -137,7 +138,11 @@ class _Runtime:
             raise ValueError(f"{method.name} ranks tokens by the attention of layer K-1, so layer must be >= 1")
         self.positions = resolve_positions(method, self.family)
         self.handle = PruningHandle(method, list(self.stage_layers), self.family, self.positions)
-        self._tower = TowerTap(self.family.tower_block()) if method.reads_tower else None
+        self._tower = self.family.tower_tap() if method.reads_tower else None
+        if self._tower is not None and self._tower.saliency not in method.tower_saliencies:
+            raise ValueError(f"{method.name} ranks patches by a [CLS] token, which {type(model).__name__}'s vision "
+                             "tower lacks; use visionzip or vispruner (they read the mean attention a patch receives "
+                             "there), or divprune / cdpruner")
         # the inherited select (top n_keep of masked scores) keeps the contract by construction; a method's
         # own select is checked on every stage (one host sync)
         self._check_selection = type(method).select is not PruningMethod.select
@@ -292,7 +297,7 @@ class _Runtime:
         if self.method.attention_queries:
             attention = partial(attention_received, self.family, self.layers[layer - 1], *self._ranked_input,
                                 self.method.attention_queries)
-        tower = partial(tower_view, self._tower.block, self._seq, self.family.project) if self._tower else None
+        tower = partial(tower_view, self._seq) if self._tower else None
         index, kept, hidden, merged = run_stage(self._seq, stage, layer, hidden, self.method, self.model, attention,
                                                 self._check_selection, tower)
         self._seq.index.append(index)

@@ -17,6 +17,7 @@ import torch
 from lofi import seeding
 from lofi import stage as stage_steps
 from lofi.families import Family
+from lofi.vision import TowerReading
 
 
 class Phase(Enum):
@@ -50,7 +51,7 @@ class Sequence:
     first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
     shift: list[torch.Tensor] = field(default_factory=list)  # compact positions, per pruning stage: [B] original
     #                                                        minus compact position of the prompt's last token
-    tower: tuple | None = None    # the vision tower block's (input, output), for methods that read the tower
+    tower: TowerReading | None = None  # the prompt's image encoding, for methods that read the tower
     _fingerprint: torch.Tensor | None = None
 
     @classmethod

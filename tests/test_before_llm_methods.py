@@ -197,15 +197,6 @@ def test_methods_on_the_language_models_inputs_run_on_other_families(family, met
         assert handle.kept_lists()[row] == ranks[torch.from_numpy(expected)].tolist()
 
 
-@pytest.mark.parametrize("method", TOWER_METHODS)
-def test_methods_that_read_the_tower_refuse_a_family_without_cls_in_one_line(method):
-    model = build("qwen2_vl")
-    with pytest.raises(ValueError, match="no \\[CLS\\] token") as error:
-        with lofi.pruned(model, method, keep=0.3):
-            pass
-    assert "\n" not in str(error.value)
-
-
 def test_compact_positions_are_refused_on_multimodal_rope():
     model = build("qwen2_vl")
     with pytest.raises(ValueError, match="compact") as error:

@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from lofi.vision import PatchTap, TowerTap, cls_attention_flops, received_attention_flops
+
 
 @dataclass(frozen=True)
 class Tile:
@@ -146,17 +148,26 @@ class Family(ABC):
         return is_visual
 
     # ------------------------------------------------------------------------------ vision stage
-    def tower_block(self) -> nn.Module:
-        """The vision-tower block whose output the projector reads, for methods that read the tower
-        (``lofi.vision``). Only families whose tower has a [CLS] token and gives the language model one patch
-        per visual token support it; the others refuse with one line."""
-        raise ValueError(f"{type(self.model).__name__} ({self.name}) has no [CLS] token or no one-patch-per-token "
-                         "map from its vision tower to the language model's visual tokens, which scope, visionzip "
-                         "and vispruner read; use a method that chooses from the language model's inputs "
-                         "(divprune, cdpruner, fastv, lofi, random)")
+    def tower_tap(self) -> TowerTap:
+        """The tap that lays the vision tower's states and attention on the language model's visual tokens
+        (``lofi.vision``), for methods that read the tower; a family without one refuses with one line."""
+        raise ValueError(f"{type(self.model).__name__} ({self.name}) has no map from its vision tower to the language "
+                         "model's visual tokens, which scope, visionzip and vispruner read; use a method that "
+                         "chooses from the language model's inputs (divprune, cdpruner, fastv, lofi, random)")
+
+    @classmethod
+    def tower_view_flops(cls, config, image=None) -> float:
+        """FLOPs of rebuilding the tapped block's attention for one image (``lofi.vision.attention``)."""
+        return 0.0
+
+    @classmethod
+    def tower_widths(cls, config) -> tuple[int, int]:
+        """(width of a ``TowerView``'s features, width of its keys): the tower's width and head size."""
+        vision = config.vision_config
+        return vision.hidden_size, vision.hidden_size // vision.num_attention_heads
 
     def project(self, tower_states: torch.Tensor) -> torch.Tensor:
-        """The model's projector applied to vision-tower states [..., d_tower] (``tower_block``'s output)."""
+        """The model's projector applied to vision-tower states [..., d_tower] (what its tap's block outputs)."""
         return self.multimodal_model().multi_modal_projector(tower_states)
 
     # -------------------------------------------------------------------------------- positions
@@ -239,3 +250,47 @@ def mlp_projector_flops(config, features: int) -> float:
     if isinstance(layer_index, (list, tuple)):
         width *= len(layer_index)
     return 2.0 * features * (width * d + d * d)
+
+
+def tower_has_cls(vision_config) -> bool:
+    """Whether a LLaVA-style tower puts a [CLS] token first (CLIP does; SigLIP has none)."""
+    return "clip" in getattr(vision_config, "model_type", "clip")
+
+
+def patch_saliency(config) -> str:
+    """The saliency a LLaVA-style model's tower gives its visual tokens: ``"cls"`` where the tower has a [CLS]
+    token that the "default" feature strategy drops; ``"received"`` where it has none and every patch is a
+    feature ("full"); anything else (a [CLS] state handed to the language model, several feature layers) has
+    no one-patch-per-token map and is refused in one line."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    cls_token = tower_has_cls(config.vision_config)
+    if isinstance(config.vision_feature_layer, (list, tuple)) or (strategy == "default") != cls_token:
+        raise ValueError(f"{type(config).__name__} with vision_feature_select_strategy={strategy!r} and "
+                         f"vision_feature_layer={config.vision_feature_layer!r} has no one-patch-per-token map from "
+                         "its vision tower, which scope, visionzip and vispruner read; use divprune or cdpruner")
+    return "cls" if cls_token else "received"
+
+
+def projector_block(family: Family) -> nn.Module:
+    """The tower block whose output is ``hidden_states[vision_feature_layer]`` (block i - 1 makes hidden state i)."""
+    layer = family.config.vision_feature_layer
+    blocks = family.vision_layers()
+    index = layer - 1 if layer > 0 else len(blocks) + layer
+    if not 0 <= index < len(blocks):
+        raise ValueError(f"vision_feature_layer {layer} names no block of the {len(blocks)}-block tower")
+    return blocks[index]
+
+
+def patch_tap(family: Family, packer: nn.Module | None = None) -> PatchTap:
+    """A LLaVA-style family's tap: the projector's block, its saliency, the model's projector."""
+    return PatchTap(projector_block(family), patch_saliency(family.config), family.project, packer)
+
+
+def patch_view_flops(config, crops: int = 1) -> float:
+    """``crops`` crops' attention rebuilt at a LLaVA-style tower's projector block (``lofi.vision.attention``)."""
+    vision = config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    d, h = vision.hidden_size, vision.num_attention_heads
+    per_crop = cls_attention_flops(d, h, patches + 1) if tower_has_cls(vision) else \
+        received_attention_flops(d, h, patches)
+    return crops * per_crop

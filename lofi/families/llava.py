@@ -6,7 +6,15 @@ Any language model transformers pairs with LLaVA works (Llama, Mistral, Qwen2, Q
 
 from __future__ import annotations
 
-from lofi.families.base import Family, Tile, clip_vit_flops, mlp_projector_flops
+from lofi.families.base import (
+    Family,
+    Tile,
+    clip_vit_flops,
+    mlp_projector_flops,
+    patch_tap,
+    patch_view_flops,
+    tower_has_cls,
+)
 
 
 class Llava(Family):
@@ -20,7 +28,7 @@ class Llava(Family):
 
     @classmethod
     def has_cls(cls, config) -> bool:
-        return "clip" in getattr(config.vision_config, "model_type", "clip")
+        return tower_has_cls(config.vision_config)
 
     @classmethod
     def features(cls, config) -> int:
@@ -28,19 +36,13 @@ class Llava(Family):
         full = getattr(config, "vision_feature_select_strategy", "default") == "full"
         return cls.grid(config) ** 2 + (full and cls.has_cls(config))
 
-    def tower_block(self):
-        """The CLIP block whose output is ``hidden_states[vision_feature_layer]``: one patch per visual token
-        under the "default" feature strategy (the [CLS] state dropped), the [CLS] query at token 0."""
-        config = self.config
-        layer = config.vision_feature_layer
-        if not self.has_cls(config) or isinstance(layer, (list, tuple)) or \
-                getattr(config, "vision_feature_select_strategy", "default") != "default":
-            return super().tower_block()
-        blocks = self.vision_layers()
-        index = layer - 1 if layer > 0 else len(blocks) + layer  # hidden_states[i] is block i - 1's output
-        if not 0 <= index < len(blocks):
-            raise ValueError(f"vision_feature_layer {layer} names no block of the {len(blocks)}-block tower")
-        return blocks[index]
+    def tower_tap(self):
+        """The block whose output is ``hidden_states[vision_feature_layer]``, one patch per visual token."""
+        return patch_tap(self)
+
+    @classmethod
+    def tower_view_flops(cls, config, image=None) -> float:
+        return patch_view_flops(config)
 
     @classmethod
     def vision_flops(cls, config, image=None) -> float:

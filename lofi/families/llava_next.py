@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from lofi.families.base import Family, Tile, clip_vit_flops, mlp_projector_flops
+from lofi.families.base import Family, Tile, clip_vit_flops, mlp_projector_flops, patch_tap, patch_view_flops
 
 
 class LlavaNext(Family):
@@ -29,6 +29,14 @@ class LlavaNext(Family):
             return is_visual
         is_newline = (inputs_embeds == newline.to(inputs_embeds.dtype)).all(-1)
         return is_visual & ~is_newline
+
+    def tower_tap(self):
+        """The projector's block, its crops laid out by the model's own ``pack_image_features``."""
+        return patch_tap(self, packer=self.multimodal_model())
+
+    @classmethod
+    def tower_view_flops(cls, config, image=None) -> float:
+        return patch_view_flops(config, cls.crops(config, image))
 
     # ------------------------------------------------------------------------------- geometry
     @classmethod

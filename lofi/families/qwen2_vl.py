@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from lofi.families.base import Family, Tile
+from lofi.vision import MergedPatchTap, received_attention_flops
 
 
 class Qwen2VL(Family):
@@ -31,6 +32,24 @@ class Qwen2VL(Family):
 
     def vision_tower(self):
         return self.multimodal_model().visual
+
+    def tower_tap(self) -> MergedPatchTap:
+        """The tower's last block (what the merger reads), each visual token a 2 x 2 group of its patches."""
+        return MergedPatchTap(self.vision_tower(), windowed=False)
+
+    @classmethod
+    def tower_view_flops(cls, config, image=None) -> float:
+        """The last block's attention rebuilt over each frame's patches (``lofi.vision.attention``)."""
+        vision = config.vision_config
+        frames, rows, cols = image or cls.default_image(config)
+        return frames * received_attention_flops(cls._width(vision), vision.num_heads, rows * cols)
+
+    @classmethod
+    def tower_widths(cls, config) -> tuple[int, int]:
+        """A merge group's patch states side by side; keys of one head's width."""
+        vision = config.vision_config
+        width = cls._width(vision)
+        return width * cls.merge(config) ** 2, width // vision.num_heads
 
     def text_positions(self, position_ids: torch.Tensor) -> torch.Tensor:
         # the last row is an M-RoPE row in both the 3- and the 4-row layout; on text tokens all rows agree
@@ -108,6 +127,20 @@ class Qwen2_5VL(Qwen2VL):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
     classes = ("Qwen2_5_VLForConditionalGeneration",)
+
+    def tower_tap(self) -> MergedPatchTap:
+        """As Qwen2-VL's, in the window order the tower runs in, undone as the tower undoes it."""
+        return MergedPatchTap(self.vision_tower(), windowed=True)
+
+    @classmethod
+    def tower_view_flops(cls, config, image=None) -> float:
+        """The last block's attention rebuilt over each frame, or over each window where that block is windowed."""
+        vision = config.vision_config
+        if vision.depth - 1 in cls._full_attention_blocks(config):
+            return super().tower_view_flops(config, image)
+        image = tuple(image or cls.default_image(config))
+        return sum(received_attention_flops(vision.hidden_size, vision.num_heads, size)
+                   for size in cls.window_sizes(config, image))
 
     @classmethod
     def _width(cls, vision) -> int:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from lofi.families import family_class
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import Choice, StageInput, register
 from lofi.selectors import flops as kernel_flops
 from lofi.selectors import visionzip_select
 from lofi.selectors._batch import kept_from_mask
-from lofi.vision import cls_attention_flops
 
 CONTEXTUAL_SHARE = 10 / 64  # the reference budgets: 54 + 10, 108 + 20, 162 + 30 tokens
 
@@ -29,8 +29,11 @@ class VisionZip(BeforeLanguageModel):
     token is the target's tower state plus the mean of its members', through the model's projector
     (``lofi.selectors.visionzip_select``). Deviations: a contextual token sits at its target's place in the
     sequence (the reference appends the contextual tokens after the dominant ones), and llava-hf drops the
-    [CLS] state the reference also keeps, so every budgeted token is a patch. Needs a tower with a [CLS] token
-    and one patch per visual token (LLaVA-1.5): other families refuse.
+    [CLS] state the reference also keeps, so every budgeted token is a patch. On towers without [CLS]
+    (OneVision's SigLIP, Qwen2-VL / Qwen2.5-VL) dominance is the mean attention a patch receives at the last
+    tower block, averaged over each 2 x 2 merge group on Qwen, as the authors' Qwen code does; there keys are
+    averaged over the group too, and a contextual token merges groups' tower states before the merger. On
+    LLaVA-NeXT and OneVision one budget spans the image's crops, where the reference gives each crop its own.
     """
 
     name = "visionzip"
@@ -50,7 +53,7 @@ class VisionZip(BeforeLanguageModel):
     def select(self, state: StageInput) -> Choice:
         tower = state.tower()
         dominant, contextual = self.split(state.n_keep_host)
-        chosen = visionzip_select(tower.features, state.visual_valid, dominant, tower.cls_attention, tower.keys,
+        chosen = visionzip_select(tower.features, state.visual_valid, dominant, tower.attention, tower.keys,
                                   contextual)
         picks = torch.cat([chosen.kept, chosen.contextual], 1)
         keep = torch.zeros(picks.shape[0], state.visual_valid.shape[1] + 1, dtype=torch.bool, device=picks.device)
@@ -62,14 +65,15 @@ class VisionZip(BeforeLanguageModel):
             slot = (kept[:, :, None] == chosen.contextual[:, None, :]) & (chosen.contextual[:, None, :] >= 0)
             states = torch.where(slot.any(2, keepdim=True), torch.einsum("bwc,bcd->bwd", slot.to(merged.dtype),
                                                                          merged), states)
-        slot = chosen.assignment.clamp_min(0)
-        sources = torch.where(chosen.assignment >= 0, chosen.contextual.gather(1, slot), -1)  # the targets
+        if chosen.contextual.shape[1]:
+            slot = chosen.assignment.clamp_min(0)
+            sources = torch.where(chosen.assignment >= 0, chosen.contextual.gather(1, slot), -1)  # the targets
+        else:  # no contextual token in the batch: nothing merged
+            sources = torch.full_like(chosen.assignment, -1)
         return Choice(kept, states, sources)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         n = n_visual_per_stage[0]
         dominant, contextual = (int(x) for x in self.split(torch.tensor([self.n_keep_of(n)])))
-        vision = config.vision_config
-        head_dim = vision.hidden_size // vision.num_attention_heads
-        return kernel_flops.visionzip(n, vision.hidden_size, dominant, head_dim, contextual).total + \
-            cls_attention_flops(config, n)
+        width, head_dim = family_class(config).tower_widths(config)
+        return kernel_flops.visionzip(n, width, dominant, head_dim, contextual).total

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from lofi.families import family_class
 from lofi.methods.before_llm import BeforeLanguageModel
 from lofi.registry import StageInput, register
 from lofi.selectors import flops as kernel_flops
 from lofi.selectors import vispruner_select
-from lofi.vision import cls_attention_flops
 
 
 @register
@@ -22,8 +22,12 @@ class VisPruner(BeforeLanguageModel):
     Follows Theia-4869/VisPruner (``llava/model/llava_arch.py``, ``encode_images``): [CLS] attention at the tower
     layer the projector reads, averaged over heads; the rest by rounds of bipartite duplicate removal over the
     tower's patch states (``lofi.selectors.vispruner_select``; where the reference fails on an odd residual,
-    the round takes ceil(R/2) candidates). Needs a tower with a [CLS] token and one patch per visual token
-    (LLaVA-1.5): other families refuse.
+    the round takes ceil(R/2) candidates). On towers without [CLS] (OneVision's SigLIP, Qwen2-VL / Qwen2.5-VL)
+    importance is the mean attention a patch receives, as the authors do there (VisPruner's
+    ``siglip_encoder.py``, at the last tower block; for Qwen averaged over each 2 x 2 merge group, the authors'
+    answer on the repository); on Qwen the duplicates are judged on a group's four tower states side by side
+    (LightCompress's port uses the merger's outputs). On LLaVA-NeXT and OneVision one budget spans the image's
+    crops, where the reference gives each crop its own.
     """
 
     name = "vispruner"
@@ -37,10 +41,10 @@ class VisPruner(BeforeLanguageModel):
 
     def select(self, state: StageInput) -> torch.Tensor:
         tower = state.tower()
-        return vispruner_select(tower.features, state.visual_valid, state.n_keep_host, tower.cls_attention,
+        return vispruner_select(tower.features, state.visual_valid, state.n_keep_host, tower.attention,
                                 important_ratio=self.important_ratio)
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
         n = n_visual_per_stage[0]
-        return kernel_flops.vispruner(n, config.vision_config.hidden_size, self.n_keep_of(n),
-                                      self.important_ratio).total + cls_attention_flops(config, n)
+        return kernel_flops.vispruner(n, family_class(config).tower_widths(config)[0], self.n_keep_of(n),
+                                      self.important_ratio).total
