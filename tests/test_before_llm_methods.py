@@ -135,6 +135,34 @@ def test_each_method_keeps_what_its_reference_keeps_and_the_model_sees_the_short
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("keep", [0.25, 0.5])
+def test_cdpruner_without_relevance_keeps_the_dpp_of_the_similarity_kernel_alone(llava, keep):
+    model, batch = llava
+    with lofi.pruned(model, "cdpruner", keep=keep) as conditioned:
+        model(**batch)
+    with lofi.pruned(model, "cdpruner", keep=keep, relevance="none") as plain:
+        logits = model(**batch).logits[:, -1]
+    n_visual = int((batch["input_ids"][0] == IMAGE_TOKEN).sum())
+    n_keep = plain.method.n_keep_of(n_visual)
+    embeds = _language_model_inputs(model, batch)
+    for row in range(batch["input_ids"].shape[0]):
+        kept = cdpruner_reference(embeds[row][batch["input_ids"][row] == IMAGE_TOKEN].double().numpy(), n_keep)
+        assert plain.kept_lists()[row] == kept.tolist(), f"sample {row}"
+        expected = _shorter_sequence_logits(model, batch, row, set(kept.tolist()), {})
+        torch.testing.assert_close(logits[row], expected, atol=2e-5, rtol=0)
+    assert plain.kept_lists() != conditioned.kept_lists()  # the relevance moves the choice on these samples
+
+
+@pytest.mark.parametrize("options,message", [({"relevance": "clip"}, "relevance must be one of"),
+                                             ({"relevance": "none", "theta": 0.5}, "leave them at None"),
+                                             ({"relevance": "none", "negate_relevance": True}, "leave them at None")])
+def test_cdpruner_refuses_a_relevance_it_cannot_apply_in_one_line(options, message):
+    with pytest.raises(ValueError, match=message) as error:
+        lofi.build("cdpruner", **options)
+    assert "\n" not in str(error.value)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_one_runs_as_the_unpruned_model(llava, method):
     model, batch = llava

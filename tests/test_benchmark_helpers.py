@@ -1,13 +1,17 @@
-"""The arithmetic behind benchmarks/lvpruning_matched.py: matched keeps, the decision modules' FLOPs
-share, and the paired McNemar test."""
+"""The arithmetic behind benchmarks/lvpruning_matched.py (matched keeps, the decision modules' FLOPs share, the
+paired McNemar test) and benchmarks/cdpruner_relevance.py (kept-set overlaps), and the benchmarks' command lines."""
 
+from itertools import combinations
 from math import comb, isnan
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy.spatial.distance import jaccard as jaccard_distance
 
 import lofi
 from analysis.study.tables import relative_flops
+from benchmarks import cdpruner_relevance
 from benchmarks.lvpruning_matched import flops_share, matched_keep, mcnemar
 from benchmarks.shapes import N_TEXT, shape_config
 
@@ -143,3 +147,42 @@ def test_the_prefill_benchmark_prints_a_row_per_condition(capsys):
     assert pruned["kept"] == 16 and pruned["flops_speedup"] > 1
     assert all(row["baseline_ms"] > 0 and row["pruned_ms"] > 0 for row in rows)
     assert "| fastv" in capsys.readouterr().out
+
+
+def test_kept_set_jaccard_matches_scipy():
+    a, b = [0, 3, 5, 9], [3, 4, 5]
+    indicator = lambda kept: np.isin(np.arange(10), kept)  # noqa: E731
+    expected = 1 - jaccard_distance(indicator(a), indicator(b))
+    assert cdpruner_relevance.jaccard(a, b) == pytest.approx(expected) == pytest.approx(2 / 5)
+    assert cdpruner_relevance.jaccard([], []) == 1.0
+
+
+@pytest.mark.parametrize("n,k", [(6, 2), (7, 4), (5, 5)])
+def test_chance_jaccard_is_the_mean_over_every_pair_of_subsets(n, k):
+    subsets = list(combinations(range(n), k))
+    exact = np.mean([cdpruner_relevance.jaccard(a, b) for a in subsets for b in subsets])
+    assert cdpruner_relevance.chance_jaccard(n, k) == pytest.approx(exact, abs=1e-12)
+
+
+@pytest.mark.parametrize("argv,message", [(["--variants", "negative"], "valid variants: default, none"),
+                                          (["--keep", "1.5"], "fractions in (0, 1]"),
+                                          (["--out", "table.json"], ".csv or .parquet")])
+def test_the_cdpruner_relevance_benchmark_refuses_bad_input_in_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        cdpruner_relevance.main(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+
+
+@pytest.mark.slow
+def test_the_cdpruner_relevance_benchmark_compares_each_variant_with_the_default(tmp_path, capsys):
+    out = tmp_path / "relevance.csv"
+    table = cdpruner_relevance.main(["--limit", "4", "--keep", "0.1", "--variants", "none", "--no-progress",
+                                     "--out", str(out)])
+    assert table["variant"].tolist() == ["default", "none"]
+    default = table.iloc[0]
+    assert (default["jaccard"], default["identical"], default["changed_vs_default"]) == (1.0, 100.0, 0.0)
+    assert 0 <= table.iloc[1]["jaccard"] < 1  # no relevance: another choice on these questions
+    pd.testing.assert_frame_equal(pd.read_csv(out), table)
+    assert "| none" in capsys.readouterr().out

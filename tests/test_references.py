@@ -140,6 +140,13 @@ def test_cdpruner_reference_picks_by_conditional_variance(negate_relevance, thet
     assert chosen.tolist() == expected
 
 
+@pytest.mark.parametrize("n_keep,expected", [(1, [0]), (2, [0, 1])])
+def test_cdpruner_reference_without_relevance_picks_on_the_similarity_kernel_alone(n_keep, expected):
+    """r = 1, L = S: every L_jj = 1, the first pick is the lowest index t0 (the relevance picks t2 or t1 above);
+    then t1 1 - 0^2 = 1 (S01 = 0), t2 1 - 0.7071^2 = 0.5: t1."""
+    assert cdpruner_reference(CD_FEATURES, n_keep).tolist() == expected
+
+
 def test_cdpruner_reference_refuses_more_picks_than_the_kernel_rank():
     """Three tokens in the plane span a rank-2 kernel: a third pick has zero conditional variance."""
     with pytest.raises(ValueError, match="rank is exhausted after 2 picks"):

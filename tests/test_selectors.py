@@ -281,3 +281,5 @@ def test_bad_budgets_name_the_fix():
     with pytest.raises(ValueError, match="theta"):
         cdpruner_select(t["features"], valid, N_KEEP, t["relevance_embeds"], t["instruction_embeds"],
                         t["instruction_valid"], theta=1.0)
+    with pytest.raises(ValueError, match="give all three"):
+        cdpruner_select(t["features"], valid, N_KEEP, t["relevance_embeds"], None, None)

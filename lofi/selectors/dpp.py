@@ -88,8 +88,8 @@ def dpp_map(kernel: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> 
 
 
 def cdpruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | Sequence[int] | torch.Tensor,
-                    relevance_embeds: torch.Tensor, instruction_embeds: torch.Tensor,
-                    instruction_valid: torch.Tensor, *, theta: float | None = None,
+                    relevance_embeds: torch.Tensor | None, instruction_embeds: torch.Tensor | None,
+                    instruction_valid: torch.Tensor | None, *, theta: float | None = None,
                     negate_relevance: bool = True) -> torch.Tensor:
     """CDPruner: the ``n_keep`` visual tokens of the greedy MAP of the conditional DPP ``L = diag(g(r)) S diag(g(r))``.
 
@@ -101,9 +101,22 @@ def cdpruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | S
     ``negate_relevance=True`` is the reference code's ``(-relevance)``, which its authors keep for CLIP on purpose
     (CDPruner issues #9, #14, #22); ``theta`` None is the reference's linear ``g(r) = r``, a float in (0, 1) the
     exponential ``g(r) = exp(theta / (2 (1 - theta)) r)`` the reference leaves commented out.
+    ``relevance_embeds``, ``instruction_embeds`` and ``instruction_valid`` all None: no relevance, ``r = 1`` (the
+    DPP on the similarity kernel ``L = S`` alone, with ``S_jj = 1`` exactly, so the first pick is the lowest index;
+    ``theta`` and ``negate_relevance`` then change nothing).
     Greedy MAP: ``dpp_map``. Returns ``kept`` [B, max(n_keep)] (sorted, -1 padded).
     """
     n_keep, _ = batch_sizes(valid, n_keep)
+    given = [x is not None for x in (relevance_embeds, instruction_embeds, instruction_valid)]
+    if any(given) and not all(given):
+        raise ValueError("relevance_embeds, instruction_embeds and instruction_valid go together: give all three "
+                         "(instruction relevance) or none (the similarity kernel alone)")
+    if not any(given):
+        # Every L_jj = cos(x_j, x_j) = 1, so the first pick is a tie: the lowest index, not the rounding of |u_j|^2.
+        similarity = cosine(features, valid)
+        diagonal = torch.diagonal(similarity, dim1=1, dim2=2)
+        diagonal.copy_(torch.where(diagonal > 0, 1.0, 0.0))
+        return dpp_map(similarity, valid, n_keep)
     relevance = instruction_relevance(relevance_embeds, valid, instruction_embeds, instruction_valid,
                                       negate_relevance)
     kernel = conditional_kernel(features, valid, relevance, theta)

@@ -43,7 +43,7 @@ def cdpruner_relevance(relevance_embeds: np.ndarray, instruction_embeds: np.ndar
     return (relevance - relevance.min() + 1e-6) / spread
 
 
-def cdpruner_reference(features, n_keep, relevance_embeds, instruction_embeds, *, theta=None,
+def cdpruner_reference(features, n_keep, relevance_embeds=None, instruction_embeds=None, *, theta=None,
                        negate_relevance=True) -> np.ndarray:
     """Sorted indices of the n_keep visual tokens CDPruner keeps.
 
@@ -51,20 +51,30 @@ def cdpruner_reference(features, n_keep, relevance_embeds, instruction_embeds, *
     relevance_embeds [P, c]: the visual tokens in the instruction's embedding space.
     instruction_embeds [T, c]: the instruction's embeddings (only real rows; relevance averages over them).
     theta: None for the reference default (L = diag(r) S diag(r)); in (0, 1) for r <- exp(theta/(2(1-theta)) r).
+    relevance_embeds and instruction_embeds both None: no relevance term (r = 1, L = S; not in the reference,
+    the ablation of its relevance).
     """
     x = float64(features, "features", 2)
     n_tokens = len(x)
     n_keep = checked_budget(n_keep, n_tokens)
-    v = float64(relevance_embeds, "relevance_embeds", 2)
-    t = float64(instruction_embeds, "instruction_embeds", 2)
-    if len(v) != n_tokens:
-        raise ValueError(f"relevance_embeds has {len(v)} rows, features {n_tokens}: one row per visual token")
-    relevance = cdpruner_relevance(v, t, negate_relevance)
+    if (relevance_embeds is None) != (instruction_embeds is None):
+        raise ValueError("give relevance_embeds and instruction_embeds together, or neither (no relevance)")
+    if relevance_embeds is None:
+        relevance = np.ones(n_tokens)
+    else:
+        v = float64(relevance_embeds, "relevance_embeds", 2)
+        t = float64(instruction_embeds, "instruction_embeds", 2)
+        if len(v) != n_tokens:
+            raise ValueError(f"relevance_embeds has {len(v)} rows, features {n_tokens}: one row per visual token")
+        relevance = cdpruner_relevance(v, t, negate_relevance)
     if theta is not None:
         if not 0 < theta < 1:
             raise ValueError(f"theta must lie in (0, 1) or be None, got {theta}")
         relevance = np.exp(theta / (2 * (1 - theta)) * relevance)
     similarity = cosine_matrix(x, x)
+    if relevance_embeds is None:
+        # every L_jj = 1: the first pick is a tie, to go to the lowest index rather than to the rounding of |x_j|^2
+        np.fill_diagonal(similarity, 1.0)
 
     picked: list[int] = []
     for _ in range(n_keep):
