@@ -53,20 +53,21 @@ from lofi.registry import PruningMethod, StageInput
 RULES = ("random", "objects", "asked", "lofi")
 
 
-def priorities(sample: datasets.Sample, rule: str, grid: int) -> torch.Tensor:
+def priorities(sample: datasets.Sample, rule: str, grid: int, config: shapes.SceneConfig = shapes.DEFAULT
+               ) -> torch.Tensor:
     """Per visual token: 1 under an object (``asked``: 2 under the objects the question names), 0
-    elsewhere; all 0 for ``random`` and ``lofi``."""
+    elsewhere; all 0 for ``random`` and ``lofi``. ``config``: the scene config of the sample's split."""
     if rule in ("random", "lofi"):
         return torch.zeros(grid * grid)
     objects = [shapes.ShapeObject(**o) for o in sample.extra["objects"]]
-    labels = shapes.patch_labels(objects, grid)
+    labels = shapes.patch_labels(objects, grid, config)
     words = set(sample.question.lower().rstrip("?").split())
     named = {i for i, o in enumerate(objects)
-             if o.colour in words or o.shape in words or shapes.PLURALS[o.shape] in words}
+             if o.colour in words or o.shape in words or config.shapes[o.shape] in words}
     out = np.zeros(grid * grid)
     for i, o in enumerate(objects):
-        under = (labels["colour"] == list(shapes.COLOURS).index(o.colour) + 1) & \
-                (labels["shape"] == list(shapes.SHAPES).index(o.shape) + 1)
+        under = (labels["colour"] == list(config.colours).index(o.colour) + 1) & \
+                (labels["shape"] == list(config.shapes).index(o.shape) + 1)
         out[under] = 2 if rule == "asked" and i in named else 1
     return torch.tensor(out)
 

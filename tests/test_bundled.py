@@ -130,7 +130,7 @@ def test_curriculum_grows_from_one_object_and_batches_respect_it():
     from analysis.bundled.batches import curriculum_max_objects
     assert curriculum_max_objects(0, 600) == 1
     assert [curriculum_max_objects(s, 600) for s in (99, 100, 599, 600)] == [1, 2, 6, 6]
-    assert curriculum_max_objects(0, 0) == shapes.MAX_OBJECTS  # off
+    assert curriculum_max_objects(0, 0) == shapes.DEFAULT.max_objects  # off
     assert [curriculum_max_objects(s, 500, first=2) for s in (0, 99, 100, 499, 500)] == [2, 2, 3, 6, 6]
     batches = ConversationBatches(bundled.build_processor(), 144, batch_size=4, turns=2, patch_targets=True)
     batches.max_objects = 1

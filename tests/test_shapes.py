@@ -22,14 +22,13 @@ def test_scene_is_a_pure_function_of_split_and_index():
 
 def test_committed_splits_equal_a_fresh_generation(tmp_path):
     for split in ("test", "val"):
-        fresh = shapes.write_split(tmp_path, split)
-        committed = bundled.BUNDLED_BENCHMARK / f"{split}.jsonl"
-        assert fresh.read_text() == committed.read_text()
-    for i in (0, 199, 399):
-        name = f"images/test_{i:05d}.png"
-        from PIL import Image
-        assert np.array_equal(np.asarray(Image.open(tmp_path / name)),
-                              np.asarray(Image.open(bundled.BUNDLED_BENCHMARK / name)))
+        shapes.write_split(tmp_path, split)
+    fresh = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    committed = sorted(p.relative_to(bundled.BUNDLED_BENCHMARK).as_posix()
+                       for p in bundled.BUNDLED_BENCHMARK.rglob("*") if p.is_file())
+    assert fresh == committed and len(fresh) == 504  # 500 PNGs, 2 JSONL, 2 scene config records
+    for name in fresh:  # byte for byte: the JSONL, every PNG and the records
+        assert (tmp_path / name).read_bytes() == (bundled.BUNDLED_BENCHMARK / name).read_bytes(), name
 
 
 def test_split_sizes_and_schema():
@@ -39,24 +38,25 @@ def test_split_sizes_and_schema():
     vocab = set(shapes.vocabulary())
     for r in rows:
         assert {"question_id", "image", "question", "answer", "family"} <= set(r)
-        assert r["family"] in shapes.FAMILIES
+        assert r["family"] in shapes.DEFAULT.families
         assert r["answer"] in vocab
         assert (bundled.BUNDLED_BENCHMARK / r["image"]).is_file()
     families = {r["family"] for r in rows}
-    assert families == set(shapes.FAMILIES)
+    assert families == set(shapes.DEFAULT.families)
     val = load_split("val")
     assert len(val) >= 200
 
 
 def test_scenes_cover_the_object_vocabulary():
+    config = shapes.DEFAULT
     objects = [o for i in range(400) for o in shapes.scene("test", i)[0]]
-    assert {o.shape for o in objects} == set(shapes.SHAPES) and len(shapes.SHAPES) >= 4
-    assert {o.colour for o in objects} == set(shapes.COLOURS) and len(shapes.COLOURS) >= 6
-    assert {o.size for o in objects} == set(shapes.SIZES) and len(shapes.SIZES) >= 2
+    assert {o.shape for o in objects} == set(config.shapes) and len(config.shapes) >= 4
+    assert {o.colour for o in objects} == set(config.colours) and len(config.colours) >= 6
+    assert {o.size for o in objects} == set(config.sizes) and len(config.sizes) >= 2
     counts = {len(shapes.scene("test", i)[0]) for i in range(400)}
     assert counts == set(range(1, 7))
     xs = [o.x for o in objects]
-    assert max(xs) - min(xs) > shapes.IMAGE_SIZE * 0.6
+    assert max(xs) - min(xs) > config.image_size * 0.6
 
 
 def _truth(objects, q: shapes.Question) -> str:
@@ -72,7 +72,7 @@ def _truth(objects, q: shapes.Question) -> str:
     if q.family == "count":
         if words[2] == "objects":
             return str(len(objects))
-        return str(sum(shapes.PLURALS[o.shape] == words[2] for o in objects))
+        return str(sum(shapes.DEFAULT.shapes[o.shape] == words[2] for o in objects))
     a, b = named(words[2], words[3])[0], named(words[-2], words[-1])[0]
     relation = " ".join(words[4:-3])
     holds = {"left of": a.x < b.x, "right of": a.x > b.x, "above": a.y < b.y, "below": a.y > b.y}[relation]
@@ -131,9 +131,10 @@ def test_patch_labels_of_a_hand_made_scene():
                     shapes.ShapeObject("square", "green", "small", x=60, y=12)]
     labels = shapes.patch_labels([red_circle, *blue_squares], grid=12)  # 6 px cells
     cell = lambda x, y: (y // 6) * 12 + x // 6  # noqa: E731
-    pair = lambda o: list(shapes.COLOURS).index(o.colour) * len(shapes.SHAPES) + shapes.SHAPES.index(o.shape)  # noqa: E731
-    assert labels["colour"][cell(15, 15)] == 1 + list(shapes.COLOURS).index("red")
-    assert labels["shape"][cell(15, 15)] == 1 + shapes.SHAPES.index("circle")
+    colours, shapes_ = list(shapes.DEFAULT.colours), list(shapes.DEFAULT.shapes)
+    pair = lambda o: colours.index(o.colour) * len(shapes_) + shapes_.index(o.shape)  # noqa: E731
+    assert labels["colour"][cell(15, 15)] == 1 + colours.index("red")
+    assert labels["shape"][cell(15, 15)] == 1 + shapes_.index("circle")
     assert labels["colour"][cell(40, 40)] == 0 and labels["shape"][cell(40, 40)] == 0  # background
     assert labels["centre"].sum() == 3 and labels["centre"][cell(60, 60)] == 1
     # background patches are labelled with the object nearest to them

@@ -3,8 +3,9 @@
 A split is a JSONL file, one question a line, with the fields ``question_id, image, question, answer,
 family`` (``image`` relative to the JSONL file, and inside its folder). This module owns reading it into
 ``Sample`` records, failing early with a message that names the fix (a missing folder, file or image, a
-field of the wrong type, an image that does not decode or leaves the split's folder), and the split's
-content fingerprint (``content_sha256``: what a run's identity holds of its data).
+field of the wrong type, an image that does not decode or leaves the split's folder), the split's
+content fingerprint (``content_sha256``: what a run's identity holds of its data), and the scene config a
+generated split records (``scene_config``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from analysis.benchmark.shapes import SceneConfig, read_split_config
 from analysis.paths import BUNDLED_BENCHMARK
 
 REQUIRED_FIELDS = ("question_id", "image", "question", "answer")
@@ -179,6 +181,16 @@ def _image_path(root: Path, image: str, where: str, allow_outside: bool) -> Path
         raise DatasetError(f"{where}: image {image!r} lies outside the split's folder {root}; move it inside, "
                            "or pass --allow-outside-images (load_split(allow_outside_images=True))")
     return path
+
+
+def scene_config(name_or_path: str | Path) -> SceneConfig | None:
+    """The ``SceneConfig`` a shapes split was generated with (its ``<split>.scene.json``), or None for a
+    split without that record (any other benchmark); a bundled split name or a JSONL path."""
+    path = resolve_split(name_or_path)
+    try:
+        return read_split_config(path)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
 
 
 def load_split(name_or_path: str | Path, limit: int | None = None, check_images: bool = True,

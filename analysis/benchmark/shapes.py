@@ -1,8 +1,11 @@
 """The shapes benchmark: seeded scenes of simple objects and single-word questions with ground truth.
 
 This module owns everything about the procedurally generated benchmark that the bundled model is
-trained and evaluated on: the object vocabulary, scene sampling, rendering to PNG, the five question
-families, and writing fixed splits as JSONL (``docs/definitions.md#splits``).
+trained and evaluated on: scene sampling, rendering to PNG, the five question families, and writing fixed
+splits as JSONL (``docs/definitions.md#splits``) with the record of their scene config. What a scene may
+hold (image size, object sizes and count, colours, shapes, families) is a ``SceneConfig``
+(``analysis.benchmark.scene_config``); every function here takes one as ``config=``, ``DEFAULT`` being
+the bundled benchmark's.
 
 Every scene is a pure function of ``(split, index)``: the seed of scene ``i`` of a split is
 ``SPLIT_SEEDS[split] + i``, and the seed ranges of the splits never overlap, so no test image can be
@@ -16,15 +19,17 @@ Question families (one word answers):
   scene, on different objects: a binding error).
 * ``colour`` -- "What color is the triangle?" (asked only of a shape that occurs once).
 * ``shape`` -- "What shape is the blue object?" (asked only of a colour that occurs once).
-* ``count`` -- "How many objects are there?" or "How many circles are there?" -> ``1`` .. ``6``.
+* ``count`` -- "How many objects are there?" or "How many circles are there?" -> ``1`` ..
+  ``max_objects``.
 * ``spatial`` -- "Is the red circle left of the blue square?" yes / no, only for pairs whose
-  centres are at least ``MIN_SEPARATION`` pixels apart along the asked axis.
+  centres are at least the config's ``min_separation`` pixels apart along the asked axis.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -32,28 +37,15 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES = ("circle", "square", "triangle", "cross")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 205, 30),
-    "purple": (140, 60, 180),
-    "orange": (245, 135, 25),
-}
-SIZES = {"small": 11, "large": 19}  # side of the bounding box in pixels
-IMAGE_SIZE = 72
-BACKGROUND = (235, 235, 235)
-MIN_OBJECTS, MAX_OBJECTS = 1, 6
-MIN_SEPARATION = 8  # pixels between centres for a spatial question to be unambiguous
-FAMILIES = ("existence", "colour", "shape", "count", "spatial")
-NUMBER_WORDS = tuple(str(n) for n in range(MIN_OBJECTS, MAX_OBJECTS + 1))
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
+from analysis.paths import BUNDLED_BENCHMARK
+
 SPATIAL_RELATIONS = ("left of", "right of", "above", "below")
 # Disjoint seed ranges: a split of up to 10**6 scenes never reaches the next range.
 SPLIT_SEEDS = {"test": 1_000_000, "val": 2_000_000, "train": 10_000_000}
 SPLIT_SIZES = {"test": 400, "val": 100}  # images; QUESTIONS_PER_IMAGE questions each
 QUESTIONS_PER_IMAGE = 3
+PLACEMENT_TRIES = 200  # positions tried per object before it is left out of the scene
 PROMPT_WORDS = ("user", "assistant", ":", "?", "is", "there", "a", "what", "color", "the", "shape",
                 "object", "how", "many", "objects", "are", "left", "right", "of", "above", "below",
                 "describe", "image", ".")
@@ -81,10 +73,10 @@ class Question:
     subtype: str
 
 
-def vocabulary() -> list[str]:
+def vocabulary(config: SceneConfig = DEFAULT) -> list[str]:
     """Every word a prompt, question or answer of the benchmark can contain (for the tokenizer)."""
-    words = list(PROMPT_WORDS) + list(SHAPES) + list(PLURALS.values()) + list(COLOURS)
-    words += ["yes", "no", *NUMBER_WORDS, "0"]
+    words = list(PROMPT_WORDS) + list(config.shapes) + list(config.shapes.values()) + list(config.colours)
+    words += ["yes", "no", *config.number_words, "0"]
     return list(dict.fromkeys(words))
 
 
@@ -96,52 +88,65 @@ def scene_seed(split: str, index: int) -> int:
     return SPLIT_SEEDS[split] + index
 
 
-def sample_scene(rng: np.random.Generator) -> list[ShapeObject]:
-    """1-6 non-overlapping objects with distinct (colour, shape) pairs."""
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
-    pairs = [(c, s) for c in COLOURS for s in SHAPES]
+def sample_scene(rng: np.random.Generator, config: SceneConfig = DEFAULT) -> list[ShapeObject]:
+    """``min_objects``-``max_objects`` non-overlapping objects with distinct (colour, shape) pairs.
+
+    An object that finds no free place in ``PLACEMENT_TRIES`` draws is left out; a scene left with fewer
+    than ``min_objects`` objects means the config is too crowded, and is refused.
+    """
+    n = int(rng.integers(config.min_objects, config.max_objects + 1))
+    pairs = [(c, s) for c in config.colours for s in config.shapes]
     chosen = rng.choice(len(pairs), size=n, replace=False)
     objects: list[ShapeObject] = []
     for k in chosen:
         colour, shape = pairs[k]
-        for _ in range(200):
-            size = str(rng.choice(list(SIZES)))
-            half = SIZES[size] // 2
-            x = int(rng.integers(half + 1, IMAGE_SIZE - half - 1))
-            y = int(rng.integers(half + 1, IMAGE_SIZE - half - 1))
-            if all(_apart(x, y, half, o) for o in objects):
+        for _ in range(PLACEMENT_TRIES):
+            size = str(rng.choice(list(config.sizes)))
+            half = config.sizes[size] // 2
+            x = int(rng.integers(half + 1, config.image_size - half - 1))
+            y = int(rng.integers(half + 1, config.image_size - half - 1))
+            if all(_apart(x, y, half, o, config) for o in objects):
                 objects.append(ShapeObject(shape, colour, size, x, y))
                 break
+    if len(objects) < config.min_objects:
+        raise ValueError(f"only {len(objects)} of {n} objects found a free place in a {config.image_size} px "
+                         f"image, below min_objects = {config.min_objects}: use a larger image_size, smaller "
+                         "sizes or fewer objects")
     return objects
 
 
-def _apart(x: int, y: int, half: int, other: ShapeObject, gap: int = 2) -> bool:
-    reach = half + SIZES[other.size] // 2 + gap
+def _apart(x: int, y: int, half: int, other: ShapeObject, config: SceneConfig) -> bool:
+    reach = half + config.sizes[other.size] // 2 + config.object_gap
     return abs(x - other.x) > reach or abs(y - other.y) > reach
 
 
-def render(objects: list[ShapeObject]) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-    _draw(ImageDraw.Draw(image), objects, lambda i, o: COLOURS[o.colour])
+def render(objects: list[ShapeObject], config: SceneConfig = DEFAULT) -> Image.Image:
+    image = Image.new("RGB", (config.image_size, config.image_size), config.background)
+    _draw(ImageDraw.Draw(image), objects, lambda i, o: config.colours[o.colour], config)
     return image
 
 
-def patch_labels(objects: list[ShapeObject], grid: int) -> dict[str, np.ndarray]:
+def patch_labels(objects: list[ShapeObject], grid: int, config: SceneConfig = DEFAULT) -> dict[str, np.ndarray]:
     """Per patch of a ``grid`` x ``grid`` patching: what the majority of its pixels show.
 
-    ``colour`` / ``shape``: 0 for background, else 1 + index in COLOURS / SHAPES; ``centre``: 1 where
+    ``colour`` / ``shape``: 0 for background, else 1 + index in the config's ``colours`` / ``shapes``
+    (in their order); ``centre``: 1 where
     the patch holds an object's centre; ``row`` / ``col``: the patch's coordinates; of the object
-    nearest to the patch centre: ``pair`` (colour index * len(SHAPES) + shape index), ``near_row`` /
+    nearest to the patch centre: ``pair`` (colour index * len(shapes) + shape index), ``near_row`` /
     ``near_col`` (its centre's patch) and ``shape_count`` (objects of its shape, minus 1); ``count``:
     objects in the scene, minus 1. Training-only
-    targets for the bundled model's auxiliary heads (``analysis.train_bundled``).
+    targets for the bundled model's auxiliary heads (``analysis.train_bundled``). ``grid`` must divide
+    the image size.
     """
-    index = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    _draw(ImageDraw.Draw(index), objects, lambda i, o: i + 1)
-    cell = IMAGE_SIZE // grid
+    if grid < 1 or config.image_size % grid:
+        raise ValueError(f"a {grid} x {grid} patch grid does not tile a {config.image_size} px image: give a "
+                         f"grid that divides {config.image_size}")
+    index = Image.new("L", (config.image_size, config.image_size), 0)
+    _draw(ImageDraw.Draw(index), objects, lambda i, o: i + 1, config)
+    cell = config.image_size // grid
     owner = np.asarray(index).reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
     majority = np.array([np.bincount(p, minlength=len(objects) + 1).argmax() for p in owner])
-    colours, shapes_ = list(COLOURS), list(SHAPES)
+    colours, shapes_ = list(config.colours), list(config.shapes)
     colour = np.array([0] + [1 + colours.index(o.colour) for o in objects])[majority]
     shape = np.array([0] + [1 + shapes_.index(o.shape) for o in objects])[majority]
     centre = np.zeros(grid * grid, dtype=np.int64)
@@ -161,9 +166,9 @@ def patch_labels(objects: list[ShapeObject], grid: int) -> dict[str, np.ndarray]
             "shape_count": shape_count[nearest], "count": np.full(grid * grid, len(objects) - 1)}
 
 
-def _draw(draw: ImageDraw.ImageDraw, objects: list[ShapeObject], fill_of) -> None:
+def _draw(draw: ImageDraw.ImageDraw, objects: list[ShapeObject], fill_of, config: SceneConfig) -> None:
     for i, o in enumerate(objects):
-        h = SIZES[o.size] // 2
+        h = config.sizes[o.size] // 2
         box = (o.x - h, o.y - h, o.x + h, o.y + h)
         fill = fill_of(i, o)
         if o.shape == "circle":
@@ -178,21 +183,21 @@ def _draw(draw: ImageDraw.ImageDraw, objects: list[ShapeObject], fill_of) -> Non
             draw.rectangle((o.x - t, o.y - h, o.x + t, o.y + h), fill=fill)
 
 
-def blank_image() -> Image.Image:
+def blank_image(config: SceneConfig = DEFAULT) -> Image.Image:
     """The background alone: the control image for "does the model use the picture"."""
-    return render([])
+    return render([], config)
 
 
 # ----------------------------------------------------------------------------------------- questions
 
-def _existence(objects, rng) -> Question:
+def _existence(objects, rng, config: SceneConfig) -> Question:
     present = {(o.colour, o.shape) for o in objects}
     if rng.random() < 0.5:
         o = objects[int(rng.integers(len(objects)))]
         return Question(f"Is there a {o.name}?", "yes", "existence", "positive")
     colours_in = {o.colour for o in objects}
     shapes_in = {o.shape for o in objects}
-    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    absent = [(c, s) for c in config.colours for s in config.shapes if (c, s) not in present]
     candidates = {
         "random": absent,
         "popular": [(c, s) for c, s in absent if s in shapes_in],
@@ -211,33 +216,33 @@ def _one_of_a_kind(objects, attribute: str, rng):
     return unique[int(rng.integers(len(unique)))] if unique else None
 
 
-def _colour(objects, rng) -> Question | None:
+def _colour(objects, rng, config: SceneConfig) -> Question | None:
     o = _one_of_a_kind(objects, "shape", rng)
     return None if o is None else Question(f"What color is the {o.shape}?", o.colour, "colour", o.shape)
 
 
-def _shape(objects, rng) -> Question | None:
+def _shape(objects, rng, config: SceneConfig) -> Question | None:
     o = _one_of_a_kind(objects, "colour", rng)
     return None if o is None else Question(f"What shape is the {o.colour} object?", o.shape, "shape", o.colour)
 
 
-def _count(objects, rng) -> Question:
+def _count(objects, rng, config: SceneConfig) -> Question:
     if rng.random() < 0.5:
         return Question("How many objects are there?", str(len(objects)), "count", "objects")
     shape = objects[int(rng.integers(len(objects)))].shape
     n = sum(o.shape == shape for o in objects)
-    return Question(f"How many {PLURALS[shape]} are there?", str(n), "count", shape)
+    return Question(f"How many {config.shapes[shape]} are there?", str(n), "count", shape)
 
 
-def _spatial(objects, rng) -> Question | None:
+def _spatial(objects, rng, config: SceneConfig) -> Question | None:
     pairs = []
     for a in objects:
         for b in objects:
             if a is b:
                 continue
-            if abs(a.x - b.x) >= MIN_SEPARATION:
+            if abs(a.x - b.x) >= config.min_separation:
                 pairs.append((a, b, "horizontal"))
-            if abs(a.y - b.y) >= MIN_SEPARATION:
+            if abs(a.y - b.y) >= config.min_separation:
                 pairs.append((a, b, "vertical"))
     if not pairs:
         return None
@@ -268,74 +273,135 @@ def describe(objects: list[ShapeObject]) -> Question:
     return Question(DESCRIBE, " ".join(o.name for o in ordered), "describe", str(len(objects)))
 
 
-def make_question(objects: list[ShapeObject], family: str, rng: np.random.Generator) -> Question | None:
-    """A question of ``family`` about the scene, or None when the scene cannot support one."""
-    if family not in _MAKERS:
-        raise ValueError(f"unknown question family {family!r}; valid families: {list(FAMILIES)}")
-    return _MAKERS[family](objects, rng)
+def make_question(objects: list[ShapeObject], family: str, rng: np.random.Generator,
+                  config: SceneConfig = DEFAULT) -> Question | None:
+    """A question of ``family`` (one of the config's) about the scene, or None when the scene cannot
+    support one."""
+    if family not in config.families:
+        raise ValueError(f"unknown question family {family!r}; valid families: {list(config.families)}")
+    return _MAKERS[family](objects, rng, config)
 
 
-def scene_questions(objects, rng, n: int, first_family: int = 0) -> list[Question]:
-    """``n`` questions of different families, cycling through FAMILIES from ``first_family``."""
+def scene_questions(objects, rng, n: int, first_family: int = 0, config: SceneConfig = DEFAULT) -> list[Question]:
+    """``n`` questions of different families, cycling through the config's families from ``first_family``."""
+    families = config.families
     questions: list[Question] = []
-    for step in range(len(FAMILIES) * 2):
+    for step in range(len(families) * 2):
         if len(questions) == n:
             break
-        q = make_question(objects, FAMILIES[(first_family + step) % len(FAMILIES)], rng)
+        q = make_question(objects, families[(first_family + step) % len(families)], rng, config)
         if q is not None and q.question not in {p.question for p in questions}:
             questions.append(q)
     return questions
 
 
-def scene(split: str, index: int) -> tuple[list[ShapeObject], np.random.Generator]:
+def scene(split: str, index: int, config: SceneConfig = DEFAULT) -> tuple[list[ShapeObject], np.random.Generator]:
     """The scene ``index`` of ``split`` and the generator positioned to draw its questions."""
     rng = np.random.default_rng(scene_seed(split, index))
-    return sample_scene(rng), rng
+    return sample_scene(rng, config), rng
 
 
-def stream(split: str = "train", start: int = 0, questions_per_image: int = 1
+def stream(split: str = "train", start: int = 0, questions_per_image: int = 1, config: SceneConfig = DEFAULT
            ) -> Iterator[tuple[Image.Image, Question]]:
     """An endless stream of (image, question) pairs from ``split``, scene by scene from ``start``."""
     index = start
     while True:
-        objects, rng = scene(split, index)
-        image = render(objects)
-        for q in scene_questions(objects, rng, questions_per_image, first_family=index % len(FAMILIES)):
+        objects, rng = scene(split, index, config)
+        image = render(objects, config)
+        for q in scene_questions(objects, rng, questions_per_image, first_family=index % len(config.families),
+                                 config=config):
             yield image, q
         index += 1
 
 
 # -------------------------------------------------------------------------------------------- splits
 
+def config_record_path(split_file: Path) -> Path:
+    """Where a split's generation record lies: ``<split>.scene.json`` beside ``<split>.jsonl``."""
+    return Path(split_file).with_suffix(".scene.json")
+
+
 def write_split(root: Path, split: str, n_images: int | None = None,
-                questions_per_image: int = QUESTIONS_PER_IMAGE) -> Path:
-    """Render ``split`` to ``root/images/`` and write ``root/<split>.jsonl`` (docs/definitions.md#splits)."""
+                questions_per_image: int = QUESTIONS_PER_IMAGE, config: SceneConfig = DEFAULT) -> Path:
+    """Render ``split`` to ``root/images/`` and write ``root/<split>.jsonl`` (docs/definitions.md#splits)
+    and its record ``root/<split>.scene.json``: the scene config, images and questions per image."""
     n_images = SPLIT_SIZES[split] if n_images is None else n_images
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n_images):
-        objects, rng = scene(split, i)
+        objects, rng = scene(split, i, config)
         name = f"images/{split}_{i:05d}.png"
-        render(objects).save(root / name, optimize=True)
-        for k, q in enumerate(scene_questions(objects, rng, questions_per_image, first_family=i % len(FAMILIES))):
+        render(objects, config).save(root / name, optimize=True)
+        for k, q in enumerate(scene_questions(objects, rng, questions_per_image,
+                                              first_family=i % len(config.families), config=config)):
             rows.append({"question_id": f"{split}-{i:05d}-{k}", "image": name, **asdict(q),
                          "objects": [asdict(o) for o in objects]})
     path = root / f"{split}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    record = {"split": split, "images": n_images, "questions_per_image": questions_per_image,
+              "scene": config.to_dict()}
+    # both files complete before either replaces its predecessor: a split never meets another run's record
+    written = {path: "".join(json.dumps(r) + "\n" for r in rows),
+               config_record_path(path): json.dumps(record, indent=1) + "\n"}
+    for target, text in written.items():
+        target.with_name(target.name + ".tmp").write_text(text)
+    for target in written:
+        target.with_name(target.name + ".tmp").replace(target)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def read_split_config(split_file: Path) -> SceneConfig | None:
+    """The scene config a split was generated with (its ``<split>.scene.json``), or None for a split
+    without that record (not written by ``write_split``)."""
+    record_path = config_record_path(split_file)
+    if not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        return SceneConfig.from_dict(record["scene"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{record_path} is not a scene config record ({e}); regenerate the split with "
+                         "`python -m analysis.shapes`") from None
+
+
+def _sizes_argument(text: str) -> dict[str, int]:
+    """``"small=11,large=19"`` -> {"small": 11, "large": 19}."""
+    sizes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if not name or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"bad object size {item!r}: write name=pixels, e.g. small=11,large=19")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis.shapes", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "shapes")
+    parser.add_argument("--out", type=Path, default=BUNDLED_BENCHMARK)
     parser.add_argument("--splits", nargs="+", default=["test", "val"], choices=["test", "val"])
-    args = parser.parse_args(argv)
+    parser.add_argument("--image-size", type=int, default=DEFAULT.image_size, help="side of the image (px)")
+    parser.add_argument("--sizes", type=_sizes_argument, default=dict(DEFAULT.sizes),
+                        help="object sizes as name=pixels (side of the bounding box), default "
+                             + ",".join(f"{k}={v}" for k, v in DEFAULT.sizes.items()))
+    parser.add_argument("--min-objects", type=int, default=DEFAULT.min_objects, help="fewest objects per scene")
+    parser.add_argument("--max-objects", type=int, default=DEFAULT.max_objects, help="most objects per scene")
+    parser.add_argument("--min-separation", type=int, default=DEFAULT.min_separation,
+                        help="least distance (px) between two centres along the axis a spatial question asks")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = SceneConfig(image_size=args.image_size, sizes=args.sizes, min_objects=args.min_objects,
+                             max_objects=args.max_objects, min_separation=args.min_separation)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for split in args.splits:
-        path = write_split(args.out, split)
+        path = write_split(args.out, split, config=config)
         print(f"wrote {path} ({sum(1 for _ in path.open())} questions)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

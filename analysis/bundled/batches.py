@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from analysis.benchmark import shapes
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 
 IGNORE = -100
 
@@ -31,33 +32,33 @@ def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
     return ids, labels
 
 
-def weighted_questions(objects, rng: np.random.Generator, n: int, weights: dict[str, float]
-                       ) -> list[shapes.Question]:
+def weighted_questions(objects, rng: np.random.Generator, n: int, weights: dict[str, float],
+                       config: SceneConfig = DEFAULT) -> list[shapes.Question]:
     """Up to ``n`` distinct questions about the scene, each family drawn with probability ~ ``weights``.
 
     Why: one-bit yes/no answers (existence, spatial) give the weakest gradient of all the families, and
     with families in equal shares the model settled on answering them with a constant.
     """
-    families = [f for f in shapes.FAMILIES if weights.get(f, 0) > 0]
+    families = [f for f in config.families if weights.get(f, 0) > 0]
     p = np.array([weights[f] for f in families], dtype=float)
     questions: list[shapes.Question] = []
     for _ in range(4 * n):
         if len(questions) == n:
             break
-        q = shapes.make_question(objects, families[int(rng.choice(len(families), p=p / p.sum()))], rng)
+        q = shapes.make_question(objects, families[int(rng.choice(len(families), p=p / p.sum()))], rng, config)
         if q is not None and q.question not in {x.question for x in questions}:
             questions.append(q)
     return questions
 
 
-def parse_family_weights(text: str) -> dict[str, float]:
-    """``"existence=3,spatial=3"`` -> a weight per family (families not named weigh 1)."""
-    weights = dict.fromkeys(shapes.FAMILIES, 1.0)
+def parse_family_weights(text: str, config: SceneConfig = DEFAULT) -> dict[str, float]:
+    """``"existence=3,spatial=3"`` -> a weight per family of ``config`` (families not named weigh 1)."""
+    weights = dict.fromkeys(config.families, 1.0)
     for item in filter(None, (part.strip() for part in text.split(","))):
         family, _, value = item.partition("=")
         if family not in weights or not value:
             raise ValueError(f"bad family weight {item!r}: write family=weight with a family of "
-                             f"{list(shapes.FAMILIES)}, e.g. existence=3,spatial=3")
+                             f"{list(config.families)}, e.g. existence=3,spatial=3")
         weights[family] = float(value)
     if sum(weights.values()) <= 0 or min(weights.values()) < 0:
         raise ValueError(f"family weights must be >= 0 and not all zero, got {weights}")
@@ -65,35 +66,37 @@ def parse_family_weights(text: str) -> dict[str, float]:
 
 
 class ConversationBatches:
-    """Endless batches of the training stream, as model inputs with labels (right padded)."""
+    """Endless batches of the training stream of ``scene``, as model inputs with labels (right padded)."""
 
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
                  describe: bool = False, patch_targets: bool = False,
-                 family_weights: dict[str, float] | None = None):
+                 family_weights: dict[str, float] | None = None, scene: SceneConfig = DEFAULT):
         self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
+        self.scene = scene
         self.family_weights = family_weights
         self.patch_targets = patch_targets
         self.n_image_tokens = n_image_tokens
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
-        self.max_objects = shapes.MAX_OBJECTS  # the curriculum lowers this early in training
+        self.max_objects = scene.max_objects  # the curriculum lowers this early in training
 
     def __next__(self) -> dict[str, torch.Tensor]:
         images, sequences, scenes = [], [], []
         while len(images) < self.batch_size:
-            objects, rng = shapes.scene("train", self.index)
+            objects, rng = shapes.scene("train", self.index, self.scene)
             if len(objects) > self.max_objects:
                 self.index += 1
                 continue
             scenes.append(objects)
             if self.family_weights is None:
                 questions = shapes.scene_questions(objects, rng, self.turns,
-                                                   first_family=self.index % len(shapes.FAMILIES))
+                                                   first_family=self.index % len(self.scene.families),
+                                                   config=self.scene)
             else:
-                questions = weighted_questions(objects, rng, self.turns, self.family_weights)
+                questions = weighted_questions(objects, rng, self.turns, self.family_weights, self.scene)
             if self.describe:
                 questions.append(shapes.describe(objects))
-            images.append(shapes.render(objects))
+            images.append(shapes.render(objects, self.scene))
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
                                                  self.image_token_id, questions))
             self.index += 1
@@ -110,20 +113,22 @@ class ConversationBatches:
         batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
         if self.patch_targets:
             grid = int(round(self.n_image_tokens ** 0.5))
-            targets = [shapes.patch_labels(o, grid) for o in scenes]
+            targets = [shapes.patch_labels(o, grid, self.scene) for o in scenes]
             batch["patch_targets"] = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
         return batch
 
 
-def curriculum_max_objects(step: int, curriculum_steps: int, first: int = shapes.MIN_OBJECTS) -> int:
-    """Most objects a training scene may hold at ``step``: ``first`` at first, growing linearly to every
-    size by ``curriculum_steps``.
+def curriculum_max_objects(step: int, curriculum_steps: int, first: int | None = None,
+                           config: SceneConfig = DEFAULT) -> int:
+    """Most objects a training scene may hold at ``step``: ``first`` (default: the config's
+    ``min_objects``) at first, growing linearly to ``max_objects`` by ``curriculum_steps``.
 
     Why: with one object per image any pooling of the visual tokens answers every question, so the
     language model learns to read the tokens before it has to learn to *select* among them; two-object
     scenes are the easiest on which a spatial relation can be asked.
     """
+    first = config.min_objects if first is None else first
     if step >= curriculum_steps:
-        return shapes.MAX_OBJECTS
-    span = shapes.MAX_OBJECTS - first + 1
+        return config.max_objects
+    span = config.max_objects - first + 1
     return first + int(span * step / curriculum_steps)

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from analysis.benchmark import shapes
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 from analysis.paths import BUNDLED_BENCHMARK, BUNDLED_MODEL, DATA_DIR, REPO_ROOT  # noqa: F401
 
 PROMPT = "USER: <image>\n{question} ASSISTANT:"
@@ -31,9 +32,8 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 # empty patch enters the vision tower as zeros. With CLIP's statistics the constant background
 # dominated every patch embedding: a linear probe of patch row and column stayed at chance for 200
 # from-scratch steps, and was learnt in 40 with these.
-BACKGROUND_MEAN = [c / 255 for c in shapes.BACKGROUND]
 BACKGROUND_STD = [0.3, 0.3, 0.3]
-NORMALISATIONS = {"clip": (IMAGE_MEAN, IMAGE_STD), "background": (BACKGROUND_MEAN, BACKGROUND_STD)}
+NORMALISATIONS = ("clip", "background")
 # The bundled model's quality bar on the test split, greedy answers (its card states whether it is met):
 # accuracy in % overall and on existence questions, and the points of overall accuracy it must lose when every
 # image is blank (the answers must come from the picture).
@@ -54,9 +54,10 @@ def prompt(question: str) -> str:
     return PROMPT.format(question=question)
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A lower-casing word-level tokenizer over the benchmark vocabulary, with a BOS like Llama's."""
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + shapes.vocabulary())}
+def build_tokenizer(scene: SceneConfig = DEFAULT) -> PreTrainedTokenizerFast:
+    """A lower-casing word-level tokenizer over the benchmark vocabulary of ``scene``, with a BOS like
+    Llama's."""
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + shapes.vocabulary(scene))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -69,24 +70,35 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         model_max_length=512)
 
 
-def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size: int = shapes.IMAGE_SIZE,
-                    patch_size: int = 6, normalisation: str = "clip") -> LlavaProcessor:
+def image_statistics(normalisation: str, scene: SceneConfig = DEFAULT) -> tuple[list[float], list[float]]:
+    """(mean, std) per RGB channel of an image normalisation: CLIP's, or centred on ``scene``'s background."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown image normalisation {normalisation!r}; valid: {sorted(NORMALISATIONS)}")
-    mean, std = NORMALISATIONS[normalisation]
+    if normalisation == "clip":
+        return IMAGE_MEAN, IMAGE_STD
+    return [c / 255 for c in scene.background], BACKGROUND_STD
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size: int | None = None,
+                    patch_size: int = 6, normalisation: str = "clip", scene: SceneConfig = DEFAULT
+                    ) -> LlavaProcessor:
+    """LLaVA-1.5's processor for ``scene``'s images (``image_size``: the scene's unless given) and
+    vocabulary (``tokenizer``: ``build_tokenizer(scene)`` unless given)."""
+    mean, std = image_statistics(normalisation, scene)
+    image_size = scene.image_size if image_size is None else image_size
     # the PIL backend: the default one needs torchvision, which has no CPU build here
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
         image_mean=mean, image_std=std, do_convert_rgb=True)
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(),
+        image_processor=image_processor, tokenizer=tokenizer or build_tokenizer(scene),
         patch_size=patch_size, vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1)
 
 
 def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, text_width: int = 192,
                  text_heads: int = 3, text_kv_heads: int = 3, vision_layers: int = 4,
-                 vision_width: int = 128, image_size: int = shapes.IMAGE_SIZE,
+                 vision_width: int = 128, image_size: int = DEFAULT.image_size,
                  patch_size: int = 6, text_init: float = 0.02) -> LlavaConfig:
     """The bundled architecture; keyword arguments shrink it for smoke tests."""
     vision = CLIPVisionConfig(

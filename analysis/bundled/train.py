@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from analysis.benchmark import shapes
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import ConversationBatches, curriculum_max_objects, parse_family_weights
 from analysis.paths import portable
@@ -59,16 +59,13 @@ class PatchHeads(torch.nn.Module):
     pulled the word embeddings around and lowered val accuracy.)
     """
 
-    SIZES = {"colour": len(shapes.COLOURS) + 1, "shape": len(shapes.SHAPES) + 1, "centre": 2}
-    NEAREST_SIZES = {"pair": len(shapes.COLOURS) * len(shapes.SHAPES), "shape_count": shapes.MAX_OBJECTS,
-                     "count": shapes.MAX_OBJECTS}
-
-    def __init__(self, width: int, grid: int, nearest: bool = False):
+    def __init__(self, width: int, grid: int, nearest: bool = False, scene: SceneConfig = DEFAULT):
         super().__init__()
         self.nearest = nearest
-        sizes = {**self.SIZES, "row": grid, "col": grid}
-        if nearest:
-            sizes.update(self.NEAREST_SIZES, near_row=grid, near_col=grid)
+        colours, shapes_, most = len(scene.colours), len(scene.shapes), scene.max_objects
+        sizes = {"colour": colours + 1, "shape": shapes_ + 1, "centre": 2, "row": grid, "col": grid}
+        if nearest:  # the class counts of shapes.patch_labels' targets (counts minus 1: 0 .. most - 1)
+            sizes.update(pair=colours * shapes_, shape_count=most, count=most, near_row=grid, near_col=grid)
         self.heads = torch.nn.ModuleDict({k: torch.nn.Linear(width, n) for k, n in sizes.items()})
 
     def loss(self, visual: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -157,7 +154,7 @@ class TrainingConfig:
     start: int = 0
     aux_weight: float = 1.0
     curriculum: int = 0
-    curriculum_start: int = shapes.MIN_OBJECTS
+    curriculum_start: int = DEFAULT.min_objects
     nearest_targets: bool = False
     image_norm: str = "clip"
     vision_warmup: int = 0
@@ -388,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight of the per-patch auxiliary losses (0: none)")
     parser.add_argument("--curriculum", type=int, default=300,
                         help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
-    parser.add_argument("--curriculum-start", type=int, default=shapes.MIN_OBJECTS,
+    parser.add_argument("--curriculum-start", type=int, default=DEFAULT.min_objects,
                         help="most objects per scene when the curriculum starts")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
