@@ -75,7 +75,7 @@ def merged_patch_attention_and_keys(block: nn.Module, hidden: torch.Tensor, segm
 
     The queries and keys are the block's own: ``norm1``, ``attn.qkv``, the rotary function of its modeling
     file. The segments are read on the host (one read per prompt), as the tower itself does outside
-    FlashAttention.
+    FlashAttention, and padded to the longest, so every segment is one batch row (one head at a time).
     """
     attn = block.attn
     n = hidden.shape[0]
@@ -83,12 +83,21 @@ def merged_patch_attention_and_keys(block: nn.Module, hidden: torch.Tensor, segm
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     query, keys = rotate(qkv[:, 0], qkv[:, 1], *position_embeddings)
     query, keys = query.float(), keys.float()
-    scale = attn.head_dim ** -0.5 if hasattr(attn, "head_dim") else query.shape[-1] ** -0.5
+    scale = query.shape[-1] ** -0.5
     bounds = segments.tolist()
-    received = torch.cat([
-        sum(_scores(query[a:b, h:h + 1], keys[a:b, h:h + 1], scale)[0].mean(0) for h in range(attn.num_heads))
-        for a, b in zip(bounds, bounds[1:])]) / attn.num_heads
-    return received, keys.mean(1)
+    lengths = torch.tensor([b - a for a, b in zip(bounds, bounds[1:])])
+    slot = torch.arange(int(lengths.max()))
+    valid = slot < lengths[:, None]  # [segments, longest], on the host
+    index = (torch.tensor(bounds[:-1])[:, None] + slot).clamp_max(n - 1).to(hidden.device)
+    present = valid.flatten().nonzero()[:, 0].to(hidden.device)  # the real slots, in patch order
+    valid = valid.to(hidden.device)
+    received = query.new_zeros(valid.shape)
+    for h in range(attn.num_heads):
+        logits = torch.einsum("sqd,skd->sqk", query[index, h], keys[index, h]) * scale
+        weights = logits.masked_fill(~valid[:, None, :], float("-inf")).softmax(-1)  # padding is no key
+        received += (weights * valid[:, :, None]).sum(1)  # nor a query
+    received = received / (lengths.to(received.device)[:, None] * attn.num_heads)
+    return received.flatten()[present], keys.mean(1)
 
 
 def cls_attention_flops(width: int, heads: int, tokens: int) -> float:
