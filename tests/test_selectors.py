@@ -283,3 +283,35 @@ def test_bad_budgets_name_the_fix():
                         t["instruction_valid"], theta=1.0)
     with pytest.raises(ValueError, match="give all three"):
         cdpruner_select(t["features"], valid, N_KEEP, t["relevance_embeds"], None, None)
+
+
+@pytest.mark.parametrize("kernel", ["scope", "divprune", "cdpruner", "vispruner"])
+def test_greedy_loops_run_on_one_cpu_thread_and_restore_the_count(kernel, monkeypatch):
+    """Under load two OpenMP threads made SCOPE's loop 40x slower; the loops take one thread, then give it back."""
+    import lofi.selectors._batch as batch_module
+    seen = []
+    original = batch_module.row_of if kernel != "vispruner" else torch.Tensor.amax
+
+    def spying(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    module = {"scope": "coverage", "divprune": "diversity", "cdpruner": "dpp"}.get(kernel)
+    if module:
+        monkeypatch.setattr(f"lofi.selectors.{module}.row_of", spying)
+    else:
+        monkeypatch.setattr(torch.Tensor, "amax", spying)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = _inputs(2, 24)
+        valid = torch.ones(2, 24, dtype=torch.bool)
+        run = {"scope": lambda: scope_select(t["features"], valid, [5, 7], t["cls_attention"]),
+               "divprune": lambda: divprune_select(t["features"], valid, [5, 7]),
+               "cdpruner": lambda: cdpruner_select(t["features"], valid, [5, 7], None, None, None),
+               "vispruner": lambda: vispruner_select(t["features"], valid, [5, 7], t["cls_attention"])}[kernel]
+        run()
+        assert seen.count(1) >= 3  # the loop's steps (a call before the loop may use both threads)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

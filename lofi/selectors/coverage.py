@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, masked_rows, row_of, step_active
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, masked_rows, row_of, step_active
 
 
 def scope_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | Sequence[int] | torch.Tensor,
@@ -34,10 +34,11 @@ def scope_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | Sequ
     coverage = similarity.new_zeros(batch, p)
     closed = ~valid
     picks = torch.zeros(batch, steps, dtype=torch.long, device=similarity.device)
-    for t in range(steps):
-        gains = (similarity - coverage[:, :, None]).clamp_min(0).sum(1) * weight
-        j = gains.masked_fill(closed, float("-inf")).argmax(1)
-        picks[:, t] = j
-        closed = closed.scatter(1, j[:, None], True)
-        coverage = torch.where(active[:, t:t + 1], torch.maximum(coverage, row_of(similarity, j)), coverage)
+    with loop_threads(similarity.device):
+        for t in range(steps):
+            gains = (similarity - coverage[:, :, None]).clamp_min(0).sum(1) * weight
+            j = gains.masked_fill(closed, float("-inf")).argmax(1)
+            picks[:, t] = j
+            closed = closed.scatter(1, j[:, None], True)
+            coverage = torch.where(active[:, t:t + 1], torch.maximum(coverage, row_of(similarity, j)), coverage)
     return kept_from_picks(picks, active)

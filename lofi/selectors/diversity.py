@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, row_of, step_active
 
 
 def divprune_select(features: torch.Tensor, valid: torch.Tensor,
@@ -35,9 +35,10 @@ def divprune_select(features: torch.Tensor, valid: torch.Tensor,
     picks[:, 0] = nearest.masked_fill(closed, float("-inf")).argmax(1)
     closed = closed.scatter(1, picks[:, :1], True)
     spread = row_of(distance, picks[:, 0])
-    for t in range(1, steps):
-        j = spread.masked_fill(closed, float("-inf")).argmax(1)
-        picks[:, t] = j
-        closed = closed.scatter(1, j[:, None], True)
-        spread = torch.minimum(spread, row_of(distance, j))
+    with loop_threads(distance.device):
+        for t in range(1, steps):
+            j = spread.masked_fill(closed, float("-inf")).argmax(1)
+            picks[:, t] = j
+            closed = closed.scatter(1, j[:, None], True)
+            spread = torch.minimum(spread, row_of(distance, j))
     return kept_from_picks(picks, active)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active, unit_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, row_of, step_active, unit_rows
 
 RELEVANCE_EPS = 1e-6  # the reference's additive constant in the min-max normalisation of the relevance
 
@@ -73,17 +73,18 @@ def dpp_map(kernel: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> 
     residual = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))
     chol = kernel.new_zeros(batch, steps, p)
     picks = torch.zeros(batch, steps, dtype=torch.long, device=device)
-    for t in range(steps):
-        j = residual.argmax(1)
-        picks[:, t] = j
-        d2 = residual.gather(1, j[:, None])
-        update = active[:, t:t + 1] & (d2 > 0)
-        coeff = chol[:, :t, :].gather(2, j[:, None, None].expand(-1, t, 1))
-        e = row_of(kernel, j) - (coeff.transpose(1, 2) @ chol[:, :t, :]).squeeze(1)
-        e = torch.where(update, e / d2.clamp_min(torch.finfo(torch.float32).tiny).sqrt(), 0.0)
-        chol[:, t, :] = e
-        residual = residual - e * e
-        residual = residual.scatter(1, j[:, None], torch.where(active[:, t:t + 1], float("-inf"), d2))
+    with loop_threads(device):
+        for t in range(steps):
+            j = residual.argmax(1)
+            picks[:, t] = j
+            d2 = residual.gather(1, j[:, None])
+            update = active[:, t:t + 1] & (d2 > 0)
+            coeff = chol[:, :t, :].gather(2, j[:, None, None].expand(-1, t, 1))
+            e = row_of(kernel, j) - (coeff.transpose(1, 2) @ chol[:, :t, :]).squeeze(1)
+            e = torch.where(update, e / d2.clamp_min(torch.finfo(torch.float32).tiny).sqrt(), 0.0)
+            chol[:, t, :] = e
+            residual = residual - e * e
+            residual = residual.scatter(1, j[:, None], torch.where(active[:, t:t + 1], float("-inf"), d2))
     return kept_from_picks(picks, active)
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_mask, masked_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_mask, loop_threads, masked_rows
 
 MAX_REMOVED_PER_ROUND = 8  # the reference's ``r = min(8, R - T_div)``
 
@@ -77,20 +77,21 @@ def vispruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | 
     row_offset = (torch.arange(batch, device=device) * p)[:, None]
     residual = (order.gather(1, (first + slots[:plan.widths[0]]).clamp_max(p - 1)) + row_offset).T
     rows = similarity.view(batch * p, p)
-    for removed, next_list, b_past_end, a_past_end in plan.rounds(device):
-        a, b = residual[0::2], residual[1::2]
-        half_a = a.shape[0]
-        sims = F.embedding(a, rows).view(half_a, -1).index_select(1, b.reshape(-1)).view(half_a, -1, batch)
-        if b_past_end is not None:  # a list shorter than the round's width: its tail is in neither a nor b
-            sims.masked_fill_(b_past_end, float("-inf"))
-        dup = sims.amax(1)
-        if a_past_end is not None:
-            dup.masked_fill_(a_past_end, float("-inf"))
-        by_score = dup.sort(dim=0, descending=True, stable=True).indices
-        if next_list is None:  # every list is as long as the round's width and drops the same number
-            residual = torch.cat([a.gather(0, by_score[removed:]), b])
-        else:
-            residual = torch.cat([a.gather(0, by_score), residual]).gather(0, next_list)
+    with loop_threads(device):
+        for removed, next_list, b_past_end, a_past_end in plan.rounds(device):
+            a, b = residual[0::2], residual[1::2]
+            half_a = a.shape[0]
+            sims = F.embedding(a, rows).view(half_a, -1).index_select(1, b.reshape(-1)).view(half_a, -1, batch)
+            if b_past_end is not None:  # a list shorter than the round's width: its tail is in neither a nor b
+                sims.masked_fill_(b_past_end, float("-inf"))
+            dup = sims.amax(1)
+            if a_past_end is not None:
+                dup.masked_fill_(a_past_end, float("-inf"))
+            by_score = dup.sort(dim=0, descending=True, stable=True).indices
+            if next_list is None:  # every list is as long as the round's width and drops the same number
+                residual = torch.cat([a.gather(0, by_score[removed:]), b])
+            else:
+                residual = torch.cat([a.gather(0, by_score), residual]).gather(0, next_list)
     residual = residual.T - row_offset
     in_rank = torch.empty_like(order).scatter_(1, order, slots.expand(batch, p)) < first
     chosen = torch.zeros(batch, p, dtype=torch.long, device=device)
