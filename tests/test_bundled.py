@@ -112,7 +112,7 @@ def test_the_model_reads_shapes_colours_counts_and_existence_off_the_image(test_
 
 def test_training_smoke_on_a_tiny_config(tmp_path):
     tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-            "vision_width": 32, "image_size": 24, "patch_size": 6}
+            "vision_width": 32, "patch_size": 18}
     out = tmp_path / "tiny-llava"
     summary = train(out, steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,
                     config_overrides=tiny, progress=False)
@@ -178,7 +178,7 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     from analysis import paths
     from analysis.bundled import card as model_card
     tiny = {"text_layers": 2, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-            "vision_width": 32, "image_size": 24, "patch_size": 6}
+            "vision_width": 32, "patch_size": 18}
     first = train(tmp_path / "a", steps=3, batch_size=2, turns=2, lr=1e-3, seed=0, eval_every=0,
                   config_overrides=tiny, progress=False)
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a checkpoint inside the project is recorded relative to it

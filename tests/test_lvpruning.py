@@ -304,7 +304,7 @@ def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
     from analysis.study.evaluate import answer, load_model
 
     tiny = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-            "vision_width": 32, "image_size": 24, "patch_size": 6}
+            "vision_width": 32, "patch_size": 18}
     model_dir = tmp_path / "tiny-llava"
     train_bundled(model_dir, steps=1, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0,
                   config_overrides=tiny, progress=False)

@@ -4,13 +4,16 @@ This module owns what a generated scene may hold (image size, object sizes, how 
 and shape vocabularies, the question families) and the refusal of a config that cannot generate a valid
 scene, in one ``ValueError`` line that names the fix. ``DEFAULT`` is the bundled benchmark's config
 (``data/shapes/``, the bundled model); ``analysis.benchmark.shapes`` takes a config in every function
-that depends on one, and a written split records its config as JSON (``to_dict`` / ``from_dict``).
+that depends on one. A written split (``<split>.scene.json``) and a trained model (``scene_config.json``)
+record their config as a JSON object whose ``scene`` is ``to_dict``'s (``record_text`` / ``read_record``);
+``difference`` names the fields in which two configs differ.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Mapping
 
 # What ``shapes._draw`` can draw and which question makers ``shapes`` has: a config chooses among these.
@@ -182,6 +185,27 @@ def _words(vocabulary: Mapping, kind: str, example: str) -> None:
     bad = [w for w in vocabulary if not (isinstance(w, str) and w.isalpha() and w.islower())]
     if bad:
         raise ValueError(f"{kind} names must be single lower-case words (the tokenizer reads words), got {bad}")
+
+
+def record_text(config: SceneConfig, **facts) -> str:
+    """A record file's text: ``facts`` (JSON values) then ``scene``, the config's ``to_dict``."""
+    return json.dumps({**facts, "scene": config.to_dict()}, indent=1) + "\n"
+
+
+def read_record(path: Path, fix: str) -> SceneConfig:
+    """The config a record file holds (``record_text``'s, or any JSON object with a ``scene`` field), refused
+    in one ``ValueError`` line that ends with ``fix`` when the file is not one."""
+    try:
+        return SceneConfig.from_dict(json.loads(Path(path).read_text(encoding="utf-8"))["scene"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise ValueError(f"{path} is not a scene config record ({reason}); {fix}") from None
+
+
+def difference(a: SceneConfig, b: SceneConfig) -> str:
+    """The fields in which ``a`` and ``b`` differ, as ``field a vs b`` (JSON values), ``; ``-separated."""
+    left, right = a.to_dict(), b.to_dict()
+    return "; ".join(f"{k} {json.dumps(left[k])} vs {json.dumps(right[k])}" for k in left if left[k] != right[k])
 
 
 DEFAULT = SceneConfig()

@@ -30,14 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from analysis.benchmark.scene_config import DEFAULT, SceneConfig
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig, read_record, record_text
 from analysis.paths import BUNDLED_BENCHMARK
 
 SPATIAL_RELATIONS = ("left of", "right of", "above", "below")
@@ -337,11 +337,9 @@ def write_split(root: Path, split: str, n_images: int | None = None,
             rows.append({"question_id": f"{split}-{i:05d}-{k}", "image": name, **asdict(q),
                          "objects": [asdict(o) for o in objects]})
     path = root / f"{split}.jsonl"
-    record = {"split": split, "images": n_images, "questions_per_image": questions_per_image,
-              "scene": config.to_dict()}
+    record = record_text(config, split=split, images=n_images, questions_per_image=questions_per_image)
     # both files complete before either replaces its predecessor: a split never meets another run's record
-    written = {path: "".join(json.dumps(r) + "\n" for r in rows),
-               config_record_path(path): json.dumps(record, indent=1) + "\n"}
+    written = {path: "".join(json.dumps(r) + "\n" for r in rows), config_record_path(path): record}
     for target, text in written.items():
         target.with_name(target.name + ".tmp").write_text(text)
     for target in written:
@@ -355,12 +353,13 @@ def read_split_config(split_file: Path) -> SceneConfig | None:
     record_path = config_record_path(split_file)
     if not record_path.is_file():
         return None
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        return SceneConfig.from_dict(record["scene"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{record_path} is not a scene config record ({e}); regenerate the split with "
-                         "`python -m analysis.shapes`") from None
+    return read_record(record_path, "regenerate the split with `python -m analysis.shapes`")
+
+
+# ------------------------------------------------------------------------------ scene config options
+
+SCENE_OPTIONS = {"image_size": "--image-size", "sizes": "--sizes", "min_objects": "--min-objects",
+                 "max_objects": "--max-objects", "min_separation": "--min-separation"}
 
 
 def _sizes_argument(text: str) -> dict[str, int]:
@@ -374,26 +373,59 @@ def _sizes_argument(text: str) -> dict[str, int]:
     return sizes
 
 
+def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scene config options of a command (``scene_from_arguments`` reads them): each field of
+    ``SCENE_OPTIONS`` (the default config's value when not given), or ``--scene-config FILE``."""
+    d = DEFAULT
+    parser.add_argument("--image-size", type=int, help=f"side of the image (px), default {d.image_size}")
+    parser.add_argument("--sizes", type=_sizes_argument,
+                        help="object sizes as name=pixels (side of the bounding box), default "
+                             + ",".join(f"{k}={v}" for k, v in d.sizes.items()))
+    parser.add_argument("--min-objects", type=int, help=f"fewest objects per scene, default {d.min_objects}")
+    parser.add_argument("--max-objects", type=int, help=f"most objects per scene, default {d.max_objects}")
+    parser.add_argument("--min-separation", type=int,
+                        help="least distance (px) between two centres along the axis a spatial question asks, "
+                             f"default {d.min_separation}")
+    parser.add_argument("--scene-config", type=Path, metavar="FILE",
+                        help="the whole scene config from a record: a split's <split>.scene.json or a trained "
+                             "model's scene_config.json (instead of the options above)")
+
+
+def scene_from_arguments(args: argparse.Namespace) -> SceneConfig:
+    """The scene config ``add_scene_arguments``' options ask for; a ``ValueError`` line when it is invalid,
+    its record unreadable, or both ``--scene-config`` and a scene option are given."""
+    given = {field: getattr(args, field) for field in SCENE_OPTIONS if getattr(args, field) is not None}
+    if args.scene_config is not None:
+        if given:
+            raise ValueError(f"--scene-config {args.scene_config} and {', '.join(SCENE_OPTIONS[f] for f in given)} "
+                             "both set the scene: give the record or the options, not both")
+        return read_record(args.scene_config, "give a split's <split>.scene.json or a model's scene_config.json")
+    return replace(DEFAULT, **given)
+
+
+def scene_arguments(config: SceneConfig) -> list[str] | None:
+    """The options ``add_scene_arguments`` reads back as ``config`` ([] for the default config), or None
+    when ``config`` differs from the default in a field no option sets (it needs ``--scene-config``)."""
+    wanted, default = config.to_dict(), DEFAULT.to_dict()
+    changed = [field for field in wanted if wanted[field] != default[field]]
+    if any(field not in SCENE_OPTIONS for field in changed):
+        return None
+    return [f"{SCENE_OPTIONS[field]} {','.join(f'{k}={v}' for k, v in config.sizes.items())}" if field == "sizes"
+            else f"{SCENE_OPTIONS[field]} {wanted[field]}" for field in changed]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m analysis.shapes", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=BUNDLED_BENCHMARK)
     parser.add_argument("--splits", nargs="+", default=["test", "val"], choices=["test", "val"])
-    parser.add_argument("--image-size", type=int, default=DEFAULT.image_size, help="side of the image (px)")
-    parser.add_argument("--sizes", type=_sizes_argument, default=dict(DEFAULT.sizes),
-                        help="object sizes as name=pixels (side of the bounding box), default "
-                             + ",".join(f"{k}={v}" for k, v in DEFAULT.sizes.items()))
-    parser.add_argument("--min-objects", type=int, default=DEFAULT.min_objects, help="fewest objects per scene")
-    parser.add_argument("--max-objects", type=int, default=DEFAULT.max_objects, help="most objects per scene")
-    parser.add_argument("--min-separation", type=int, default=DEFAULT.min_separation,
-                        help="least distance (px) between two centres along the axis a spatial question asks")
+    add_scene_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = SceneConfig(image_size=args.image_size, sizes=args.sizes, min_objects=args.min_objects,
-                             max_objects=args.max_objects, min_separation=args.min_separation)
+        config = scene_from_arguments(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,8 +1,10 @@
 """Write ``data/shapes-llava/README.md``, the bundled model's card, from measured results.
 
     python -m analysis.model_card          # evaluates on the full test split (real and blank images)
+    python -m analysis.model_card --model FOLDER --dataset SPLIT   # another model, on a split of its scenes
 
-The card (``templates/card.md.j2``) states the architecture (read from the saved config), the training
+The card (``templates/card.md.j2``) states the architecture (read from the saved config), the scene config
+the model was trained on (``scene_description``; the evaluation split must record the same one), the training
 commands and summary (``training_summary.json``, a ``TrainingSummary``), the loss curve, and the
 per-family accuracy tables with real and with blank images: all of it generated. The notes of what was
 tried and what the probes found are hand-written in ``FINDINGS.md`` beside the card, which the card
@@ -13,15 +15,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jinja2
 import pandas as pd
 
-from analysis.benchmark.datasets import load_split
+from analysis.benchmark import shapes
+from analysis.benchmark.datasets import DatasetError, load_split
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 from analysis.bundled import recipe as bundled
 from analysis.bundled.train import TrainingSummary
-from analysis.study.evaluate import accuracy_table, answer, load_model
+from analysis.study.evaluate import accuracy_table, answer, evaluation_scene, load_model
+from analysis.study.models import SCENE_RECORD, ModelError
 
 
 def _size(path: Path) -> str:
@@ -34,9 +40,12 @@ def command(summary: TrainingSummary, model_dir: str = "data/shapes-llava") -> s
     parts = ["python -m analysis.train_bundled"]
     if summary.init_from:
         parts += [f"--init-from {model_dir}", f"--start {summary.start}"]
+    scene = summary.scene_config()
+    options = shapes.scene_arguments(scene)
+    parts += options if options is not None else [f"--scene-config {model_dir}/{SCENE_RECORD}"]
     parts += [f"--steps {summary.steps}", f"--batch-size {summary.batch_size}", f"--turns {summary.turns}",
               f"--curriculum {summary.curriculum}"]
-    if summary.curriculum_start != 1:
+    if summary.curriculum_start != scene.min_objects:
         parts.append(f"--curriculum-start {summary.curriculum_start}")
     if not summary.init_from:  # architecture flags only shape a model built from scratch
         parts.append(f"--text-init {summary.text_init}")
@@ -60,17 +69,33 @@ def _continuation(number: int, stage: TrainingSummary) -> str:
            + "." if weights else "")
     first = stage.curriculum_start
     restart = (f" The curriculum restarts: at most {first} object{'s' if first > 1 else ''} per scene, "
-               f"growing to 6 over {stage.curriculum} steps." if stage.curriculum else "")
+               f"growing to {stage.scene_config().max_objects} over {stage.curriculum} steps." if stage.curriculum
+               else "")
     return (f"Stage {number}: {stage.steps} more steps on fresh scenes (the stream from scene {stage.start:,}), "
             f"lr {stage.lr} with a new warm-up and cosine, fresh patch heads (weight {stage.aux_weight})."
             f"{mix}{restart}"
             + (" Matmuls in bfloat16 autocast (weights and optimizer in float32)." if stage.bf16 else ""))
 
 
-def evaluation_table(model, processor, samples) -> pd.DataFrame:
-    """Per-family accuracy (%) with real and with blank images, and the drop between them."""
+def scene_description(scene: SceneConfig) -> str:
+    """The scene config as the card states it, in words (every field)."""
+    sizes = ", ".join(f"{name} {side} px" for name, side in scene.sizes.items())
+    where = (" This is the default config, that of the bundled splits (`data/shapes/`)." if scene == DEFAULT else
+             f" This is not the default config: it is recorded in `{SCENE_RECORD}` beside the weights, and "
+             "evaluation refuses a split that records another.")
+    return (f"{scene.image_size}x{scene.image_size} px images on an RGB {tuple(scene.background)} background, "
+            f"{scene.min_objects} to {scene.max_objects} objects per scene (bounding boxes {sizes}; boxes at least "
+            f"{scene.object_gap} px apart), {len(scene.colours)} colours ({', '.join(scene.colours)}) x "
+            f"{len(scene.shapes)} shapes ({', '.join(scene.shapes)}); question families "
+            f"{', '.join(scene.families)}, spatial ones only about centres at least {scene.min_separation} px apart "
+            f"along the asked axis.{where}")
+
+
+def evaluation_table(model, processor, samples, scene: SceneConfig = DEFAULT) -> pd.DataFrame:
+    """Per-family accuracy (%) with real and with blank images (``scene``'s, the model's scene config), and the
+    drop between them."""
     image = accuracy_table(samples, answer(model, processor, samples))
-    blank = accuracy_table(samples, answer(model, processor, samples, blank=True))
+    blank = accuracy_table(samples, answer(model, processor, samples, blank=True, scene=scene))
     table = pd.DataFrame({"questions": image["n"], "accuracy, real images (%)": image["accuracy"],
                           "accuracy, blank images (%)": blank["accuracy"]})
     table["drop (points)"] = table.iloc[:, 1] - table.iloc[:, 2]
@@ -99,10 +124,13 @@ def quality_status(table: pd.DataFrame) -> str:
                         for f in weakest) + ". Treat its pruning results as a working pipeline, not findings.")
 
 
-def write_card(model_dir: Path, split: str = "test") -> Path:
-    model, processor = load_model(model_dir)
+def write_card(model_dir: Path, split: str | Path = "test") -> Path:
+    """The card of the model in ``model_dir``, evaluated on ``split`` (``ModelError`` when the split records
+    another scene config than the model's)."""
+    scene = evaluation_scene(model_dir, split)
     samples = load_split(split)
-    table = evaluation_table(model, processor, samples)
+    model, processor = load_model(model_dir)
+    table = evaluation_table(model, processor, samples, scene)
     (model_dir / "evaluation.json").write_text(json.dumps(table.round(2).reset_index().to_dict("records"), indent=1))
     summary = TrainingSummary.from_dict(json.loads((model_dir / "training_summary.json").read_text()))
     chain = summary.chain()
@@ -120,8 +148,9 @@ def write_card(model_dir: Path, split: str = "test") -> Path:
         warmup=(f" First, {first.vision_warmup} steps train the vision tower and projector alone on the patch heads "
                 f"below (shape loss on object patches only; final head loss {first.vision_warmup_final_aux}), then "
                 "the whole model trains." if first.vision_warmup else ""),
-        recipe=(f" Curriculum: the most objects per training scene grows from 1 to 6 over the first "
-                f"{first.curriculum} steps." if first.curriculum else ""),
+        recipe=(f" Curriculum: the most objects per training scene grows from {first.curriculum_start} to "
+                f"{scene.max_objects} over the first {first.curriculum} steps." if first.curriculum else ""),
+        scene=scene_description(scene),
         nearest=("; and of the *nearest* object its colour-shape pair, centre cell and shape count, plus the "
                  "scene's object count" if first.nearest_targets else ""),
         later=[_continuation(k + 2, stage) for k, stage in enumerate(chain[1:])], summary=summary,
@@ -137,8 +166,16 @@ def write_card(model_dir: Path, split: str = "test") -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m analysis.model_card", description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, default=bundled.BUNDLED_MODEL)
+    parser.add_argument("--dataset", default="test", help="the split to evaluate on: test, val, or a JSONL split of "
+                                                          "the model's scene config")
     args = parser.parse_args(argv)
-    print(write_card(args.model).read_text())
+    try:
+        card = write_card(args.model, args.dataset)
+    except (ModelError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(card.read_text())
+    return 0
 
 
 if __name__ == "__main__":

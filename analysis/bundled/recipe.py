@@ -34,6 +34,7 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 # from-scratch steps, and was learnt in 40 with these.
 BACKGROUND_STD = [0.3, 0.3, 0.3]
 NORMALISATIONS = ("clip", "background")
+PATCH_SIZE = 6  # px: the bundled 72 px images are 12 x 12 = 144 visual tokens
 # The bundled model's quality bar on the test split, greedy answers (its card states whether it is met):
 # accuracy in % overall and on existence questions, and the points of overall accuracy it must lose when every
 # image is blank (the answers must come from the picture).
@@ -80,7 +81,7 @@ def image_statistics(normalisation: str, scene: SceneConfig = DEFAULT) -> tuple[
 
 
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size: int | None = None,
-                    patch_size: int = 6, normalisation: str = "clip", scene: SceneConfig = DEFAULT
+                    patch_size: int = PATCH_SIZE, normalisation: str = "clip", scene: SceneConfig = DEFAULT
                     ) -> LlavaProcessor:
     """LLaVA-1.5's processor for ``scene``'s images (``image_size``: the scene's unless given) and
     vocabulary (``tokenizer``: ``build_tokenizer(scene)`` unless given)."""
@@ -99,7 +100,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast | None = None, image_size
 def build_config(tokenizer: PreTrainedTokenizerFast, *, text_layers: int = 8, text_width: int = 192,
                  text_heads: int = 3, text_kv_heads: int = 3, vision_layers: int = 4,
                  vision_width: int = 128, image_size: int = DEFAULT.image_size,
-                 patch_size: int = 6, text_init: float = 0.02) -> LlavaConfig:
+                 patch_size: int = PATCH_SIZE, text_init: float = 0.02) -> LlavaConfig:
     """The bundled architecture; keyword arguments shrink it for smoke tests."""
     vision = CLIPVisionConfig(
         hidden_size=vision_width, intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,

@@ -10,8 +10,19 @@ splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
 The first turn is token for token the evaluation prompt; the loss is on the answers and their
 ``</s>`` only. The closing "describe" turn (``analysis.shapes.describe``, never in test/val) gives
 dense supervision, training-only linear heads on the visual tokens (``PatchHeads``) give per-patch
-supervision, a curriculum grows the objects per scene from 1 to 6, and a vision warm-up first trains
-the tower alone on the patch heads (``warm_up_vision``). Probes on one-object scenes
+supervision, a curriculum grows the objects per scene from ``--curriculum-start`` to the scene's most,
+and a vision warm-up first trains the tower alone on the patch heads (``warm_up_vision``).
+
+The scenes follow a ``SceneConfig`` (``TrainingConfig.scene``; the scene options of ``python -m
+analysis.shapes``, or ``--scene-config FILE``; default: the bundled benchmark's). It sets the vision
+tower's image size (a ``config_overrides`` image size that differs is refused), the tokenizer's words
+(count answers up to ``max_objects``), the background the images are normalised around, the
+curriculum's object range and the patch heads' classes. The run records it in ``scene_config.json``
+beside the weights (``analysis.study.models.SCENE_RECORD``, which evaluation reads) and in
+``training_summary.json``; ``--init-from`` refuses a config other than its checkpoint's (a checkpoint
+without a record was trained on the default one). Val accuracy during training is measured on the
+bundled val split when it records the run's config, else on a val split of the run's config (the same
+seeds and size) generated into a temporary folder for the run. Probes on one-object scenes
 (data/shapes-llava/README.md) found what matters: the vision warm-up (object shape), the language
 model's initial std (``--text-init``; with Llama's 0.02 it could not read a single object's colour
 after 200 steps, with 0.07 it read it perfectly after 150), and images normalised around the
@@ -30,8 +41,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +52,15 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from analysis.benchmark.scene_config import DEFAULT, SceneConfig
+from analysis.benchmark import shapes
+from analysis.benchmark.datasets import DatasetError
+from analysis.benchmark.datasets import scene_config as split_scene_config
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig, difference, record_text
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import ConversationBatches, curriculum_max_objects, parse_family_weights
 from analysis.paths import portable
 from analysis.study.evaluate import accuracy_table
+from analysis.study.models import SCENE_RECORD, ModelError, scene_config
 
 
 class PatchHeads(torch.nn.Module):
@@ -154,12 +171,17 @@ class TrainingConfig:
     start: int = 0
     aux_weight: float = 1.0
     curriculum: int = 0
-    curriculum_start: int = DEFAULT.min_objects
+    curriculum_start: int | None = None  # None: the scene's min_objects
     nearest_targets: bool = False
     image_norm: str = "clip"
     vision_warmup: int = 0
     family_weights: dict | None = None
     bf16: bool = False
+    scene: SceneConfig = DEFAULT
+
+
+class TrainingConfigError(ValueError):
+    """Training settings that cannot make a run (checked before any work); the message names the fix."""
 
 
 @dataclass
@@ -194,6 +216,7 @@ class TrainingSummary:
     total_steps: int = 0
     total_wall_seconds: float = 0.0
     config_overrides: dict = field(default_factory=dict)
+    scene: dict | None = None  # SceneConfig.to_dict(); None: a run that predates the record (the default)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingSummary:
@@ -206,6 +229,10 @@ class TrainingSummary:
         values.setdefault("total_wall_seconds", values.get("wall_seconds", 0.0))
         return cls(**values)
 
+    def scene_config(self) -> SceneConfig:
+        """The scene config the run trained on."""
+        return DEFAULT if self.scene is None else SceneConfig.from_dict(self.scene)
+
     def chain(self) -> list[TrainingSummary]:
         """The runs behind a checkpoint, oldest first (``--init-from`` links them)."""
         return ([] if self.previous is None else self.previous.chain()) + [self]
@@ -217,7 +244,7 @@ class TrainingSummary:
 def train(out: Path, config: TrainingConfig | None = None, progress: bool = True, **settings) -> TrainingSummary:
     """Train (or, with ``init_from``, continue) the bundled model into ``out``; ``settings`` are
     ``TrainingConfig`` fields. The folder appears complete, with its log, curve and summary."""
-    config = config or TrainingConfig(**settings)
+    config = check(config or TrainingConfig(**settings))
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     model, processor = _build(config)
@@ -226,30 +253,84 @@ def train(out: Path, config: TrainingConfig | None = None, progress: bool = True
     batches = ConversationBatches(processor, n_image_tokens, config.batch_size, config.turns, start=config.start,
                                   describe=config.describe,
                                   patch_targets=config.aux_weight > 0 or config.vision_warmup > 0,
-                                  family_weights=config.family_weights)
+                                  family_weights=config.family_weights, scene=config.scene)
     heads = PatchHeads(model.config.text_config.hidden_size, vision.image_size // vision.patch_size,
-                       config.nearest_targets)
+                       config.nearest_targets, config.scene)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.time()
-    warmup_log = (warm_up_vision(model, heads, batches, config.vision_warmup, config.lr, progress)
-                  if config.vision_warmup else [])
-    log = _train_steps(model, processor, heads, batches, config, n_image_tokens, started, progress)
+    with tempfile.TemporaryDirectory(prefix="val-") as scratch:
+        val = val_split(config.scene, Path(scratch)) if config.eval_every else None
+        warmup_log = (warm_up_vision(model, heads, batches, config.vision_warmup, config.lr, progress)
+                      if config.vision_warmup else [])
+        log = _train_steps(model, processor, heads, batches, config, n_image_tokens, started, progress, val)
     summary = _save(model, processor, tmp, config, log, warmup_log, started)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return summary
 
 
+def check(config: TrainingConfig) -> TrainingConfig:
+    """``config`` with its defaults resolved (``curriculum_start``: the scene's ``min_objects``), or a
+    ``TrainingConfigError`` line: a vision image size or checkpoint that does not fit the scene config, a
+    curriculum start outside its object range."""
+    scene = config.scene
+    if not isinstance(scene, SceneConfig):
+        raise TrainingConfigError(f"scene must be a SceneConfig, got {type(scene).__name__}")
+    start = scene.min_objects if config.curriculum_start is None else config.curriculum_start
+    if not scene.min_objects <= start <= scene.max_objects:
+        raise TrainingConfigError(f"--curriculum-start {start} is outside the scene config's object range "
+                                  f"{scene.min_objects}..{scene.max_objects}; give a count in it")
+    if config.init_from is None:
+        size = config.config_overrides.get("image_size", scene.image_size)
+        patch = config.config_overrides.get("patch_size", bundled.PATCH_SIZE)
+        if size != scene.image_size:
+            raise TrainingConfigError(f"the vision tower's image_size {size} px differs from the scene config's "
+                                      f"{scene.image_size} px images; leave image_size out (it follows the scene) "
+                                      "or set the scene's --image-size")
+        if scene.image_size % patch:
+            raise TrainingConfigError(f"the scene config's {scene.image_size} px images are not a whole number of "
+                                      f"{patch} px patches; choose an image size that is a multiple of {patch}")
+    else:
+        try:
+            trained = scene_config(config.init_from) or DEFAULT
+        except ModelError as e:
+            raise TrainingConfigError(str(e)) from None
+        if trained != scene:
+            raise TrainingConfigError(
+                f"--init-from {config.init_from} was trained on another scene config ({difference(trained, scene)}, "
+                f"checkpoint vs this run); continue it on its own (--scene-config {config.init_from / SCENE_RECORD}, "
+                "or no scene options for a checkpoint without that file) or train from scratch")
+    return replace(config, curriculum_start=start, init_from=None if config.init_from is None
+                   else Path(config.init_from))
+
+
+def val_split(scene: SceneConfig, scratch: Path) -> str | Path:
+    """The val split that training measures ``scene`` on: the bundled one when it records ``scene`` (a
+    bundled split without a record is the default config's), else the val split of ``scene`` written into
+    ``scratch`` (``shapes.write_split``: the val seeds, disjoint from the training stream's; its size)."""
+    try:
+        if (split_scene_config("val") or DEFAULT) == scene:
+            return "val"
+    except DatasetError:  # no bundled val split (or an unreadable record): the generated one serves
+        pass
+    return shapes.write_split(scratch, "val", config=scene)
+
+
 def _build(config: TrainingConfig):
-    """(model, processor) in training mode: a fresh model of the bundled architecture, or ``init_from``'s
-    weights (a fresh optimizer, schedule and patch heads follow)."""
-    processor = bundled.build_processor(normalisation=config.image_norm)
+    """(model, processor) in training mode: a fresh model of the bundled architecture for the scene config,
+    or ``init_from``'s weights (a fresh optimizer, schedule and patch heads follow)."""
+    processor = bundled.build_processor(normalisation=config.image_norm, scene=config.scene)
     if config.init_from is not None:
         model = LlavaForConditionalGeneration.from_pretrained(config.init_from, dtype=torch.float32).train()
+        if model.config.vision_config.image_size != config.scene.image_size:
+            raise TrainingConfigError(f"--init-from {config.init_from} reads {model.config.vision_config.image_size} "
+                                      f"px images, not the scene config's {config.scene.image_size} px; give its "
+                                      "own scene config")
     else:
-        model_config = bundled.build_config(processor.tokenizer, **config.config_overrides)
+        model_config = bundled.build_config(processor.tokenizer, **{"image_size": config.scene.image_size,
+                                                                    **config.config_overrides})
         model = LlavaForConditionalGeneration(model_config).train()
     vision = model.config.vision_config
     processor.patch_size = vision.patch_size
@@ -259,7 +340,7 @@ def _build(config: TrainingConfig):
 
 
 def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_image_tokens: int, started: float,
-                 progress: bool) -> list[dict]:
+                 progress: bool, val: str | Path | None) -> list[dict]:
     """The training loop: answer loss plus the weighted patch-head loss, AdamW, clipping, the schedule."""
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
@@ -272,7 +353,8 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
     bar = tqdm(range(config.steps), desc="training", disable=not progress)
     try:
         for step in bar:
-            batches.max_objects = curriculum_max_objects(step, config.curriculum, config.curriculum_start)
+            batches.max_objects = curriculum_max_objects(step, config.curriculum, config.curriculum_start,
+                                                         config.scene)
             batch = next(batches)
             targets = batch.pop("patch_targets", None)
             projected.clear()
@@ -292,7 +374,7 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
             if targets is not None:
                 record["aux_loss"] = round(aux.item(), 5)
             if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-                families = first_token_accuracy(model, processor)
+                families = first_token_accuracy(model, processor, val)
                 record["val_accuracy"] = families.pop("overall")
                 record["val_families"] = families
             log.append(record)
@@ -314,6 +396,7 @@ def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict
     model.generation_config.bos_token_id = processor.tokenizer.bos_token_id
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    (folder / SCENE_RECORD).write_text(record_text(config.scene))
     previous, history = None, []
     source = Path(config.init_from) if config.init_from is not None else None
     if source is not None and (source / "training_summary.json").is_file():
@@ -344,7 +427,7 @@ def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict
         parameters=sum(p.numel() for p in model.parameters()),
         total_steps=config.steps + (previous.total_steps if previous else 0),
         total_wall_seconds=round(wall + (previous.total_wall_seconds if previous else 0), 1),
-        config_overrides=config.config_overrides)
+        config_overrides=config.config_overrides, scene=config.scene.to_dict())
     (folder / "training_summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
     return summary
 
@@ -356,7 +439,7 @@ def _family_weights_argument(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.train_bundled", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=bundled.BUNDLED_MODEL)
     parser.add_argument("--steps", type=int, default=1000)
@@ -364,7 +447,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--turns", type=int, default=8, help="questions per image in a training sequence")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=300, help="val accuracy every N steps (0: never)")
+    parser.add_argument("--eval-every", type=int, default=300,
+                        help="val accuracy every N steps (0: never), on the bundled val split when it records the "
+                             "run's scene config, else on a val split of that config generated for the run")
     parser.add_argument("--no-describe", action="store_true",
                         help="leave out the dense 'Describe the image.' turn")
     parser.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -384,9 +469,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aux-weight", type=float, default=1.0,
                         help="weight of the per-patch auxiliary losses (0: none)")
     parser.add_argument("--curriculum", type=int, default=300,
-                        help="steps over which the most objects per training scene grows from 1 to 6 (0: off)")
-    parser.add_argument("--curriculum-start", type=int, default=DEFAULT.min_objects,
-                        help="most objects per scene when the curriculum starts")
+                        help="steps over which the most objects per training scene grows from --curriculum-start "
+                             "to the scene config's max objects (0: off)")
+    parser.add_argument("--curriculum-start", type=int, default=None,
+                        help="most objects per scene when the curriculum starts (default: the scene config's "
+                             "min objects)")
     parser.add_argument("--start", type=int, default=0, help="first scene index of the training stream")
     parser.add_argument("--family-weights", type=_family_weights_argument, default=None,
                         help="draw each turn's question family with these weights, e.g. existence=3,spatial=3 "
@@ -394,18 +481,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the matmuls (weights and optimizer stay float32; "
                              "~25%% faster per step on a CPU with AVX512-BF16)")
+    shapes.add_scene_arguments(parser)
     args = parser.parse_args(argv)
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
                     "text_kv_heads": args.text_heads, "text_layers": args.text_layers,
                     "text_init": args.text_init}
+    try:
+        scene = shapes.scene_from_arguments(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     config = TrainingConfig(
         steps=args.steps, batch_size=args.batch_size, turns=args.turns, lr=args.lr, seed=args.seed,
         eval_every=args.eval_every, config_overrides=architecture, describe=not args.no_describe,
         init_from=args.init_from, start=args.start, aux_weight=args.aux_weight, curriculum=args.curriculum,
         curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets, image_norm=args.image_norm,
-        vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16)
-    summary = train(args.out, config, progress=not args.no_progress)
+        vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16, scene=scene)
+    try:
+        summary = train(args.out, config, progress=not args.no_progress)
+    except TrainingConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary.as_dict(), indent=1))
+    return 0
 
 
 if __name__ == "__main__":

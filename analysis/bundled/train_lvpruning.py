@@ -1,6 +1,7 @@
 """Train LVPruning's decision modules for a frozen LLaVA: ``python -m analysis.train_lvpruning``.
 
-Paper section 3.2 on the shapes stream (``analysis.shapes``, disjoint from test/val): the base model is
+Paper section 3.2 on the shapes stream (``analysis.shapes``, disjoint from test/val; scenes of the scene
+config the model records, ``analysis.study.models.scene_config``): the base model is
 frozen; Gumbel-Softmax decisions mask visual tokens inside attention (``lofi.methods.lvpruning.
 soft_pruning``), and the loss is ``lambda_causal * L_causal + lambda_ratio * L_ratio`` (eq. 12) with
 targets [rho, rho-0.2, rho-0.4]. By default (``--labels model``) the causal loss's labels are the
@@ -21,10 +22,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from analysis.benchmark.scene_config import DEFAULT
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import IGNORE, ConversationBatches
 from analysis.bundled.train import warmup_cosine
 from analysis.study.evaluate import load_model
+from analysis.study.models import scene_config
 from lofi.methods.lvpruning import DEFAULT_FOLDER, DecisionModules, LVPruning
 from lofi.training.lvpruning import ratio_loss, soft_pruning
 
@@ -68,7 +71,8 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     # a stream offset far from the base model's training scenes, still inside the train seed range
-    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns=1, start=start)
+    batches = ConversationBatches(processor, n_image_tokens, batch_size, turns=1, start=start,
+                                  scene=scene_config(model_path) or DEFAULT)  # the scenes the model learnt
     optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps, warmup=max(1, int(0.03 * steps)))
     out = out or Path(model_path) / DEFAULT_FOLDER

@@ -1,14 +1,16 @@
 """Greedy evaluation of a VLM on a benchmark split, per question family.
 
 This module owns greedy answering (``answer``) and the per-family accuracy table. It is the evaluation the
-bundled model's card reports; ``python -m analysis.evaluate`` runs it, optionally with every image
-replaced by a blank one (the check that the model actually uses the picture).
+bundled model's card reports; ``python -m analysis.evaluate`` runs it, and again with every image
+replaced by the blank image of the model's scene config (the check that the model actually uses the
+picture); a split generated with another scene config than the model's is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -17,9 +19,16 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis import paths
-from analysis.benchmark.datasets import Sample, load_split
+from analysis.benchmark.datasets import DatasetError, Sample, load_split
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 from analysis.measure.consistency import normalize_answer
-from analysis.study.models import ModelError, batch_inputs, check_model, load_model  # noqa: F401  (re-exported)
+from analysis.study.models import (  # noqa: F401  (re-exported)
+    ModelError,
+    batch_inputs,
+    check_model,
+    evaluation_scene,
+    load_model,
+)
 
 
 @torch.no_grad()
@@ -30,12 +39,13 @@ def greedy_answers(model, processor, inputs, max_new_tokens: int = 4) -> list[st
 
 
 def answer(model, processor, samples: Sequence[Sample], batch_size: int = 32, blank: bool = False,
-           max_new_tokens: int = 4, progress: bool = True) -> list[str]:
-    """Greedy-decoded answers, decoded text of the new tokens only."""
+           max_new_tokens: int = 4, progress: bool = True, scene: SceneConfig = DEFAULT) -> list[str]:
+    """Greedy-decoded answers, decoded text of the new tokens only (``blank``: to the blank image of
+    ``scene``, the model's scene config, ``evaluation_scene``)."""
     answers: list[str] = []
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(samples), batch_size), desc="answering", disable=not progress):
-        inputs = batch_inputs(processor, samples[start:start + batch_size], blank).to(device)
+        inputs = batch_inputs(processor, samples[start:start + batch_size], blank, scene).to(device)
         answers += greedy_answers(model, processor, inputs, max_new_tokens)
     return answers
 
@@ -52,7 +62,7 @@ def accuracy_table(samples: Sequence[Sample], answers: Sequence[str]) -> pd.Data
     return table
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(paths.BUNDLED_MODEL))
     parser.add_argument("--dataset", default="test")
@@ -62,12 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.limit < 0:
         parser.error("--limit must be >= 0 (0: the whole split)")
-    model, processor = load_model(args.model)
-    samples = load_split(args.dataset, limit=args.limit or None)
+    try:
+        scene = evaluation_scene(args.model, args.dataset)
+        samples = load_split(args.dataset, limit=args.limit or None)
+        model, processor = load_model(args.model)
+    except (ModelError, DatasetError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tables = {}
     for blank in (False, True):
         tables["blank" if blank else "image"] = accuracy_table(
-            samples, answer(model, processor, samples, args.batch_size, blank=blank))
+            samples, answer(model, processor, samples, args.batch_size, blank=blank, scene=scene))
     both = pd.concat({"with image": tables["image"]["accuracy"], "blank image": tables["blank"]["accuracy"],
                       "n": tables["image"]["n"]}, axis=1)
     both["drop"] = both["with image"] - both["blank image"]
@@ -75,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({k: v.round(2).reset_index().to_dict("records")
                                          for k, v in tables.items()}, indent=1))
+    return 0
 
 
 def _has_tabulate() -> bool:

@@ -3,8 +3,11 @@
 This module owns the model side of the study: where a model is (a local folder, or a hub id already in
 the local Hugging Face cache: nothing is downloaded), checking it before any weights are loaded (a
 supported family, an image processor and a tokenizer, whole safetensors files), loading it with its
-family's class, and the prompt: the processor's chat template when it has one (the bundled model's
-renders LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``), else the question after the image token.
+family's class, the prompt: the processor's chat template when it has one (the bundled model's
+renders LLaVA-1.5's ``USER: <image>\\n{question} ASSISTANT:``), else the question after the image token,
+and the shapes scene config a model was trained on (``scene_config``: its folder's ``scene_config.json``,
+which ``python -m analysis.train_bundled`` writes) with the refusal of a split generated with another
+(``evaluation_scene``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from typing import Sequence
 import torch
 
 from analysis import paths
+from analysis.benchmark.scene_config import DEFAULT, SceneConfig, difference, read_record
+
+SCENE_RECORD = "scene_config.json"  # in a model folder: the shapes scene config it was trained on
 
 
 class ModelError(ValueError):
@@ -122,11 +128,36 @@ def prompt(processor, question: str) -> str:
     return f"{getattr(processor, 'image_token', '<image>')}\n{question}"
 
 
-def batch_inputs(processor, samples: Sequence, blank: bool = False):
+def scene_config(model: str | Path) -> SceneConfig | None:
+    """The shapes scene config ``model`` was trained on (its folder's ``SCENE_RECORD``), or None for a model
+    without that record (the bundled model predates it; the default config is then the one it was trained on)."""
+    record = resolve(model) / SCENE_RECORD
+    if not record.is_file():
+        return None
+    try:
+        return read_record(record, "restore the file its training run wrote (python -m analysis.train_bundled)")
+    except ValueError as e:
+        raise ModelError(str(e)) from None
+
+
+def evaluation_scene(model: str | Path, dataset: str | Path) -> SceneConfig:
+    """The scene config of ``model`` (``DEFAULT`` without a record), refused (``ModelError``) when ``dataset``
+    records that it was generated with another: its images would not be the pictures the model learnt."""
+    from analysis.benchmark.datasets import scene_config as split_scene_config
+    trained, generated = scene_config(model), split_scene_config(dataset)
+    if trained is not None and generated is not None and trained != generated:
+        record = resolve(model) / SCENE_RECORD
+        raise ModelError(f"dataset {dataset} was generated with another scene config than model {model} was "
+                         f"trained on ({difference(generated, trained)}); evaluate on a split of the model's "
+                         f"config: python -m analysis.shapes --scene-config {record} --out FOLDER")
+    return DEFAULT if trained is None else trained
+
+
+def batch_inputs(processor, samples: Sequence, blank: bool = False, scene: SceneConfig = DEFAULT):
     """The processor's inputs for a batch of samples, left-padded (``blank``: every image replaced by the
-    blank image of the bundled benchmark, the check that a model uses the picture)."""
+    blank image of ``scene``, the model's scene config: the check that a model uses the picture)."""
     from analysis.benchmark import shapes
-    images = [shapes.blank_image() if blank else s.load_image() for s in samples]
+    images = [shapes.blank_image(scene) if blank else s.load_image() for s in samples]
     processor.tokenizer.padding_side = "left"
     return processor(images=images, text=[prompt(processor, s.question) for s in samples], return_tensors="pt",
                      padding=True)

@@ -4,7 +4,8 @@
 ``parse`` turns the arguments into a frozen ``Request`` (argparse's own errors become one ``UsageError``
 line). ``plan`` checks every input before any file is written or weights are loaded -- methods and keeps
 (each named once), limits, the seed, the device, the model and its weights files, the split and every
-image, ``--out`` and its work folder -- and returns a frozen ``Plan``: the questions and their content
+image, the split's scene config against the model's (``models.evaluation_scene``), ``--out`` and its
+work folder -- and returns a frozen ``Plan``: the questions and their content
 fingerprint, the model's configuration and processor, each condition's method built once and keyed by its
 ``Condition`` (the one key of shards, records and tables), the run folder, and what ``auto`` resolved to.
 Nothing here changes the request.
@@ -28,7 +29,7 @@ import lofi
 from analysis import paths
 from analysis.benchmark.datasets import DatasetError, Sample, check_questions, content_sha256, load_split, verify_images
 from analysis.study import runfolder
-from analysis.study.models import ModelError, check_model, check_weights, resolve
+from analysis.study.models import ModelError, check_model, check_weights, evaluation_scene, resolve
 from analysis.study.records import BASELINE, Condition
 
 DEFAULT_LIMIT = 150
@@ -138,6 +139,7 @@ def plan(request: Request) -> Plan:
     methods = _build(request)
     config, processor, folder = _check_model(request.model, methods.values())
     samples, fingerprint = _read_split(request, processor)
+    _check_scene(request)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if request.device == "auto" else request.device
     spectrum_layers = request.spectrum_layers
     if spectrum_layers == "auto":
@@ -207,6 +209,15 @@ def _read_split(request: Request, processor) -> tuple[tuple[Sample, ...], str]:
     if not samples:
         raise UsageError(f"dataset {request.dataset} has no questions")
     return tuple(samples), content_sha256(samples, digests)
+
+
+def _check_scene(request: Request) -> None:
+    """A shapes split generated with another scene config than the model was trained on is refused (when
+    both record theirs): its pictures are not the ones the model learnt to read."""
+    try:
+        evaluation_scene(request.model, request.dataset)
+    except (ModelError, DatasetError) as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_out(out: Path) -> None:
