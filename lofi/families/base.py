@@ -9,7 +9,9 @@ A family adapter is the one place that knows, for one kind of Hugging Face VLM:
   first), and how decoding continues the prompt's numbering;
 * how to rebuild layer K-1's queries and keys for FastV (per-head q/k norms, the rotary function);
 * the FLOPs of its vision tower and projector for one image, and where each visual token lies on the
-  image (``tiles``, for kept-token maps).
+  image (``tiles``, for kept-token maps);
+* which tower block the projector reads and how its patches map to visual tokens (``tower_tap``, for the
+  methods that read the vision tower: ``lofi.vision``).
 
 The runtime (``lofi.runtime`` and the modules beside it) keeps only what every family shares: reading a
 call (``lofi.calls``), index bookkeeping, stages, masks, KV cache.
