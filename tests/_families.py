@@ -216,3 +216,25 @@ def save_folder(name: str, folder, seed: int = 0):
         image_processor.save_pretrained(folder)
         (Path(folder) / "chat_template.jinja").write_text(QWEN_TEMPLATE)
     return folder
+
+
+@torch.no_grad()
+def assert_batch_generates_as_alone(model, batch: dict, method: str, keep: float, new_tokens: int) -> None:
+    """``generate()`` pruned by ``method`` on ``batch`` gives each sample the kept set, tokens and logits (within
+    2e-5) it gets alone and unpadded."""
+    import lofi
+    with lofi.pruned(model, method, keep=keep) as handle:
+        together = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)
+        kept = handle.kept_lists()
+    width = batch["input_ids"].shape[1]
+    for row in range(batch["input_ids"].shape[0]):
+        alone_batch = sample(batch, row)
+        with lofi.pruned(model, method, keep=keep) as handle:
+            alone = model.generate(**alone_batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                                   return_dict_in_generate=True)
+        assert handle.kept_lists()[0] == kept[row], f"sample {row}"
+        start = alone_batch["input_ids"].shape[1]
+        assert together.sequences[row, width:].tolist() == alone.sequences[0, start:].tolist()
+        for a, b in zip(together.logits, alone.logits):
+            torch.testing.assert_close(a[row], b[0], atol=2e-5, rtol=0)

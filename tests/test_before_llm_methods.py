@@ -11,7 +11,7 @@ positions are checked together.
 import numpy as np
 import pytest
 import torch
-from _families import IMAGE_TOKEN, build, inputs, sample
+from _families import IMAGE_TOKEN, assert_batch_generates_as_alone, build, inputs
 from references import (
     cdpruner_reference,
     divprune_reference,
@@ -179,21 +179,7 @@ def test_keep_one_runs_as_the_unpruned_model(llava, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_a_ragged_batch_generates_what_each_sample_generates_alone(llava, method):
     model, batch = llava
-    with lofi.pruned(model, method, keep=0.3) as handle:
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
-                                  return_dict_in_generate=True)
-        kept = handle.kept_lists()
-    width = batch["input_ids"].shape[1]
-    for row in range(batch["input_ids"].shape[0]):
-        alone_batch = sample(batch, row)
-        with lofi.pruned(model, method, keep=0.3) as handle:
-            alone = model.generate(**alone_batch, max_new_tokens=4, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-        assert handle.kept_lists()[0] == kept[row]
-        start = alone_batch["input_ids"].shape[1]
-        assert together.sequences[row, width:].tolist() == alone.sequences[0, start:].tolist()
-        for a, b in zip(together.logits, alone.logits):
-            torch.testing.assert_close(a[row], b[0], atol=2e-5, rtol=0)
+    assert_batch_generates_as_alone(model, batch, method, keep=0.3, new_tokens=4)
 
 
 @torch.no_grad()

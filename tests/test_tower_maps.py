@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _families import DEFAULT_IMAGES, FAMILIES, OTHER_IMAGES, build, inputs, sample
+from _families import DEFAULT_IMAGES, FAMILIES, OTHER_IMAGES, assert_batch_generates_as_alone, build, inputs
 from references import scope_reference, visionzip_reference, vispruner_reference
 
 import lofi
@@ -193,21 +193,7 @@ def test_tower_methods_keep_what_their_reference_keeps_on_every_family(family, m
                                                 ("qwen2_5_vl", "vispruner"), ("qwen2_vl", "visionzip")])
 def test_a_ragged_batch_generates_what_each_sample_generates_alone(family, method):
     model, batch = _batch(family)
-    with lofi.pruned(model, method, keep=0.4) as handle:
-        together = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                                  return_dict_in_generate=True)
-        kept = handle.kept_lists()
-    width = batch["input_ids"].shape[1]
-    for row in range(2):
-        alone_batch = sample(batch, row)
-        with lofi.pruned(model, method, keep=0.4) as handle:
-            alone = model.generate(**alone_batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                                   return_dict_in_generate=True)
-        assert handle.kept_lists()[0] == kept[row]
-        start = alone_batch["input_ids"].shape[1]
-        assert together.sequences[row, width:].tolist() == alone.sequences[0, start:].tolist()
-        for a, b in zip(together.logits, alone.logits):
-            torch.testing.assert_close(a[row], b[0], atol=2e-5, rtol=0)
+    assert_batch_generates_as_alone(model, batch, method, keep=0.4, new_tokens=3)
 
 
 @torch.no_grad()
