@@ -238,3 +238,16 @@ def assert_batch_generates_as_alone(model, batch: dict, method: str, keep: float
         assert together.sequences[row, width:].tolist() == alone.sequences[0, start:].tolist()
         for a, b in zip(together.logits, alone.logits):
             torch.testing.assert_close(a[row], b[0], atol=2e-5, rtol=0)
+
+
+@torch.no_grad()
+def assert_keep_one_generates_as_unpruned(model, batch: dict, method: str, new_tokens: int) -> None:
+    """``generate()`` under ``method`` at keep = 1 gives the unpruned model's tokens and logits, bit for bit."""
+    import lofi
+    expected = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    with lofi.pruned(model, method, keep=1.0):
+        out = model.generate(**batch, max_new_tokens=new_tokens, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.logits, expected.logits))

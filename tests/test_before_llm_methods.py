@@ -11,7 +11,7 @@ positions are checked together.
 import numpy as np
 import pytest
 import torch
-from _families import IMAGE_TOKEN, assert_batch_generates_as_alone, build, inputs
+from _families import IMAGE_TOKEN, assert_batch_generates_as_alone, assert_keep_one_generates_as_unpruned, build, inputs
 from references import (
     cdpruner_reference,
     divprune_reference,
@@ -166,13 +166,7 @@ def test_cdpruner_refuses_a_relevance_it_cannot_apply_in_one_line(options, messa
 @pytest.mark.parametrize("method", METHODS)
 def test_keep_one_runs_as_the_unpruned_model(llava, method):
     model, batch = llava
-    expected = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
-    with lofi.pruned(model, method, keep=1.0):
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, expected.logits))
+    assert_keep_one_generates_as_unpruned(model, batch, method, new_tokens=4)
 
 
 @torch.no_grad()

@@ -15,7 +15,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _families import DEFAULT_IMAGES, FAMILIES, OTHER_IMAGES, assert_batch_generates_as_alone, build, inputs
+from _families import (
+    DEFAULT_IMAGES,
+    FAMILIES,
+    OTHER_IMAGES,
+    assert_batch_generates_as_alone,
+    assert_keep_one_generates_as_unpruned,
+    build,
+    inputs,
+)
 from references import scope_reference, visionzip_reference, vispruner_reference
 
 import lofi
@@ -201,13 +209,7 @@ def test_a_ragged_batch_generates_what_each_sample_generates_alone(family, metho
                                                 ("qwen2_5_vl", "visionzip")])
 def test_keep_one_runs_as_the_unpruned_model(family, method):
     model, batch = _batch(family)
-    expected = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
-    with lofi.pruned(model, method, keep=1.0):
-        out = model.generate(**batch, max_new_tokens=3, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(out.logits, expected.logits))
+    assert_keep_one_generates_as_unpruned(model, batch, method, new_tokens=3)
 
 
 @torch.no_grad()
