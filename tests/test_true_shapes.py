@@ -20,7 +20,8 @@ NEWLINES = {"llava-next-7b": 24, "llava-onevision-7b": 27}
 
 
 def _model(name):
-    config = shapes.checkpoint_config(name, text_layers=2, vision_layers=1)
+    # two tower layers, so that LLaVA's vision_feature_layer -2 names a block (the tower view reads it)
+    config = shapes.checkpoint_config(name, text_layers=2, vision_layers=2)
     model_class = getattr(transformers, family_class(config).classes[0])
     torch.manual_seed(0)
     return model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
@@ -30,9 +31,21 @@ def _model(name):
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(shapes.CHECKPOINTS))
 def test_the_7b_shape_runs_through_the_engine(name):
+    """keep = 1 is the unpruned model, LoFi drops tokens from the cache, FLOPs fall, and the tower data a method
+    sees projects to each visual token's language-model input at the true layout (crops, unpadding, newline
+    rows, 2 x 2 merge groups, window order)."""
     model = _model(name)
     inputs = shapes.synthetic_inputs(model.config, IMAGES[name], n_text=30)
-    base = model(**inputs, logits_to_keep=1).logits
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.setdefault("embeds", kwargs["inputs_embeds"])
+
+    hook = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        base = model(**inputs, logits_to_keep=1).logits
+    finally:
+        hook.remove()
     assert torch.isfinite(base).all()
     with lofi.pruned(model, "fastv", keep=1.0, layer=1) as handle:
         same = model(**inputs, logits_to_keep=1).logits
@@ -51,43 +64,19 @@ def test_the_7b_shape_runs_through_the_engine(name):
                              image=IMAGES[name])
     assert flops.llm < lofi.count_flops(model.config, n_text, VISUAL[name], image=IMAGES[name]).llm
 
-
-@pytest.mark.slow
-@torch.no_grad()
-@pytest.mark.parametrize("name", list(shapes.CHECKPOINTS))
-def test_the_7b_shape_lays_its_tower_on_its_visual_tokens(name):
-    """The tower data a method sees projects to each visual token's language-model input, at the true layout
-    (crops, unpadding, newline rows, 2 x 2 merge groups, window order); two tower layers, so that LLaVA's
-    feature layer -2 names a block."""
-    config = shapes.checkpoint_config(name, text_layers=1, vision_layers=2)
-    model_class = getattr(transformers, family_class(config).classes[0])
-    torch.manual_seed(0)
-    model = model_class._from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
-    inputs = shapes.synthetic_inputs(model.config, IMAGES[name], n_text=30)
-    seen = {}
-
-    def keep(module, args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"])
-
-    hook = model.model.language_model.register_forward_pre_hook(keep, with_kwargs=True)
-    try:
-        model(**inputs, logits_to_keep=1)
-    finally:
-        hook.remove()
-
-    class Probe(lofi.PruningMethod):
-        name, reads_tower, default_layer = "probe", True, 0
+    class TowerProbe(lofi.PruningMethod):
+        name, reads_tower, default_layer = "tower-probe", True, 0
 
         def scores(self, state):
             self.view, self.state = state.tower(), state
             return self.view.attention
 
-    probe = Probe(keep=0.25)
-    with lofi.pruned(model, probe) as handle:
+    probe = TowerProbe(keep=0.25)
+    with lofi.pruned(model, probe):
         model(**inputs, logits_to_keep=1)
     state, view = probe.state, probe.view
     real = state.visual_valid[0]
-    assert int(real.sum()) == VISUAL[name] - NEWLINES.get(name, 0) == int(handle.n_prunable[0])
-    embeds = seen["embeds"][0, state.visual[0][real]]
-    torch.testing.assert_close(view.project(view.features[0][real]), embeds, atol=1e-4, rtol=1e-4)
+    assert int(real.sum()) == prunable
+    torch.testing.assert_close(view.project(view.features[0][real]), seen["embeds"][0, state.visual[0][real]],
+                               atol=1e-4, rtol=1e-4)
     assert view.saliency == ("cls" if name.startswith(("llava-1.5", "llava-next")) else "received")
