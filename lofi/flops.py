@@ -94,6 +94,6 @@ def method_flops(config, method, n_text: int, n_visual: int, n_prunable: int | N
     schedule = method.schedule(config.text_config.num_hidden_layers, n_prunable, fixed)
     kept = [n - fixed for _, n in schedule]
     decision = method.spent_decision_flops(config, n_text, [n_prunable] + kept[:-1], kept)
-    if getattr(method, "reads_tower", False) and kept and kept[0] < n_prunable:
+    if method.reads_tower and kept and kept[0] < n_prunable:
         decision += family_class(config).tower_view_flops(config, image)  # the tower's attention, rebuilt once
     return count_flops(config, n_text, n_visual, schedule, decision=decision, image=image)

@@ -17,6 +17,7 @@ tower patches to visual tokens:
 from __future__ import annotations
 
 import inspect
+from abc import ABC, abstractmethod
 from functools import partial
 
 import torch
@@ -30,7 +31,7 @@ from lofi.vision.attention import (
 from lofi.vision.view import TowerReading
 
 
-class TowerTap:
+class TowerTap(ABC):
     """Base: the hooks of one tap, and the rule that each prompt reads exactly one image encoding."""
 
     def __init__(self, saliency: str, project):
@@ -38,8 +39,9 @@ class TowerTap:
         self._hooks: list = []
         self._encodings = 0
 
+    @abstractmethod
     def attach(self) -> None:
-        raise NotImplementedError
+        """Register the tap's hooks (and patches)."""
 
     def detach(self) -> None:
         while self._hooks:
@@ -59,9 +61,9 @@ class TowerTap:
                              "ran the tower more than once (images with videos, or videos through a separate "
                              "encoder), which such methods do not support")
 
+    @abstractmethod
     def take(self) -> TowerReading:
         """The latest encoding's reading; cleared, so a later prompt cannot read it."""
-        raise NotImplementedError
 
 
 class PatchTap(TowerTap):
