@@ -30,6 +30,8 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from lofi.registry import PruningMethod
+
 IMAGE_TOKEN, VIDEO_TOKEN, VISION_START, VISION_END = 70, 71, 72, 73
 VOCAB = 80
 TEXT = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -251,3 +253,15 @@ def assert_keep_one_generates_as_unpruned(model, batch: dict, method: str, new_t
                              return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(out.logits, expected.logits))
+
+
+class TowerProbe(PruningMethod):
+    """Keeps the ``TowerView`` and ``StageInput`` it was shown; keeps the tokens of largest saliency."""
+
+    name = "tower-probe"
+    reads_tower = True
+    default_layer = 0
+
+    def scores(self, state):
+        self.view, self.state = state.tower(), state
+        return self.view.attention

@@ -19,6 +19,7 @@ from _families import (
     DEFAULT_IMAGES,
     FAMILIES,
     OTHER_IMAGES,
+    TowerProbe,
     assert_batch_generates_as_alone,
     assert_keep_one_generates_as_unpruned,
     build,
@@ -27,24 +28,11 @@ from _families import (
 from references import scope_reference, visionzip_reference, vispruner_reference
 
 import lofi
-from lofi.registry import PruningMethod
 
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 CLS_FAMILIES = ("llava", "llava_next")
 TOWER_METHODS = ("scope", "visionzip", "vispruner")
 DEFINED = [(f, m) for f in FAMILIES for m in TOWER_METHODS if m != "scope" or f in CLS_FAMILIES]
-
-
-class TowerProbe(PruningMethod):
-    """Keeps the ``TowerView`` and ``StageInput`` it was shown; keeps the tokens of largest saliency."""
-
-    name = "tower-probe"
-    reads_tower = True
-    default_layer = 0
-
-    def scores(self, state):
-        self.view, self.state = state.tower(), state
-        return self.view.attention
 
 
 def _batch(family: str):

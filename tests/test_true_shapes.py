@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import transformers
+from _families import TowerProbe
 
 import lofi
 from benchmarks import shapes
@@ -63,13 +64,6 @@ def test_the_7b_shape_runs_through_the_engine(name):
     flops = lofi.count_flops(model.config, n_text, VISUAL[name], [(1, kept + NEWLINES.get(name, 0))],
                              image=IMAGES[name])
     assert flops.llm < lofi.count_flops(model.config, n_text, VISUAL[name], image=IMAGES[name]).llm
-
-    class TowerProbe(lofi.PruningMethod):
-        name, reads_tower, default_layer = "tower-probe", True, 0
-
-        def scores(self, state):
-            self.view, self.state = state.tower(), state
-            return self.view.attention
 
     probe = TowerProbe(keep=0.25)
     with lofi.pruned(model, probe):
