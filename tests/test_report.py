@@ -5,7 +5,8 @@ import pandas as pd
 from analysis.study import report
 
 SUMMARY = pd.DataFrame([
-    {"method": m, "keep": k, "n": 150, "accuracy": a, "baseline_accuracy": 0.86, "flip_rate": f, "dutta_flips": f,
+    {"method": m, "keep": k, "n": 150, "accuracy": a, "baseline_accuracy": 0.86, "flip_rate": f, "flip_low": f / 2,
+     "flip_high": 2 * f, "dutta_flips": f,
      "c_to_i": 3, "i_to_c": 1, "mean_kl": 0.1, "mean_js": 0.01, "mean_forced_kl": 0.1, "mean_delta_ipr": d,
      "rel_flops": r, "rel_flops_llm": r, "tokens_kept": t}
     for m, k, a, f, d, r, t in [("lofi", 0.5, 0.86, 0.0, -0.04, 0.70, 72.0),

@@ -2,13 +2,14 @@
 its scenes within its own bounds; a config that cannot generate a valid scene is refused in one line."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from analysis import paths
 from analysis.benchmark import datasets, shapes
-from analysis.benchmark.scene_config import DEFAULT, QUESTION_FAMILIES, SceneConfig
+from analysis.benchmark.scene_config import DEFAULT, FIRST_FAMILIES, QUESTION_FAMILIES, SceneConfig
 from analysis.bundled import recipe as bundled
 
 # a harder benchmark than the bundled one: a larger image, smaller objects and more of them
@@ -18,7 +19,7 @@ DENSE = SceneConfig(image_size=96, sizes={"small": 7, "large": 11}, min_objects=
 def test_the_default_config_is_the_bundled_benchmarks():
     assert DEFAULT.image_size == 72 and DEFAULT.sizes == {"small": 11, "large": 19}
     assert (DEFAULT.min_objects, DEFAULT.max_objects, DEFAULT.min_separation) == (1, 6, 8)
-    assert DEFAULT.families == QUESTION_FAMILIES == tuple(shapes._MAKERS)
+    assert DEFAULT.families == FIRST_FAMILIES == QUESTION_FAMILIES[:5] and set(QUESTION_FAMILIES) == set(shapes._MAKERS)
     assert DEFAULT == SceneConfig() and hash(DEFAULT) == hash(SceneConfig())
     assert datasets.scene_config("test") == datasets.scene_config("val") == DEFAULT
 
@@ -163,3 +164,74 @@ def test_the_command_writes_a_split_of_its_options_and_refuses_a_bad_one(tmp_pat
     with pytest.raises(SystemExit) as exit_:
         shapes.main(["--sizes", "small=eleven"])
     assert exit_.value.code == 2 and "write name=pixels" in capsys.readouterr().err
+
+
+GRID = SceneConfig(image_size=96, grid=12, sizes={"small": 7}, min_objects=2, max_objects=8, min_separation=16)
+
+
+def test_on_a_grid_every_object_is_centred_in_its_own_cell_and_covers_exactly_that_patch():
+    counts = set()
+    for index in range(200):
+        objects, _ = shapes.scene("test", index, GRID)
+        counts.add(len(objects))
+        cells = {(o.x // 8, o.y // 8) for o in objects}
+        assert len(cells) == len(objects) and all(o.x % 8 == 4 and o.y % 8 == 4 for o in objects)
+        labels = shapes.patch_labels(objects, 12, GRID)
+        # one patch per object: the object's own cell, with the object's colour and shape, and no other
+        assert (labels["colour"] > 0).sum() == len(objects) == labels["centre"].sum()
+        for o in objects:
+            patch = (o.y // 8) * 12 + o.x // 8
+            assert labels["colour"][patch] == 1 + list(GRID.colours).index(o.colour)
+            assert labels["shape"][patch] == 1 + list(GRID.shapes).index(o.shape)
+    assert counts == set(range(2, 9))
+    image = np.asarray(shapes.render(shapes.scene("test", 0, GRID)[0], GRID))
+    background = (image == GRID.background).all(-1)
+    assert background[::8].all() and background[:, ::8].all()  # every cell's first row and column stay empty
+
+
+def test_a_grid_config_round_trips_and_an_older_record_reads_as_no_grid():
+    assert SceneConfig.from_dict(GRID.to_dict()) == GRID and GRID.cell == 8
+    assert GRID != replace(GRID, grid=0)
+    older = DEFAULT.to_dict()
+    older.pop("grid")
+    assert SceneConfig.from_dict(older).grid == 0
+
+
+@pytest.mark.parametrize("settings, fix", [
+    ({"grid": 10}, r"grid 10 does not cut a 96 px image into whole cells: give 0 \(no grid\) or a divisor of 96"),
+    ({"grid": 12, "sizes": {"small": 9}}, r"object size\(s\) \{'small': 9\} do not fit a 8 px grid cell"),
+    ({"grid": 2, "sizes": {"small": 7}, "max_objects": 5}, r"max_objects <= 4 .*one object per cell of the 2 x 2 grid"),
+    ({"grid": -1}, r"grid -1 does not cut"),
+])
+def test_a_bad_grid_is_refused_in_one_line(settings, fix):
+    with pytest.raises(ValueError, match=fix) as error:
+        SceneConfig(**{"image_size": 96, **settings})
+    assert "\n" not in str(error.value)
+
+
+def test_position_questions_name_the_half_an_object_lies_in_away_from_the_middle():
+    config = replace(GRID, families=("existence", "position"))
+    assert {"on", "at", "top", "bottom"} <= set(shapes.vocabulary(config))
+    assert "top" not in shapes.vocabulary(GRID)  # only configs that ask them have their words
+    asked = set()
+    for index in range(150):
+        objects, rng = shapes.scene("test", index, config)
+        question = shapes.make_question(objects, "position", rng, config)
+        if question is None:
+            assert all(abs(o.x - 48) < 8 and abs(o.y - 48) < 8 for o in objects)
+            continue
+        o = next(o for o in objects if f"the {o.name} " in question.question)
+        where = question.subtype
+        centre, side = (o.x, "on the left") if where in ("on the left", "on the right") else (o.y, "at the top")
+        assert abs(centre - 48) >= 8  # never about an object near the middle line
+        truth = (centre < 48) == (where == side)
+        assert question.answer == ("yes" if truth else "no") and question.question.endswith(f"{where}?")
+        asked.add((where, question.answer))
+    assert len(asked) == 8  # every half, answered yes and no
+
+
+def test_describe_lists_a_grid_scene_in_reading_order_and_other_scenes_left_to_right():
+    objects = [shapes.ShapeObject("circle", "red", "small", 84, 4), shapes.ShapeObject("square", "blue", "small", 4, 12),
+               shapes.ShapeObject("cross", "green", "small", 12, 4)]
+    assert shapes.describe(objects, GRID).answer == "green cross red circle blue square"
+    assert shapes.describe(objects).answer == "blue square green cross red circle"

@@ -18,7 +18,9 @@ from typing import Mapping
 
 # What ``shapes._draw`` can draw and which question makers ``shapes`` has: a config chooses among these.
 DRAWABLE_SHAPES = ("circle", "square", "triangle", "cross")
-QUESTION_FAMILIES = ("existence", "colour", "shape", "count", "spatial")
+QUESTION_FAMILIES = ("existence", "colour", "shape", "count", "spatial", "position")
+# A config that names no families (and every record written before "position" existed) asks these.
+FIRST_FAMILIES = QUESTION_FAMILIES[:5]
 # patch_labels paints object k (1-based) into an 8-bit index image; 0 is the background.
 MOST_OBJECTS = 255
 
@@ -53,6 +55,10 @@ class SceneConfig:
       spatial question ("left of", "above") about that axis to be asked.
     * ``object_gap`` -- placement margin (px): two objects' centres differ by more than their half sides
       plus this along x or along y, so their boxes do not touch.
+    * ``grid`` -- 0: an object's centre may lie anywhere; N > 0: the image is cut into N x N square cells
+      (``image_size`` divisible by N) and every object is drawn whole inside its own cell, centred on it.
+      With a vision tower whose patches are those cells, each object is exactly one visual token: the
+      tokens that carry an answer are known, and a pruning method that drops them loses it.
     * ``background`` -- RGB of the empty image (0-255 each).
     * ``colours`` -- colour word -> RGB (0-255 each), in label order (``shapes.patch_labels``).
     * ``shapes`` -- shape word -> its plural (the count question's word), in label order; shape words
@@ -69,10 +75,11 @@ class SceneConfig:
     max_objects: int = 6
     min_separation: int = 8
     object_gap: int = 2
+    grid: int = 0
     background: tuple[int, int, int] = (235, 235, 235)
     colours: Mapping[str, tuple[int, int, int]] = field(default_factory=_default_colours)
     shapes: Mapping[str, str] = field(default_factory=_default_shapes)
-    families: tuple[str, ...] = QUESTION_FAMILIES
+    families: tuple[str, ...] = FIRST_FAMILIES
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -87,7 +94,7 @@ class SceneConfig:
         self._check()
 
     def _check(self) -> None:
-        for name in ("image_size", "min_objects", "max_objects", "min_separation", "object_gap"):
+        for name in ("image_size", "min_objects", "max_objects", "min_separation", "object_gap", "grid"):
             _integer(getattr(self, name), name)
         if not self.sizes:
             raise ValueError("a scene config needs at least one object size, e.g. sizes={'small': 11}")
@@ -97,6 +104,7 @@ class SceneConfig:
                 raise ValueError(f"object size {name!r} = {side} px does not fit a {self.image_size} px image "
                                  f"with a 1 px margin: give sizes from 1 to {self.image_size - 3} px, or a "
                                  "larger image_size")
+        self._check_grid()
         _words(self.colours, "colour", "colours={'red': (220, 40, 40)}")
         _words(self.shapes, "shape", "shapes={'circle': 'circles'}")
         unknown = [s for s in self.shapes if s not in DRAWABLE_SHAPES]
@@ -112,10 +120,12 @@ class SceneConfig:
             raise ValueError(f"background {self.background} equals an object colour; objects of it would be "
                              "invisible: choose another background")
         pairs = len(self.colours) * len(self.shapes)
-        if not 1 <= self.min_objects <= self.max_objects <= min(pairs, MOST_OBJECTS):
+        most = min(pairs, MOST_OBJECTS, self.grid ** 2 or MOST_OBJECTS)
+        if not 1 <= self.min_objects <= self.max_objects <= most:
             raise ValueError(f"object count range {self.min_objects}..{self.max_objects} is invalid: need 1 <= "
-                             f"min_objects <= max_objects <= {min(pairs, MOST_OBJECTS)} (objects have distinct "
-                             f"colour-shape pairs: {len(self.colours)} colours x {len(self.shapes)} shapes)")
+                             f"min_objects <= max_objects <= {most} (objects have distinct "
+                             f"colour-shape pairs: {len(self.colours)} colours x {len(self.shapes)} shapes"
+                             + (f"; one object per cell of the {self.grid} x {self.grid} grid)" if self.grid else ")"))
         if self.min_separation < 1 or self.object_gap < 0:
             raise ValueError(f"min_separation must be >= 1 px and object_gap >= 0 px, got {self.min_separation} "
                              f"and {self.object_gap}")
@@ -123,6 +133,22 @@ class SceneConfig:
         if not self.families or bad or len(set(self.families)) != len(self.families):
             raise ValueError(f"question families {list(self.families)} are invalid: give distinct families of "
                              f"{list(QUESTION_FAMILIES)}")
+
+    def _check_grid(self) -> None:
+        if self.grid < 0 or (self.grid and self.image_size % self.grid):
+            raise ValueError(f"grid {self.grid} does not cut a {self.image_size} px image into whole cells: give 0 "
+                             f"(no grid) or a divisor of {self.image_size}")
+        if self.grid:
+            cell = self.cell
+            too_big = {name: side for name, side in self.sizes.items() if 2 * (side // 2) + 1 > cell}
+            if too_big:
+                raise ValueError(f"object size(s) {too_big} do not fit a {cell} px grid cell: give sizes of at most "
+                                 f"{cell - 1 if cell % 2 == 0 else cell} px, or a coarser grid")
+
+    @property
+    def cell(self) -> int:
+        """Side (px) of a grid cell; the whole image when there is no grid."""
+        return self.image_size // self.grid if self.grid else self.image_size
 
     @property
     def number_words(self) -> tuple[str, ...]:
@@ -133,7 +159,7 @@ class SceneConfig:
         """The config as JSON-ready values (RGB triples as lists), mappings in their order."""
         return {"image_size": self.image_size, "sizes": dict(self.sizes), "min_objects": self.min_objects,
                 "max_objects": self.max_objects, "min_separation": self.min_separation,
-                "object_gap": self.object_gap, "background": list(self.background),
+                "object_gap": self.object_gap, "grid": self.grid, "background": list(self.background),
                 "colours": {k: list(v) for k, v in self.colours.items()}, "shapes": dict(self.shapes),
                 "families": list(self.families)}
 

@@ -41,6 +41,7 @@ from analysis.benchmark.scene_config import DEFAULT, SceneConfig, read_record, r
 from analysis.paths import BUNDLED_BENCHMARK
 
 SPATIAL_RELATIONS = ("left of", "right of", "above", "below")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")  # halves of the image
 # Disjoint seed ranges: a split of up to 10**6 scenes never reaches the next range.
 SPLIT_SEEDS = {"test": 1_000_000, "val": 2_000_000, "train": 10_000_000}
 SPLIT_SIZES = {"test": 400, "val": 100}  # images; QUESTIONS_PER_IMAGE questions each
@@ -49,6 +50,7 @@ PLACEMENT_TRIES = 200  # positions tried per object before it is left out of the
 PROMPT_WORDS = ("user", "assistant", ":", "?", "is", "there", "a", "what", "color", "the", "shape",
                 "object", "how", "many", "objects", "are", "left", "right", "of", "above", "below",
                 "describe", "image", ".")
+POSITION_WORDS = ("on", "at", "top", "bottom")  # with "the", "left", "right": the position family's words
 DESCRIBE = "Describe the image."
 
 
@@ -76,6 +78,8 @@ class Question:
 def vocabulary(config: SceneConfig = DEFAULT) -> list[str]:
     """Every word a prompt, question or answer of the benchmark can contain (for the tokenizer)."""
     words = list(PROMPT_WORDS) + list(config.shapes) + list(config.shapes.values()) + list(config.colours)
+    if "position" in config.families:
+        words += POSITION_WORDS
     words += ["yes", "no", *config.number_words, "0"]
     return list(dict.fromkeys(words))
 
@@ -91,12 +95,20 @@ def scene_seed(split: str, index: int) -> int:
 def sample_scene(rng: np.random.Generator, config: SceneConfig = DEFAULT) -> list[ShapeObject]:
     """``min_objects``-``max_objects`` non-overlapping objects with distinct (colour, shape) pairs.
 
-    An object that finds no free place in ``PLACEMENT_TRIES`` draws is left out; a scene left with fewer
-    than ``min_objects`` objects means the config is too crowded, and is refused.
+    On a grid (``config.grid``) each object takes a distinct cell, centred in it. Otherwise an object that
+    finds no free place in ``PLACEMENT_TRIES`` draws is left out; a scene left with fewer than
+    ``min_objects`` objects means the config is too crowded, and is refused.
     """
     n = int(rng.integers(config.min_objects, config.max_objects + 1))
     pairs = [(c, s) for c in config.colours for s in config.shapes]
     chosen = rng.choice(len(pairs), size=n, replace=False)
+    if config.grid:
+        cells = rng.choice(config.grid ** 2, size=n, replace=False)
+        sizes = rng.choice(list(config.sizes), size=n)
+        centre = config.cell // 2
+        return [ShapeObject(pairs[k][1], pairs[k][0], str(size), int(c % config.grid) * config.cell + centre,
+                            int(c // config.grid) * config.cell + centre)
+                for k, c, size in zip(chosen, cells, sizes)]
     objects: list[ShapeObject] = []
     for k in chosen:
         colour, shape = pairs[k]
@@ -127,7 +139,8 @@ def render(objects: list[ShapeObject], config: SceneConfig = DEFAULT) -> Image.I
 
 
 def patch_labels(objects: list[ShapeObject], grid: int, config: SceneConfig = DEFAULT) -> dict[str, np.ndarray]:
-    """Per patch of a ``grid`` x ``grid`` patching: what the majority of its pixels show.
+    """Per patch of a ``grid`` x ``grid`` patching: what the majority of its pixels show (on a grid
+    scene whose cells are the patches: the cell's object, whatever share of the cell it covers).
 
     ``colour`` / ``shape``: 0 for background, else 1 + index in the config's ``colours`` / ``shapes``
     (in their order); ``centre``: 1 where
@@ -145,7 +158,10 @@ def patch_labels(objects: list[ShapeObject], grid: int, config: SceneConfig = DE
     _draw(ImageDraw.Draw(index), objects, lambda i, o: i + 1, config)
     cell = config.image_size // grid
     owner = np.asarray(index).reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
-    majority = np.array([np.bincount(p, minlength=len(objects) + 1).argmax() for p in owner])
+    pixels = np.stack([np.bincount(p, minlength=len(objects) + 1) for p in owner])
+    if config.grid:  # a cell holds one whole object, which may cover less than half of it (a cross, a triangle)
+        pixels[pixels[:, 1:].sum(1) > 0, 0] = 0
+    majority = pixels.argmax(1)
     colours, shapes_ = list(config.colours), list(config.shapes)
     colour = np.array([0] + [1 + colours.index(o.colour) for o in objects])[majority]
     shape = np.array([0] + [1 + shapes_.index(o.shape) for o in objects])[majority]
@@ -259,17 +275,37 @@ def _spatial(objects, rng, config: SceneConfig) -> Question | None:
     return Question(f"Is the {a.name} {relation} the {b.name}?", answer, "spatial", relation)
 
 
+def _position(objects, rng, config: SceneConfig) -> Question | None:
+    """Which half of the image an object lies in: "Is the red circle on the left?" (yes / no), asked only
+    about a centre at least ``min_separation / 2`` px from the middle line it is judged against."""
+    middle, margin = config.image_size / 2, config.min_separation / 2
+    candidates = [(o, axis) for o in objects for axis in ("horizontal", "vertical")
+                  if abs((o.x if axis == "horizontal" else o.y) - middle) >= margin]
+    if not candidates:
+        return None
+    o, axis = candidates[int(rng.integers(len(candidates)))]
+    if axis == "horizontal":
+        truth, other = ("on the left", "on the right") if o.x < middle else ("on the right", "on the left")
+    else:
+        truth, other = ("at the top", "at the bottom") if o.y < middle else ("at the bottom", "at the top")
+    want_yes = rng.random() < 0.5
+    where = truth if want_yes else other
+    return Question(f"Is the {o.name} {where}?", "yes" if want_yes else "no", "position", where)
+
+
 _MAKERS = {"existence": _existence, "colour": _colour, "shape": _shape, "count": _count,
-           "spatial": _spatial}
+           "spatial": _spatial, "position": _position}
 
 
-def describe(objects: list[ShapeObject]) -> Question:
-    """Training-only dense supervision: every object as "colour shape", left to right.
+def describe(objects: list[ShapeObject], config: SceneConfig = DEFAULT) -> Question:
+    """Training-only dense supervision: every object as "colour shape", left to right (on a grid: in
+    reading order, row by row, the order of the visual tokens).
 
     Not a benchmark family (never in test/val): it makes the model read the whole image at every step,
     as LLaVA's caption pretraining does, which gets a from-scratch model off the language-prior plateau.
     """
-    ordered = sorted(objects, key=lambda o: (o.x, o.y))
+    order = (lambda o: (o.y // config.cell, o.x)) if config.grid else (lambda o: (o.x, o.y))
+    ordered = sorted(objects, key=order)
     return Question(DESCRIBE, " ".join(o.name for o in ordered), "describe", str(len(objects)))
 
 
@@ -359,7 +395,7 @@ def read_split_config(split_file: Path) -> SceneConfig | None:
 # ------------------------------------------------------------------------------ scene config options
 
 SCENE_OPTIONS = {"image_size": "--image-size", "sizes": "--sizes", "min_objects": "--min-objects",
-                 "max_objects": "--max-objects", "min_separation": "--min-separation"}
+                 "max_objects": "--max-objects", "min_separation": "--min-separation", "grid": "--grid"}
 
 
 def _sizes_argument(text: str) -> dict[str, int]:
@@ -386,6 +422,8 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-separation", type=int,
                         help="least distance (px) between two centres along the axis a spatial question asks, "
                              f"default {d.min_separation}")
+    parser.add_argument("--grid", type=int, help="N: one object per cell of an N x N grid, centred in it (0: objects "
+                                                 f"anywhere), default {d.grid}")
     parser.add_argument("--scene-config", type=Path, metavar="FILE",
                         help="the whole scene config from a record: a split's <split>.scene.json or a trained "
                              "model's scene_config.json (instead of the options above)")

@@ -95,7 +95,7 @@ class ConversationBatches:
             else:
                 questions = weighted_questions(objects, rng, self.turns, self.family_weights, self.scene)
             if self.describe:
-                questions.append(shapes.describe(objects))
+                questions.append(shapes.describe(objects, self.scene))
             images.append(shapes.render(objects, self.scene))
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
                                                  self.image_token_id, questions))

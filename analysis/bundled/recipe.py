@@ -34,7 +34,7 @@ IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 # from-scratch steps, and was learnt in 40 with these.
 BACKGROUND_STD = [0.3, 0.3, 0.3]
 NORMALISATIONS = ("clip", "background")
-PATCH_SIZE = 6  # px: the bundled 72 px images are 12 x 12 = 144 visual tokens
+PATCH_SIZE = 6  # px, for scenes without a grid: 72 px images are 12 x 12 = 144 visual tokens
 # The bundled model's quality bar on the test split, greedy answers (its card states whether it is met):
 # accuracy in % overall and on existence questions, and the points of overall accuracy it must lose when every
 # image is blank (the answers must come from the picture).
@@ -48,6 +48,12 @@ CHAT_TEMPLATE = (
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+
+def patch_size(scene: SceneConfig = DEFAULT) -> int:
+    """The vision tower's patch side for ``scene``: its grid cell when it has a grid (one object, one visual
+    token), else ``PATCH_SIZE``."""
+    return scene.cell if scene.grid else PATCH_SIZE
 
 
 def prompt(question: str) -> str:

@@ -33,7 +33,9 @@ and 3), which got existence off chance, then long stages with the families that 
 shape weighted up (4 and 5), which taught the language model to bind colour to shape. The run writes
 the checkpoint (safetensors), the processor, ``training_log.jsonl`` (loss, learning rate, throughput,
 periodic per-family val accuracy; a continued run prepends its checkpoint's log and numbers its steps
-on) and ``loss_curve.png``.
+on) and ``loss_curve.png``. While it trains, the run keeps a checkpoint in ``<out>.partial``
+(``analysis.bundled.checkpoint``, every ``--checkpoint-every`` steps): started again with the same
+settings, an interrupted run resumes from it and ends with the weights an uninterrupted run ends with.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from analysis.benchmark import shapes
 from analysis.benchmark.datasets import DatasetError
 from analysis.benchmark.datasets import scene_config as split_scene_config
 from analysis.benchmark.scene_config import DEFAULT, SceneConfig, difference, record_text
+from analysis.bundled import checkpoint
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import ConversationBatches, curriculum_max_objects, parse_family_weights
 from analysis.paths import portable
@@ -69,9 +72,12 @@ class PatchHeads(torch.nn.Module):
     Per visual token they predict the colour and shape of the object under the patch (or background),
     whether the patch holds an object's centre, the patch's row and column, and of the nearest object
     its colour-shape pair, centre cell and shape count, plus the scene's object count
-    (``shapes.patch_labels``; the last group with ``nearest=True``). The nearest-object targets spread
+    (``shapes.patch_labels``; the last group with ``nearest=True``). The shape loss counts object patches
+    only (most patches are background, which hid an unlearnt shape). The nearest-object targets spread
     each object's identity over its neighbourhood, so a language model still attending broadly early
-    in training reads it from many tokens instead of the 2-9 under the object. The heads are not saved.
+    in training reads it from many tokens instead of the 2-9 under the object -- and so any subset of
+    the tokens carries every answer, which makes the choice of tokens matter little; the default model
+    trains without them, on patch-local targets only. The heads are not saved.
     (Tried and dropped: predicting the colour and shape *words* through the LM's embedding matrix, which
     pulled the word embeddings around and lowered val accuracy.)
     """
@@ -89,7 +95,7 @@ class PatchHeads(torch.nn.Module):
         losses = []
         for k, head in self.heads.items():
             logits, target = head(visual).flatten(0, 1), targets[k].flatten()
-            if k == "shape" and self.nearest:
+            if k == "shape":
                 # on object patches only: 95% of patches are background, which hid an unlearnt shape
                 on_object = target > 0
                 logits, target = logits[on_object], target[on_object]
@@ -178,6 +184,7 @@ class TrainingConfig:
     family_weights: dict | None = None
     bf16: bool = False
     scene: SceneConfig = DEFAULT
+    checkpoint_every: int = 100  # steps; 0: no checkpoints (an interrupted run starts afresh)
 
 
 class TrainingConfigError(ValueError):
@@ -257,18 +264,43 @@ def train(out: Path, config: TrainingConfig | None = None, progress: bool = True
     heads = PatchHeads(model.config.text_config.hidden_size, vision.image_size // vision.patch_size,
                        config.nearest_targets, config.scene)
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.time()
+    state = checkpoint.load(tmp, config) if config.checkpoint_every else None
+    if state is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    else:
+        model.load_state_dict(state.model)
+        heads.load_state_dict(state.heads)
+        batches.index = state.stream_index
+        torch.set_rng_state(state.rng)
+        print(f"resuming {tmp} at step {state.step} of {config.steps} (remove the folder to start afresh)",
+              file=sys.stderr)
+    started = time.time() - (state.elapsed if state else 0.0)
     with tempfile.TemporaryDirectory(prefix="val-") as scratch:
         val = val_split(config.scene, Path(scratch)) if config.eval_every else None
-        warmup_log = (warm_up_vision(model, heads, batches, config.vision_warmup, config.lr, progress)
-                      if config.vision_warmup else [])
-        log = _train_steps(model, processor, heads, batches, config, n_image_tokens, started, progress, val)
-    summary = _save(model, processor, tmp, config, log, warmup_log, started)
+        if state is None:
+            warmup_log = (warm_up_vision(model, heads, batches, config.vision_warmup, config.lr, progress)
+                          if config.vision_warmup else [])
+            state = _state(config, 0, batches, started, model, heads, warmup_log=warmup_log)
+            if config.checkpoint_every:
+                checkpoint.save(tmp, state)
+        log = _train_steps(model, processor, heads, batches, config, n_image_tokens, started, progress, val,
+                           state, tmp)
+    checkpoint.discard(tmp)
+    summary = _save(model, processor, tmp, config, log, state.warmup_log, started)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return summary
+
+
+def _state(config, step, batches, started, model, heads, optimizer=None, schedule=None, log=(), warmup_log=()
+           ) -> checkpoint.TrainingState:
+    return checkpoint.TrainingState(
+        settings=checkpoint.settings_key(config), step=step, stream_index=batches.index,
+        elapsed=time.time() - started, model=model.state_dict(), heads=heads.state_dict(),
+        optimizer=None if optimizer is None else optimizer.state_dict(),
+        schedule=None if schedule is None else schedule.state_dict(), log=list(log), warmup_log=list(warmup_log),
+        rng=torch.get_rng_state())
 
 
 def check(config: TrainingConfig) -> TrainingConfig:
@@ -284,7 +316,7 @@ def check(config: TrainingConfig) -> TrainingConfig:
                                   f"{scene.min_objects}..{scene.max_objects}; give a count in it")
     if config.init_from is None:
         size = config.config_overrides.get("image_size", scene.image_size)
-        patch = config.config_overrides.get("patch_size", bundled.PATCH_SIZE)
+        patch = config.config_overrides.get("patch_size", bundled.patch_size(scene))
         if size != scene.image_size:
             raise TrainingConfigError(f"the vision tower's image_size {size} px differs from the scene config's "
                                       f"{scene.image_size} px images; leave image_size out (it follows the scene) "
@@ -330,6 +362,7 @@ def _build(config: TrainingConfig):
                                       "own scene config")
     else:
         model_config = bundled.build_config(processor.tokenizer, **{"image_size": config.scene.image_size,
+                                                                    "patch_size": bundled.patch_size(config.scene),
                                                                     **config.config_overrides})
         model = LlavaForConditionalGeneration(model_config).train()
     vision = model.config.vision_config
@@ -340,8 +373,9 @@ def _build(config: TrainingConfig):
 
 
 def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_image_tokens: int, started: float,
-                 progress: bool, val: str | Path | None) -> list[dict]:
-    """The training loop: answer loss plus the weighted patch-head loss, AdamW, clipping, the schedule."""
+                 progress: bool, val: str | Path | None, state: checkpoint.TrainingState, folder: Path) -> list[dict]:
+    """The training loop: answer loss plus the weighted patch-head loss, AdamW, clipping, the schedule;
+    from ``state``'s step, saving a checkpoint into ``folder`` every ``config.checkpoint_every`` steps."""
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
     parameters = list(model.named_parameters()) + list(heads.named_parameters())
@@ -349,8 +383,12 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                                    {"params": [p for _, p in parameters if p.ndim < 2], "weight_decay": 0.0}],
                                   lr=config.lr, betas=(0.9, 0.98))
     schedule = warmup_cosine(optimizer, config.steps)
-    log = []
-    bar = tqdm(range(config.steps), desc="training", disable=not progress)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+        schedule.load_state_dict(state.schedule)
+    log = list(state.log)
+    bar = tqdm(range(state.step, config.steps), desc="training", disable=not progress, initial=state.step,
+               total=config.steps)
     try:
         for step in bar:
             batches.max_objects = curriculum_max_objects(step, config.curriculum, config.curriculum_start,
@@ -382,6 +420,9 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                                                               if "val_accuracy" in record else {}))
             if not progress and ("val_accuracy" in record or (step + 1) % 25 == 0):
                 print(json.dumps(record), flush=True)
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                checkpoint.save(folder, _state(config, step + 1, batches, started, model, heads, optimizer, schedule,
+                                               log, state.warmup_log))
     finally:
         hook.remove()
     return log
@@ -481,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the matmuls (weights and optimizer stay float32; "
                              "~25%% faster per step on a CPU with AVX512-BF16)")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="save the run's state into <out>.partial every N steps (0: never); started again with "
+                             "the same settings, an interrupted run resumes from it")
     shapes.add_scene_arguments(parser)
     args = parser.parse_args(argv)
     architecture = {"text_width": args.text_width, "text_heads": args.text_heads,
@@ -496,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         eval_every=args.eval_every, config_overrides=architecture, describe=not args.no_describe,
         init_from=args.init_from, start=args.start, aux_weight=args.aux_weight, curriculum=args.curriculum,
         curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets, image_norm=args.image_norm,
-        vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16, scene=scene)
+        vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16, scene=scene,
+        checkpoint_every=args.checkpoint_every)
     try:
         summary = train(args.out, config, progress=not args.no_progress)
     except TrainingConfigError as e:

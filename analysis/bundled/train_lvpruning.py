@@ -57,7 +57,7 @@ def model_labels(model, batch: dict, eos_token_id: int) -> dict:
 
 def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: float, rho: float,
           lambda_ratio: float, seed: int, progress: bool = True, start: int = 500_000,
-          labels: str = "model", decisions: str = "gumbel", explore: float = 0.7) -> dict:
+          labels: str = "model", decisions: str = "gumbel", explore: float = 0.7, blocks: int = 2) -> dict:
     if labels not in LABELS:
         raise ValueError(f"unknown labels {labels!r}; valid: {list(LABELS)}")
     if decisions not in DECISIONS:
@@ -67,7 +67,7 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     for p in model.parameters():
         p.requires_grad_(False)
     targets = LVPruning(keep=rho).ratios()  # the stage ratios inference keeps
-    modules = DecisionModules.for_model(model).start_at(targets).train()
+    modules = DecisionModules.for_model(model, blocks).start_at(targets).train()
     vision = model.config.vision_config
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     # a stream offset far from the base model's training scenes, still inside the train seed range
@@ -106,7 +106,7 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     summary = {"steps": steps, "batch_size": batch_size, "lr": lr, "rho": rho, "targets": targets,
                "lambda_ratio": lambda_ratio, "labels": labels, "decisions": decisions, "seed": seed,
                "wall_seconds": round(time.time() - started, 1),
-               "layers": modules.settings["layers"], "heads": modules.settings["heads"],
+               "layers": modules.settings["layers"], "heads": modules.settings["heads"], "blocks": blocks,
                "parameters": sum(p.numel() for p in modules.parameters()), "final": log[-1]}
     modules.save(tmp, training=summary)
     with (tmp / "training_log.jsonl").open("w") as f:
@@ -149,12 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--explore", type=float, default=0.7,
                         help="with --decisions topk, the fraction of the steps over which the exploration "
                              "noise falls from 1 (draws weighted by the keep odds) to 0 (inference's top-k)")
+    parser.add_argument("--blocks", type=int, default=2,
+                        help="cross-attention blocks per decision module (the paper's 2); each costs about "
+                             "10 x visual tokens x width^2 FLOPs per stage, so on a shallow model 1 keeps the "
+                             "modules' share of the prefill small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     summary = train(args.model, args.out, args.steps, args.batch_size, args.lr, args.rho, args.lambda_ratio,
                     args.seed, progress=not args.no_progress, labels=args.labels,
-                    decisions=args.decisions, explore=args.explore)
+                    decisions=args.decisions, explore=args.explore, blocks=args.blocks)
     print(json.dumps(summary, indent=1))
 
 

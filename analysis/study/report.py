@@ -70,6 +70,9 @@ SUMMARY_COLUMNS = {  # column: (header, format, definition)
     "accuracy": ("accuracy (%)", "percent", "pruned answers equal to the ground truth, after normalisation"),
     "baseline_accuracy": ("unpruned accuracy (%)", "percent", "the unpruned model's accuracy on the same questions"),
     "flip_rate": ("flip rate (%)", "percent", "answers that differ from the unpruned model's (AllFlips)"),
+    "flip_low": ("flip 95% CI low (%)", "percent", "lower bound of the flip rate's 95% interval (percentile "
+                 "bootstrap over questions, 2,000 resamples, seeded)"),
+    "flip_high": ("flip 95% CI high (%)", "percent", "upper bound of that interval"),
     "dutta_flips": ("Flips (%)", "percent", "(C\u2192I + I\u2192C) / n (Dutta et al. 2024): changes of correctness"),
     "c_to_i": ("C\u2192I", "{:d}", "questions the unpruned model answered correctly and the pruned one does not"),
     "i_to_c": ("I\u2192C", "{:d}", "questions the unpruned model answered wrongly and the pruned one correctly"),

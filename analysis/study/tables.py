@@ -18,8 +18,9 @@ import numpy as np
 import pandas as pd
 
 import lofi
-from analysis.measure.consistency import flips
+from analysis.measure.consistency import flips, normalize_answer
 from analysis.measure.correlation import condition_correlation, sample_correlation
+from analysis.measure.paired import mean_interval
 from analysis.study import runfolder
 from analysis.study.records import BASELINE, Condition, SampleResult, columns
 
@@ -101,11 +102,14 @@ def assemble(work: Path, model_config, methods: Mapping[Condition, lofi.PruningM
     kept.to_parquet(work / "kept.parquet", index=False)
     leverage.to_parquet(work / "leverage.parquet", index=False)
     layer, group = headline(spectra, config)
-    summary_frame(pruned, spectra, layer, group).to_csv(work / "summary.csv", index=False)
+    summary_frame(pruned, spectra, layer, group, seed=config["seed"]).to_csv(work / "summary.csv", index=False)
     correlation_frame(pruned, spectra, seed=config["seed"]).to_csv(work / "correlation.csv", index=False)
 
 
-def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group: str) -> pd.DataFrame:
+def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group: str, seed: int = 0
+                  ) -> pd.DataFrame:
+    """One row per (method, keep): ``report.SUMMARY_COLUMNS``; the flip rate's 95% interval is a seeded
+    percentile bootstrap over questions (``analysis.measure.paired``)."""
     head = spectra[(spectra.layer == layer) & (spectra.group == group) & (spectra.method != "baseline")]
     delta = head.groupby(["method", "keep"])["delta_ipr"].mean()
     out = []
@@ -113,10 +117,13 @@ def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group
         has_gold = frame["gold"].notna().all()
         f = flips(frame["baseline_answer"].tolist(), frame["answer"].tolist(),
                   frame["gold"].tolist() if has_gold else None)
+        changed = [normalize_answer(b) != normalize_answer(a) for b, a in zip(frame["baseline_answer"], frame["answer"])]
+        interval = mean_interval(changed, seed=seed)
         out.append({"method": method, "keep": keep, "n": f.n,
                     "accuracy": frame["correct"].mean() if has_gold else np.nan,
                     "baseline_accuracy": frame["baseline_correct"].mean() if has_gold else np.nan,
-                    "flip_rate": f.flip_rate, "dutta_flips": f.dutta_flips, "c_to_i": f.c_to_i,
+                    "flip_rate": f.flip_rate, "flip_low": interval.low, "flip_high": interval.high,
+                    "dutta_flips": f.dutta_flips, "c_to_i": f.c_to_i,
                     "i_to_c": f.i_to_c, "mean_kl": frame["kl"].mean(), "mean_js": frame["js"].mean(),
                     "mean_forced_kl": frame["forced_kl"].mean(), "mean_delta_ipr": delta.get((method, keep)),
                     "rel_flops": frame["rel_flops"].mean(), "rel_flops_llm": frame["rel_flops_llm"].mean(),

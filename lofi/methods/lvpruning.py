@@ -101,13 +101,18 @@ class DecisionModules(nn.Module):
         return self
 
     @classmethod
-    def for_model(cls, model) -> "DecisionModules":
+    def for_model(cls, model, blocks: int = 2) -> "DecisionModules":
+        """Modules sized for ``model``: its width, ``stage_layers`` of its depth, a quarter of its heads, and
+        ``blocks`` cross-attention blocks per stage (the paper's 2; 1 halves their cost, which on a shallow
+        model is a large share of the whole)."""
+        if blocks < 1:
+            raise ValueError(f"a decision module needs at least one cross-attention block, got blocks={blocks}")
         text = model.config.text_config
         # the paper's 8 heads at width 4096 (32 model heads): a quarter of the model's heads
         heads = max(1, text.num_attention_heads // 4)
         while text.hidden_size % heads:
             heads -= 1
-        return cls(text.hidden_size, stage_layers(text.num_hidden_layers), heads)
+        return cls(text.hidden_size, stage_layers(text.num_hidden_layers), heads, blocks)
 
     def save(self, folder: str | Path, **metadata) -> Path:
         from safetensors.torch import save_file
