@@ -74,7 +74,8 @@ def markdown(frame: pd.DataFrame) -> str:
     shown["flips % [95% CI]"] = [f"{r.flip_rate:.1f} [{r.flip_low:.1f}, {r.flip_high:.1f}]" for r in shown.itertuples()]
     if "minus_random" in shown:
         shown["minus random, points [95% CI]"] = [
-            "" if pd.isna(r.minus_random) else f"{r.minus_random:+.1f} [{r.minus_random_low:+.1f}, {r.minus_random_high:+.1f}]"
+            "" if pd.isna(r.minus_random)
+            else f"{r.minus_random:+.1f} [{r.minus_random_low:+.1f}, {r.minus_random_high:+.1f}]"
             for r in shown.itertuples()]
     columns = ["keep", "method", "accuracy", "flips % [95% CI]"] + [c for c in ("minus random, points [95% CI]",)
                                                                   if c in shown]

@@ -117,7 +117,8 @@ def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group
         has_gold = frame["gold"].notna().all()
         f = flips(frame["baseline_answer"].tolist(), frame["answer"].tolist(),
                   frame["gold"].tolist() if has_gold else None)
-        changed = [normalize_answer(b) != normalize_answer(a) for b, a in zip(frame["baseline_answer"], frame["answer"])]
+        changed = [normalize_answer(b) != normalize_answer(a)
+                   for b, a in zip(frame["baseline_answer"], frame["answer"])]
         interval = mean_interval(changed, seed=seed)
         out.append({"method": method, "keep": keep, "n": f.n,
                     "accuracy": frame["correct"].mean() if has_gold else np.nan,
