@@ -232,6 +232,7 @@ def test_position_questions_name_the_half_an_object_lies_in_away_from_the_middle
 
 def test_describe_lists_a_grid_scene_in_reading_order_and_other_scenes_left_to_right():
     objects = [shapes.ShapeObject("circle", "red", "small", 84, 4),
-               shapes.ShapeObject("square", "blue", "small", 4, 12), shapes.ShapeObject("cross", "green", "small", 12, 4)]
+               shapes.ShapeObject("square", "blue", "small", 4, 12),
+               shapes.ShapeObject("cross", "green", "small", 12, 4)]
     assert shapes.describe(objects, GRID).answer == "green cross red circle blue square"
     assert shapes.describe(objects).answer == "blue square green cross red circle"
