@@ -309,6 +309,20 @@ def describe(objects: list[ShapeObject], config: SceneConfig = DEFAULT) -> Quest
     return Question(DESCRIBE, " ".join(o.name for o in ordered), "describe", str(len(objects)))
 
 
+def referents(question: Question, objects: list[ShapeObject]) -> list[int]:
+    """Indices of the objects whose image region carries ``question``'s answer: the object a colour, shape or
+    position question is about, the objects a spatial question names, the object an existence question
+    names when present (none when absent), the objects a count question counts. Training-only (the bundled
+    model's lookup supervision, ``analysis.train_bundled --lookup-weight``)."""
+    if question.family == "colour":
+        return [i for i, o in enumerate(objects) if o.shape == question.subtype]
+    if question.family == "shape":
+        return [i for i, o in enumerate(objects) if o.colour == question.subtype]
+    if question.family == "count":
+        return [i for i, o in enumerate(objects) if question.subtype in ("objects", o.shape)]
+    return [i for i, o in enumerate(objects) if f" {o.name} " in question.question.replace("?", " ")]
+
+
 def make_question(objects: list[ShapeObject], family: str, rng: np.random.Generator,
                   config: SceneConfig = DEFAULT) -> Question | None:
     """A question of ``family`` (one of the config's) about the scene, or None when the scene cannot

@@ -19,15 +19,20 @@ IGNORE = -100
 
 
 def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
-                        turns: list[shapes.Question]) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one multi-turn conversation about one image."""
+                        turns: list[shapes.Question], answer_positions: list[int] | None = None
+                        ) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one multi-turn conversation about one image; ``answer_positions``, when
+    given, receives per turn the position whose logits predict the answer's first token."""
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     ids = [tokenizer.bos_token_id] + enc("USER:") + [image_token_id] * n_image_tokens
     labels = [IGNORE] * len(ids)
     for k, q in enumerate(turns):
         question = enc((f"{q.question} ASSISTANT:") if k == 0 else f"USER: {q.question} ASSISTANT:")
         target = enc(q.answer) + [tokenizer.eos_token_id]
-        ids += question + target
+        ids += question
+        if answer_positions is not None:
+            answer_positions.append(len(ids) - 1)
+        ids += target
         labels += [IGNORE] * len(question) + target
     return ids, labels
 
@@ -70,7 +75,8 @@ class ConversationBatches:
 
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
                  describe: bool = False, patch_targets: bool = False,
-                 family_weights: dict[str, float] | None = None, scene: SceneConfig = DEFAULT):
+                 family_weights: dict[str, float] | None = None, scene: SceneConfig = DEFAULT,
+                 lookup: bool = False):
         self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
         self.scene = scene
         self.family_weights = family_weights
@@ -79,9 +85,12 @@ class ConversationBatches:
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
         self.max_objects = scene.max_objects  # the curriculum lowers this early in training
+        self.lookup = lookup
+        # where encode_conversation puts the first visual token: after <s> and "USER:"
+        self.image_start = 1 + len(processor.tokenizer("USER:", add_special_tokens=False)["input_ids"])
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        images, sequences, scenes = [], [], []
+        images, sequences, scenes, lookups = [], [], [], []
         while len(images) < self.batch_size:
             objects, rng = shapes.scene("train", self.index, self.scene)
             if len(objects) > self.max_objects:
@@ -97,8 +106,11 @@ class ConversationBatches:
             if self.describe:
                 questions.append(shapes.describe(objects, self.scene))
             images.append(shapes.render(objects, self.scene))
+            positions: list[int] = []
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
-                                                 self.image_token_id, questions))
+                                                 self.image_token_id, questions, positions))
+            lookups.append([(p, self._patches(objects, shapes.referents(q, objects)))
+                            for p, q in zip(positions, questions)])
             self.index += 1
         width = max(len(ids) for ids, _ in sequences)
         pad = self.processor.tokenizer.pad_token_id
@@ -115,7 +127,20 @@ class ConversationBatches:
             grid = int(round(self.n_image_tokens ** 0.5))
             targets = [shapes.patch_labels(o, grid, self.scene) for o in scenes]
             batch["patch_targets"] = {k: torch.from_numpy(np.stack([t[k] for t in targets])) for k in targets[0]}
+        if self.lookup:
+            # [batch, query, key]: the visual tokens each answer position should read
+            mask = torch.zeros(len(sequences), width, width, dtype=torch.bool)
+            for row, turns in enumerate(lookups):
+                for position, patches in turns:
+                    mask[row, position, [self.image_start + p for p in patches]] = True
+            batch["lookup"] = mask
         return batch
+
+    def _patches(self, objects, indices: list[int]) -> list[int]:
+        """The visual tokens (row-major patch indices) under the centres of ``objects[i]`` for i in ``indices``."""
+        grid = int(round(self.n_image_tokens ** 0.5))
+        cell = self.scene.image_size / grid
+        return [int(objects[i].y // cell) * grid + int(objects[i].x // cell) for i in indices]
 
 
 def curriculum_max_objects(step: int, curriculum_steps: int, first: int | None = None,

@@ -185,6 +185,8 @@ class TrainingConfig:
     bf16: bool = False
     scene: SceneConfig = DEFAULT
     checkpoint_every: int = 100  # steps; 0: no checkpoints (an interrupted run starts afresh)
+    lookup_weight: float = 0.0
+    lookup_layer: int | None = None  # None: half the language model's depth
 
 
 class TrainingConfigError(ValueError):
@@ -224,6 +226,8 @@ class TrainingSummary:
     total_wall_seconds: float = 0.0
     config_overrides: dict = field(default_factory=dict)
     scene: dict | None = None  # SceneConfig.to_dict(); None: a run that predates the record (the default)
+    lookup_weight: float = 0.0
+    lookup_layer: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingSummary:
@@ -260,7 +264,8 @@ def train(out: Path, config: TrainingConfig | None = None, progress: bool = True
     batches = ConversationBatches(processor, n_image_tokens, config.batch_size, config.turns, start=config.start,
                                   describe=config.describe,
                                   patch_targets=config.aux_weight > 0 or config.vision_warmup > 0,
-                                  family_weights=config.family_weights, scene=config.scene)
+                                  family_weights=config.family_weights, scene=config.scene,
+                                  lookup=config.lookup_weight > 0)
     heads = PatchHeads(model.config.text_config.hidden_size, vision.image_size // vision.patch_size,
                        config.nearest_targets, config.scene)
     tmp = out.with_name(out.name + ".partial")
@@ -378,6 +383,7 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
     from ``state``'s step, saving a checkpoint into ``folder`` every ``config.checkpoint_every`` steps."""
     projected: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: projected.append(out))
+    lookup = LookupLoss(model, config.lookup_layer) if config.lookup_weight > 0 else None
     parameters = list(model.named_parameters()) + list(heads.named_parameters())
     optimizer = torch.optim.AdamW([{"params": [p for _, p in parameters if p.ndim >= 2], "weight_decay": 0.05},
                                    {"params": [p for _, p in parameters if p.ndim < 2], "weight_decay": 0.0}],
@@ -395,6 +401,7 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                                                          config.scene)
             batch = next(batches)
             targets = batch.pop("patch_targets", None)
+            reads = batch.pop("lookup", None)
             projected.clear()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 answer_loss = model(**batch).loss
@@ -402,6 +409,9 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                 if targets is not None:
                     aux = heads.loss(projected[0].view(len(batch["input_ids"]), n_image_tokens, -1), targets)
                     loss = answer_loss + config.aux_weight * aux
+                if lookup is not None:
+                    lookup_loss = lookup.loss(reads)
+                    loss = loss + config.lookup_weight * lookup_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             record = {"step": step + 1, "loss": round(answer_loss.item(), 5),
@@ -411,6 +421,8 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
             optimizer.zero_grad(set_to_none=True)
             if targets is not None:
                 record["aux_loss"] = round(aux.item(), 5)
+            if lookup is not None:
+                record["lookup_loss"] = round(lookup_loss.item(), 5)
             if config.eval_every and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
                 families = first_token_accuracy(model, processor, val)
                 record["val_accuracy"] = families.pop("overall")
@@ -425,7 +437,49 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                                                log, state.warmup_log))
     finally:
         hook.remove()
+        if lookup is not None:
+            lookup.remove()
     return log
+
+
+class LookupLoss:
+    """Lookup supervision: one attention head of one language-model layer is taught, at each answer
+    position, to put its attention on the visual tokens of the objects the question is about
+    (``shapes.referents``): loss = mean over supervised positions of -log(sum of that attention).
+
+    Why: a from-scratch language model learns to *find* the object a question names slowly (the lookup
+    circuit forms late), and meanwhile nothing stops it from summarising the scene into every visual token
+    in its first layers, after which the choice of tokens no longer matters. Telling one head where to read
+    gives the lookup directly, from the object's own token. The rest of the model is free. While it is
+    attached the model runs eager attention (the head's probabilities are read from the layer's output);
+    ``remove`` restores the implementation it had.
+    """
+
+    def __init__(self, model, layer: int | None = None, head: int = 0):
+        layers = model.model.language_model.layers
+        self.layer = len(layers) // 2 if layer is None else layer
+        if not 0 <= self.layer < len(layers):
+            raise TrainingConfigError(f"--lookup-layer {layer} is outside the language model's "
+                                      f"{len(layers)} layers; give 0 .. {len(layers) - 1}")
+        self.model, self.head, self.weights = model, head, []
+        self.implementation = model.config.text_config._attn_implementation
+        model.set_attn_implementation("eager")
+        self.hook = layers[self.layer].self_attn.register_forward_hook(
+            lambda module, args, output: self.weights.append(output[1]))
+
+    def loss(self, reads: torch.Tensor) -> torch.Tensor:
+        """``reads``: [batch, query, key] bool, the keys each supervised query should attend to."""
+        attention = self.weights[-1][:, self.head]  # [batch, query, key]
+        self.weights.clear()
+        queries = reads.any(-1)
+        if not queries.any():
+            return attention.sum() * 0.0
+        mass = (attention * reads).sum(-1)[queries]
+        return -torch.log(mass.float() + 1e-6).mean()
+
+    def remove(self) -> None:
+        self.hook.remove()
+        self.model.set_attn_implementation(self.implementation)
 
 
 def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict], warmup_log: list[dict],
@@ -468,7 +522,10 @@ def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict
         parameters=sum(p.numel() for p in model.parameters()),
         total_steps=config.steps + (previous.total_steps if previous else 0),
         total_wall_seconds=round(wall + (previous.total_wall_seconds if previous else 0), 1),
-        config_overrides=config.config_overrides, scene=config.scene.to_dict())
+        config_overrides=config.config_overrides, scene=config.scene.to_dict(),
+        lookup_weight=config.lookup_weight,
+        lookup_layer=(text.num_hidden_layers // 2 if config.lookup_layer is None else config.lookup_layer)
+        if config.lookup_weight > 0 else None)
     (folder / "training_summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
     return summary
 
@@ -522,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="bfloat16 autocast for the matmuls (weights and optimizer stay float32; "
                              "~25%% faster per step on a CPU with AVX512-BF16)")
+    parser.add_argument("--lookup-weight", type=float, default=0.0,
+                        help="weight of the lookup supervision: one head of --lookup-layer taught to attend, at "
+                             "each answer, to the visual tokens of the objects the question is about (0: off)")
+    parser.add_argument("--lookup-layer", type=int, default=None,
+                        help="the language-model layer of the supervised head (default: half its depth)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
                         help="save the run's state into <out>.partial every N steps (0: never); started again with "
                              "the same settings, an interrupted run resumes from it")
@@ -541,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         init_from=args.init_from, start=args.start, aux_weight=args.aux_weight, curriculum=args.curriculum,
         curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets, image_norm=args.image_norm,
         vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16, scene=scene,
-        checkpoint_every=args.checkpoint_every)
+        checkpoint_every=args.checkpoint_every, lookup_weight=args.lookup_weight,
+        lookup_layer=args.lookup_layer)
     try:
         summary = train(args.out, config, progress=not args.no_progress)
     except TrainingConfigError as e:
