@@ -47,11 +47,22 @@ def matched_keep(config, method: str, target: float, n_text: int, n_visual: int)
     return round((low + high) / 2, 4)
 
 
-def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int) -> list[dict]:
+def lvpruning(rho: float, modules: Path | None = None):
+    """LVPruning at ``rho``, with the decision modules in ``modules`` when given (their block count sets their
+    FLOPs; without them the paper's 2 blocks are counted)."""
+    method = lofi.build("lvpruning", keep=rho)
+    if modules is not None:
+        from lofi.methods.lvpruning import DecisionModules
+        method.modules = DecisionModules.load(modules)
+    return method
+
+
+def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int, modules: Path | None = None
+                ) -> list[dict]:
     """Per rho: the decision modules' share of the unpruned FLOPs and what keep it buys ``random``."""
     rows = []
     for rho in rhos:
-        pruned, base = pruned_flops(config, lofi.build("lvpruning", keep=rho), n_text, n_visual)
+        pruned, base = pruned_flops(config, lvpruning(rho, modules), n_text, n_visual)
         rel, share = pruned.total / base.total, pruned.decision / base.total
         keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
                            for target in (rel, rel - share))
@@ -88,7 +99,8 @@ def main(argv=None):
     config = AutoConfig.from_pretrained(paths.BUNDLED_MODEL)
     n_visual = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     args.out.mkdir(parents=True, exist_ok=True)
-    share = pd.DataFrame(flops_share(config, "bundled", args.rho, args.n_text, n_visual)
+    modules = paths.BUNDLED_MODEL / "lvpruning"
+    share = pd.DataFrame(flops_share(config, "bundled", args.rho, args.n_text, n_visual, modules)
                          + flops_share(shape_config("llava-7b"), "llava-1.5-7b shape", args.rho, N_TEXT_7B, 576))
     print(share.round({"random_tokens": 0, "random_tokens_if_free": 0}).to_markdown(index=False, floatfmt=".3g"))
     share.to_csv(args.out / "flops_share.csv", index=False)
@@ -98,7 +110,7 @@ def main(argv=None):
     lvpruning = pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"])
     matched = {}  # (method, keep) -> rho
     for rho in args.rho:
-        target = relative_flops(config, lofi.build("lvpruning", keep=rho), args.n_text, n_visual)[0]
+        target = relative_flops(config, lvpruning(rho, modules), args.n_text, n_visual)[0]
         for method in ("random", "fastv"):
             keep = matched_keep(config, method, target, args.n_text, n_visual)
             if math.isnan(keep):

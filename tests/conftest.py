@@ -15,7 +15,7 @@ def bundled_model():
 
 
 TINY_TRAINED = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-                "vision_width": 32, "patch_size": 18}
+                "vision_width": 32, "patch_size": 16}
 
 
 @pytest.fixture(scope="session")

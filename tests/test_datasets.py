@@ -24,7 +24,7 @@ def test_bundled_split_loads_with_families():
     samples = load_split("test", limit=10)
     assert len(samples) == 10
     assert samples[0].question_id == "test-00000-0"
-    assert samples[0].load_image().size == (72, 72)
+    assert samples[0].load_image().size == (64, 64)
 
 
 def test_a_path_to_a_jsonl_split_loads(tmp_path):

@@ -8,7 +8,7 @@ from transformers import LlavaForConditionalGeneration
 from analysis.benchmark import shapes
 from analysis.benchmark.scene_config import SceneConfig
 from analysis.bundled import recipe as bundled
-from analysis.bundled.batches import IGNORE, ConversationBatches
+from analysis.bundled.batches import IGNORE, LOOKUP_FAMILIES, ConversationBatches
 from analysis.bundled.train import LookupLoss, TrainingConfigError
 
 GRID = SceneConfig(image_size=64, grid=8, sizes={"small": 7}, min_objects=1, max_objects=8, min_separation=16,
@@ -27,7 +27,7 @@ def test_referents_are_the_objects_whose_tokens_carry_each_answer():
     assert ask("How many objects are there?", "3", "count", "objects") == [0, 1, 2]
     assert ask("Is there a blue circle?", "yes", "existence", "positive") == [1]
     assert ask("Is there a red square?", "no", "existence", "adversarial") == []
-    assert ask("Is the blue square on the left?", "yes", "position", "on the left") == [2]
+    assert ask("Is the blue square on the left or on the right?", "left", "position", "horizontal") == [2]
     assert ask("Is the red circle left of the blue square?", "yes", "spatial", "left of") == [0, 2]
 
 
@@ -46,11 +46,13 @@ def test_the_lookup_mask_marks_each_answer_position_and_the_visual_tokens_of_its
         assert len(positions) == len(questions) + 1  # and the describe turn, never supervised
         for position, question in zip(positions, questions):
             keys = mask[row, position].nonzero().flatten().tolist()
-            cells = [(objects[i].y // 8) * 8 + objects[i].x // 8 for i in shapes.referents(question, objects)]
+            referents = shapes.referents(question, objects) if question.family in LOOKUP_FAMILIES else []
+            cells = [(objects[i].y // 8) * 8 + objects[i].x // 8 for i in referents]
             assert keys == sorted(batches.image_start + c for c in cells)
             assert all(ids[row, k] == image for k in keys)
             supervised += bool(keys)
-        assert mask[row].any(-1).sum() == sum(bool(shapes.referents(q, objects)) for q in questions)
+        assert mask[row].any(-1).sum() == sum(bool(shapes.referents(q, objects)) for q in questions
+                                              if q.family in LOOKUP_FAMILIES)
     assert supervised > 4
 
 

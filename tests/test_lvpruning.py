@@ -304,7 +304,7 @@ def test_training_command_writes_modules_that_lofi_finds(tmp_path, decisions):
     from analysis.study.evaluate import answer, load_model
 
     tiny = {"text_layers": 4, "text_width": 32, "text_heads": 2, "text_kv_heads": 2, "vision_layers": 1,
-            "vision_width": 32, "patch_size": 18}
+            "vision_width": 32, "patch_size": 16}
     model_dir = tmp_path / "tiny-llava"
     train_bundled(model_dir, steps=1, batch_size=2, turns=1, lr=1e-3, seed=0, eval_every=0,
                   config_overrides=tiny, progress=False)
@@ -331,3 +331,19 @@ def test_training_rejects_unknown_labels_and_decisions(tmp_path):
         train(tmp_path, labels="gold", **common)
     with pytest.raises(ValueError, match=r"unknown decisions 'soft'; valid: \['gumbel', 'topk'\]"):
         train(tmp_path, decisions="soft", **common)
+
+
+def test_one_block_modules_cost_what_their_one_block_computes():
+    model = tiny_llava()
+    width = model.config.text_config.hidden_size
+    with pytest.raises(ValueError, match="at least one cross-attention block, got blocks=0"):
+        DecisionModules.for_model(model, blocks=0)
+    one = DecisionModules.for_model(model, blocks=1)
+    assert one.settings["blocks"] == 1 and all(len(stage.blocks) == 1 for stage in one.stages)
+    method = LVPruning(keep=0.5)
+    paper = method.decision_flops(model.config, 7, [16, 8])  # no modules bound: the paper's 2 blocks
+    method.modules = one
+    assert method.decision_flops(model.config, 7, [16, 8]) == sum(decision_flops(width, 7, n, 1) for n in (16, 8))
+    assert paper == sum(decision_flops(width, 7, n, 2) for n in (16, 8))
+    head = 4 * 16 * width + 4 * 8 * width  # W_O, once per module whatever its blocks
+    assert paper - head == pytest.approx(2 * (method.decision_flops(model.config, 7, [16, 8]) - head))

@@ -9,7 +9,7 @@ import pytest
 
 from analysis import paths
 from analysis.benchmark import datasets, shapes
-from analysis.benchmark.scene_config import DEFAULT, FIRST_FAMILIES, QUESTION_FAMILIES, SceneConfig
+from analysis.benchmark.scene_config import DEFAULT, FIRST, FIRST_FAMILIES, QUESTION_FAMILIES, SceneConfig
 from analysis.bundled import recipe as bundled
 
 # a harder benchmark than the bundled one: a larger image, smaller objects and more of them
@@ -17,10 +17,14 @@ DENSE = SceneConfig(image_size=96, sizes={"small": 7, "large": 11}, min_objects=
 
 
 def test_the_default_config_is_the_bundled_benchmarks():
-    assert DEFAULT.image_size == 72 and DEFAULT.sizes == {"small": 11, "large": 19}
-    assert (DEFAULT.min_objects, DEFAULT.max_objects, DEFAULT.min_separation) == (1, 6, 8)
-    assert DEFAULT.families == FIRST_FAMILIES == QUESTION_FAMILIES[:5] and set(QUESTION_FAMILIES) == set(shapes._MAKERS)
-    assert DEFAULT == SceneConfig() and hash(DEFAULT) == hash(SceneConfig())
+    assert (DEFAULT.image_size, DEFAULT.grid, DEFAULT.cell, DEFAULT.sizes) == (64, 8, 8, {"small": 7})
+    assert (DEFAULT.min_objects, DEFAULT.max_objects, DEFAULT.min_separation) == (1, 8, 16)
+    assert DEFAULT.families == ("existence", "colour", "shape", "count", "position")
+    assert set(QUESTION_FAMILIES) == set(shapes._MAKERS)
+    # the first bundled benchmark: the dataclass defaults, what a record without the newer fields reads as
+    assert FIRST == SceneConfig() and hash(FIRST) == hash(SceneConfig()) and FIRST != DEFAULT
+    assert (FIRST.image_size, FIRST.grid, FIRST.sizes, FIRST.max_objects) == (72, 0, {"small": 11, "large": 19}, 6)
+    assert FIRST.families == FIRST_FAMILIES == QUESTION_FAMILIES[:5]
     assert datasets.scene_config("test") == datasets.scene_config("val") == DEFAULT
 
 
@@ -156,7 +160,9 @@ def test_the_command_writes_a_split_of_its_options_and_refuses_a_bad_one(tmp_pat
     assert shapes._parser().parse_args([]).out == paths.BUNDLED_BENCHMARK
     assert shapes.main(["--out", str(tmp_path / "dense"), "--splits", "val", "--image-size", "96",
                         "--sizes", "small=7,large=11", "--min-objects", "4", "--max-objects", "10"]) == 0
-    assert datasets.scene_config(tmp_path / "dense" / "val.jsonl") == DENSE
+    # the options change the default config's fields (its grid, families and separation stay)
+    assert datasets.scene_config(tmp_path / "dense" / "val.jsonl") == replace(
+        DEFAULT, image_size=96, sizes=DENSE.sizes, min_objects=4, max_objects=10)
     assert shapes.main(["--out", str(tmp_path / "bad"), "--min-objects", "7", "--max-objects", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: object count range 7..3 is invalid")
@@ -209,9 +215,9 @@ def test_a_bad_grid_is_refused_in_one_line(settings, fix):
     assert "\n" not in str(error.value)
 
 
-def test_position_questions_name_the_half_an_object_lies_in_away_from_the_middle():
+def test_position_questions_ask_which_half_an_object_lies_in_away_from_the_middle():
     config = replace(GRID, families=("existence", "position"))
-    assert {"on", "at", "top", "bottom"} <= set(shapes.vocabulary(config))
+    assert {"on", "or", "at", "top", "bottom"} <= set(shapes.vocabulary(config))
     assert "top" not in shapes.vocabulary(GRID)  # only configs that ask them have their words
     asked = set()
     for index in range(150):
@@ -221,13 +227,14 @@ def test_position_questions_name_the_half_an_object_lies_in_away_from_the_middle
             assert all(abs(o.x - 48) < 8 and abs(o.y - 48) < 8 for o in objects)
             continue
         o = next(o for o in objects if f"the {o.name} " in question.question)
-        where = question.subtype
-        centre, side = (o.x, "on the left") if where in ("on the left", "on the right") else (o.y, "at the top")
-        assert abs(centre - 48) >= 8  # never about an object near the middle line
-        truth = (centre < 48) == (where == side)
-        assert question.answer == ("yes" if truth else "no") and question.question.endswith(f"{where}?")
-        asked.add((where, question.answer))
-    assert len(asked) == 8  # every half, answered yes and no
+        if question.subtype == "horizontal":
+            assert question.question == f"Is the {o.name} on the left or on the right?"
+            assert abs(o.x - 48) >= 8 and question.answer == ("left" if o.x < 48 else "right")
+        else:
+            assert question.question == f"Is the {o.name} at the top or at the bottom?"
+            assert abs(o.y - 48) >= 8 and question.answer == ("top" if o.y < 48 else "bottom")
+        asked.add(question.answer)
+    assert asked == {"left", "right", "top", "bottom"}
 
 
 def test_describe_lists_a_grid_scene_in_reading_order_and_other_scenes_left_to_right():
@@ -235,4 +242,4 @@ def test_describe_lists_a_grid_scene_in_reading_order_and_other_scenes_left_to_r
                shapes.ShapeObject("square", "blue", "small", 4, 12),
                shapes.ShapeObject("cross", "green", "small", 12, 4)]
     assert shapes.describe(objects, GRID).answer == "green cross red circle blue square"
-    assert shapes.describe(objects).answer == "blue square green cross red circle"
+    assert shapes.describe(objects, FIRST).answer == "blue square green cross red circle"

@@ -9,7 +9,7 @@ import shlex
 import pytest
 
 from analysis.benchmark import datasets, shapes
-from analysis.benchmark.scene_config import DEFAULT, SceneConfig
+from analysis.benchmark.scene_config import DEFAULT, FIRST, SceneConfig
 from analysis.bundled import train as train_bundled
 from analysis.study import evaluate, models
 from analysis.study.request import UsageError, parse, plan
@@ -81,14 +81,16 @@ def test_a_split_of_another_scene_config_is_refused_in_one_line(small, tmp_path,
         plan(parse(["--methods", "fastv", "--model", str(out), "--dataset", "test", "--out", str(tmp_path / "r")]))
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"dataset test was generated with another scene config than "
-                                                      f"model {out} was trained on (image_size 72 vs 48; sizes")
+                                                      f"model {out} was trained on (image_size 64 vs 48; sizes")
     assert f"python -m analysis.shapes --scene-config {out / models.SCENE_RECORD} --out FOLDER" in message
     assert compare.main(["--methods", "fastv", "--model", str(out), "--out", str(tmp_path / "r")]) == 2
     assert capsys.readouterr().err == f"error: {message}\n" and not (tmp_path / "r").exists()
     assert evaluate.main(["--model", str(out), "--dataset", "val"]) == 2
     assert capsys.readouterr().err.startswith("error: dataset val was generated with another scene config")
-    # only where both record theirs: a model without a record (the bundled one) is the default config's
-    assert evaluate.evaluation_scene(models.paths.BUNDLED_MODEL, split) == DEFAULT
+    # only where both record theirs: a model without a record predates it, and was trained on the first config
+    (tmp_path / "unrecorded-model").mkdir()
+    assert evaluate.evaluation_scene(tmp_path / "unrecorded-model", split) == FIRST
+    assert evaluate.evaluation_scene(models.paths.BUNDLED_MODEL, "test") == DEFAULT
     unrecorded = shapes.write_split(tmp_path / "plain", "test", n_images=1)
     shapes.config_record_path(unrecorded).unlink()
     assert evaluate.evaluation_scene(out, unrecorded) == SMALL
@@ -100,7 +102,7 @@ def test_a_continued_run_refuses_another_scene_config(small, tmp_path, capsys):
         train_bundled.train(tmp_path / "b", steps=1, batch_size=2, turns=1, eval_every=0, init_from=out,
                             progress=False)
     assert "\n" not in str(error.value) and str(error.value).startswith(
-        f"--init-from {out} was trained on another scene config (image_size 48 vs 72; sizes")
+        f"--init-from {out} was trained on another scene config (image_size 48 vs 64; sizes")
     assert train_bundled.main(["--out", str(tmp_path / "b"), "--init-from", str(out), *TINY_OPTIONS]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--scene-config {out / models.SCENE_RECORD}" in err
@@ -113,9 +115,9 @@ def test_a_continued_run_refuses_another_scene_config(small, tmp_path, capsys):
 def test_a_vision_size_or_curriculum_that_does_not_fit_the_scene_is_refused(tmp_path):
     for settings, fix in (
             ({"config_overrides": {"image_size": 24}},
-             "the vision tower's image_size 24 px differs from the scene config's 72 px images; leave image_size out"),
-            ({"config_overrides": {"patch_size": 7}}, "the scene config's 72 px images are not a whole number of 7 px"),
-            ({"curriculum_start": 9}, "--curriculum-start 9 is outside the scene config's object range 1..6")):
+             "the vision tower's image_size 24 px differs from the scene config's 64 px images; leave image_size out"),
+            ({"config_overrides": {"patch_size": 7}}, "the scene config's 64 px images are not a whole number of 7 px"),
+            ({"curriculum_start": 9}, "--curriculum-start 9 is outside the scene config's object range 1..8")):
         with pytest.raises(train_bundled.TrainingConfigError, match="^" + re.escape(fix)):
             train_bundled.train(tmp_path / "x", steps=1, progress=False, **settings)
     assert not any(tmp_path.iterdir())

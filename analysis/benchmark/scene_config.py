@@ -234,4 +234,10 @@ def difference(a: SceneConfig, b: SceneConfig) -> str:
     return "; ".join(f"{k} {json.dumps(left[k])} vs {json.dumps(right[k])}" for k in left if left[k] != right[k])
 
 
-DEFAULT = SceneConfig()
+# The first bundled benchmark: SceneConfig() (72 px, objects anywhere over 2-9 patches, the relative "spatial"
+# family). On it any quarter of the visual tokens carried every answer, so the choice of tokens hardly mattered.
+FIRST = SceneConfig()
+# The bundled benchmark: one 7 px object per 8 px cell of a 64 px image, so one visual token per object for
+# a vision tower with 8 px patches; "position" (which half an object lies in) as the spatial family.
+DEFAULT = SceneConfig(image_size=64, grid=8, sizes={"small": 7}, min_objects=1, max_objects=8, min_separation=16,
+                      families=("existence", "colour", "shape", "count", "position"))

@@ -41,7 +41,6 @@ from analysis.benchmark.scene_config import DEFAULT, SceneConfig, read_record, r
 from analysis.paths import BUNDLED_BENCHMARK
 
 SPATIAL_RELATIONS = ("left of", "right of", "above", "below")
-POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")  # halves of the image
 # Disjoint seed ranges: a split of up to 10**6 scenes never reaches the next range.
 SPLIT_SEEDS = {"test": 1_000_000, "val": 2_000_000, "train": 10_000_000}
 SPLIT_SIZES = {"test": 400, "val": 100}  # images; QUESTIONS_PER_IMAGE questions each
@@ -50,7 +49,7 @@ PLACEMENT_TRIES = 200  # positions tried per object before it is left out of the
 PROMPT_WORDS = ("user", "assistant", ":", "?", "is", "there", "a", "what", "color", "the", "shape",
                 "object", "how", "many", "objects", "are", "left", "right", "of", "above", "below",
                 "describe", "image", ".")
-POSITION_WORDS = ("on", "at", "top", "bottom")  # with "the", "left", "right": the position family's words
+POSITION_WORDS = ("on", "or", "at", "top", "bottom")  # with "the", "left", "right": the position family's words
 DESCRIBE = "Describe the image."
 
 
@@ -276,8 +275,9 @@ def _spatial(objects, rng, config: SceneConfig) -> Question | None:
 
 
 def _position(objects, rng, config: SceneConfig) -> Question | None:
-    """Which half of the image an object lies in: "Is the red circle on the left?" (yes / no), asked only
-    about a centre at least ``min_separation / 2`` px from the middle line it is judged against."""
+    """Which half of the image an object lies in: "Is the red circle on the left or on the right?" (left /
+    right) or "... at the top or at the bottom?" (top / bottom), asked only about a centre at least
+    ``min_separation / 2`` px from the middle line it is judged against."""
     middle, margin = config.image_size / 2, config.min_separation / 2
     candidates = [(o, axis) for o in objects for axis in ("horizontal", "vertical")
                   if abs((o.x if axis == "horizontal" else o.y) - middle) >= margin]
@@ -285,12 +285,10 @@ def _position(objects, rng, config: SceneConfig) -> Question | None:
         return None
     o, axis = candidates[int(rng.integers(len(candidates)))]
     if axis == "horizontal":
-        truth, other = ("on the left", "on the right") if o.x < middle else ("on the right", "on the left")
-    else:
-        truth, other = ("at the top", "at the bottom") if o.y < middle else ("at the bottom", "at the top")
-    want_yes = rng.random() < 0.5
-    where = truth if want_yes else other
-    return Question(f"Is the {o.name} {where}?", "yes" if want_yes else "no", "position", where)
+        return Question(f"Is the {o.name} on the left or on the right?", "left" if o.x < middle else "right",
+                        "position", axis)
+    return Question(f"Is the {o.name} at the top or at the bottom?", "top" if o.y < middle else "bottom",
+                    "position", axis)
 
 
 _MAKERS = {"existence": _existence, "colour": _colour, "shape": _shape, "count": _count,

@@ -16,6 +16,9 @@ from analysis.benchmark import shapes
 from analysis.benchmark.scene_config import DEFAULT, SceneConfig
 
 IGNORE = -100
+# Families whose answers the lookup supervision teaches a head to read from their objects' tokens. Not count:
+# a head whose attention is spread evenly over n objects returns their mean, which holds no count.
+LOOKUP_FAMILIES = ("existence", "colour", "shape", "position", "spatial")
 
 
 def encode_conversation(tokenizer, n_image_tokens: int, image_token_id: int,
@@ -110,7 +113,7 @@ class ConversationBatches:
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
                                                  self.image_token_id, questions, positions))
             lookups.append([(p, self._patches(objects, shapes.referents(q, objects)))
-                            for p, q in zip(positions, questions)])
+                            for p, q in zip(positions, questions) if q.family in LOOKUP_FAMILIES])
             self.index += 1
         width = max(len(ids) for ids, _ in sequences)
         pad = self.processor.tokenizer.pad_token_id

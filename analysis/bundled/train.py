@@ -57,7 +57,7 @@ from transformers import LlavaForConditionalGeneration
 from analysis.benchmark import shapes
 from analysis.benchmark.datasets import DatasetError
 from analysis.benchmark.datasets import scene_config as split_scene_config
-from analysis.benchmark.scene_config import DEFAULT, SceneConfig, difference, record_text
+from analysis.benchmark.scene_config import DEFAULT, FIRST, SceneConfig, difference, record_text
 from analysis.bundled import checkpoint
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import ConversationBatches, curriculum_max_objects, parse_family_weights
@@ -242,7 +242,7 @@ class TrainingSummary:
 
     def scene_config(self) -> SceneConfig:
         """The scene config the run trained on."""
-        return DEFAULT if self.scene is None else SceneConfig.from_dict(self.scene)
+        return FIRST if self.scene is None else SceneConfig.from_dict(self.scene)
 
     def chain(self) -> list[TrainingSummary]:
         """The runs behind a checkpoint, oldest first (``--init-from`` links them)."""
@@ -331,7 +331,7 @@ def check(config: TrainingConfig) -> TrainingConfig:
                                       f"{patch} px patches; choose an image size that is a multiple of {patch}")
     else:
         try:
-            trained = scene_config(config.init_from) or DEFAULT
+            trained = scene_config(config.init_from) or FIRST
         except ModelError as e:
             raise TrainingConfigError(str(e)) from None
         if trained != scene:
@@ -348,7 +348,7 @@ def val_split(scene: SceneConfig, scratch: Path) -> str | Path:
     bundled split without a record is the default config's), else the val split of ``scene`` written into
     ``scratch`` (``shapes.write_split``: the val seeds, disjoint from the training stream's; its size)."""
     try:
-        if (split_scene_config("val") or DEFAULT) == scene:
+        if (split_scene_config("val") or FIRST) == scene:
             return "val"
     except DatasetError:  # no bundled val split (or an unreadable record): the generated one serves
         pass

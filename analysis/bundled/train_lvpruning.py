@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from analysis.benchmark.scene_config import DEFAULT
+from analysis.benchmark.scene_config import FIRST
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import IGNORE, ConversationBatches
 from analysis.bundled.train import warmup_cosine
@@ -72,7 +72,7 @@ def train(model_path: Path, out: Path | None, steps: int, batch_size: int, lr: f
     n_image_tokens = (vision.image_size // vision.patch_size) ** 2
     # a stream offset far from the base model's training scenes, still inside the train seed range
     batches = ConversationBatches(processor, n_image_tokens, batch_size, turns=1, start=start,
-                                  scene=scene_config(model_path) or DEFAULT)  # the scenes the model learnt
+                                  scene=scene_config(model_path) or FIRST)  # the scenes the model learnt
     optimizer = torch.optim.AdamW(modules.parameters(), lr=lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, steps, warmup=max(1, int(0.03 * steps)))
     out = out or Path(model_path) / DEFAULT_FOLDER

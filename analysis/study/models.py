@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from analysis import paths
-from analysis.benchmark.scene_config import DEFAULT, SceneConfig, difference, read_record
+from analysis.benchmark.scene_config import DEFAULT, FIRST, SceneConfig, difference, read_record
 
 SCENE_RECORD = "scene_config.json"  # in a model folder: the shapes scene config it was trained on
 
@@ -130,7 +130,7 @@ def prompt(processor, question: str) -> str:
 
 def scene_config(model: str | Path) -> SceneConfig | None:
     """The shapes scene config ``model`` was trained on (its folder's ``SCENE_RECORD``), or None for a model
-    without that record (the bundled model predates it; the default config is then the one it was trained on)."""
+    without that record (a model that predates the record, trained on the first bundled config ``FIRST``)."""
     record = resolve(model) / SCENE_RECORD
     if not record.is_file():
         return None
@@ -141,7 +141,7 @@ def scene_config(model: str | Path) -> SceneConfig | None:
 
 
 def evaluation_scene(model: str | Path, dataset: str | Path) -> SceneConfig:
-    """The scene config of ``model`` (``DEFAULT`` without a record), refused (``ModelError``) when ``dataset``
+    """The scene config of ``model`` (``FIRST`` without a record), refused (``ModelError``) when ``dataset``
     records that it was generated with another: its images would not be the pictures the model learnt."""
     from analysis.benchmark.datasets import scene_config as split_scene_config
     trained, generated = scene_config(model), split_scene_config(dataset)
@@ -150,7 +150,7 @@ def evaluation_scene(model: str | Path, dataset: str | Path) -> SceneConfig:
         raise ModelError(f"dataset {dataset} was generated with another scene config than model {model} was "
                          f"trained on ({difference(generated, trained)}); evaluate on a split of the model's "
                          f"config: python -m analysis.shapes --scene-config {record} --out FOLDER")
-    return DEFAULT if trained is None else trained
+    return FIRST if trained is None else trained
 
 
 def batch_inputs(processor, samples: Sequence, blank: bool = False, scene: SceneConfig = DEFAULT):

@@ -279,5 +279,8 @@ class LVPruning(PruningMethod):
         return scores + standard_gumbel(state.uniform(self.seed * 7919 + state.stage))
 
     def decision_flops(self, config, n_text: int, n_visual_per_stage: list[int]) -> float:
+        """The stages' modules over the visual tokens each sees: their own block count once loaded, else the
+        paper's 2."""
         width = config.text_config.hidden_size
-        return sum(decision_flops(width, n_text, n) for n in n_visual_per_stage)
+        blocks = self.modules.settings.get("blocks", 2) if self.modules is not None else 2
+        return sum(decision_flops(width, n_text, n, blocks) for n in n_visual_per_stage)

@@ -1,11 +1,12 @@
-"""The token-choice table: flip intervals and paired differences against random, on synthetic samples."""
+"""The method comparison's table against random: flip intervals and paired differences at the same keep, on
+synthetic samples."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from analysis.measure.paired import mean_interval, paired_difference
-from benchmarks.token_choice import markdown, methods_for, table
+from benchmarks.method_comparison import markdown, versus_random
 
 
 def _samples(rng, n=300):
@@ -26,7 +27,7 @@ def test_each_method_gets_its_flip_interval_and_its_paired_difference_with_rando
     # another seed of random, in shuffled order: matched by question id, not by row
     seeds = samples[samples.method == "random"].sample(frac=1, random_state=1).assign(seed=1)
     seeds["flip"] = ~seeds["flip"]
-    result = table(samples, seeds).set_index(["method", "keep"])
+    result = versus_random(samples, seeds).set_index(["method", "keep"])
     for (method, keep), frame in samples.groupby(["method", "keep"]):
         row, flips = result.loc[(method, keep)], frame.set_index("sample_id")["flip"].astype(float)
         expected = mean_interval(flips)
@@ -43,7 +44,3 @@ def test_each_method_gets_its_flip_interval_and_its_paired_difference_with_rando
     assert result.loc[("fastv", 0.25)].fewer_than_random and not result.loc[("lofi", 0.5)].fewer_than_random
     text = markdown(result.reset_index())
     assert "minus random, points [95% CI]" in text and "flips % [95% CI]" in text
-
-
-def test_lvpruning_is_compared_only_where_its_modules_are_trained(tmp_path):
-    assert "lvpruning" not in methods_for(tmp_path) and {"random", "fastv", "lofi"} <= set(methods_for(tmp_path))
