@@ -77,3 +77,31 @@ def test_the_lookup_loss_is_minus_log_the_heads_attention_on_its_tokens_and_deta
     torch.testing.assert_close(loss, expected)
     assert model.config.text_config._attn_implementation == "sdpa"
     assert lookup.hook.id not in model.model.language_model.layers[1].self_attn._forward_hooks
+
+
+def test_count_answers_are_taught_even_attention_over_bos_and_the_counted_objects_on_the_next_head():
+    processor = bundled.build_processor(normalisation="background", scene=GRID)
+    batches = ConversationBatches(processor, 64, batch_size=3, turns=5, lookup=True, count_lookup=True,
+                                  family_weights={"count": 1.0}, scene=GRID, start=3)
+    batch = next(batches)
+    counts, ids = batch.pop("count_lookup"), batch["input_ids"]
+    reads = batch.pop("lookup")
+    assert not reads.any()  # count questions only: none supervised on the lookup head
+    image = processor.tokenizer.convert_tokens_to_ids("<image>")
+    rows = counts.sum(-1) > 0
+    assert rows.sum() >= 3 and torch.allclose(counts.sum(-1)[rows], torch.ones(int(rows.sum())))
+    for row, position in rows.nonzero().tolist():
+        keys = counts[row, position].nonzero().flatten().tolist()
+        assert keys[0] == 0 and all(ids[row, k] == image for k in keys[1:])  # <s>, then the counted tokens
+        assert torch.allclose(counts[row, position, keys], torch.full((len(keys),), 1 / len(keys)))
+    config = bundled.build_config(processor.tokenizer, image_size=64, patch_size=8, **TINY)
+    torch.manual_seed(1)
+    model = LlavaForConditionalGeneration(config).eval()
+    lookup = LookupLoss(model, layer=0, head=0)
+    with torch.no_grad():
+        model(**batch)
+        loss = lookup.loss(reads, counts)
+        counter = model(**batch, output_attentions=True).attentions[0][:, 1]
+    lookup.remove()
+    expected = -(counts * torch.log(counter + 1e-6)).sum(-1)[rows].mean()
+    torch.testing.assert_close(loss, expected)

@@ -79,7 +79,7 @@ class ConversationBatches:
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
                  describe: bool = False, patch_targets: bool = False,
                  family_weights: dict[str, float] | None = None, scene: SceneConfig = DEFAULT,
-                 lookup: bool = False):
+                 lookup: bool = False, count_lookup: bool = False):
         self.processor, self.batch_size, self.turns, self.describe = processor, batch_size, turns, describe
         self.scene = scene
         self.family_weights = family_weights
@@ -88,12 +88,12 @@ class ConversationBatches:
         self.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         self.index = start
         self.max_objects = scene.max_objects  # the curriculum lowers this early in training
-        self.lookup = lookup
+        self.lookup, self.count_lookup = lookup, count_lookup
         # where encode_conversation puts the first visual token: after <s> and "USER:"
         self.image_start = 1 + len(processor.tokenizer("USER:", add_special_tokens=False)["input_ids"])
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        images, sequences, scenes, lookups = [], [], [], []
+        images, sequences, scenes, lookups, counts = [], [], [], [], []
         while len(images) < self.batch_size:
             objects, rng = shapes.scene("train", self.index, self.scene)
             if len(objects) > self.max_objects:
@@ -114,6 +114,8 @@ class ConversationBatches:
                                                  self.image_token_id, questions, positions))
             lookups.append([(p, self._patches(objects, shapes.referents(q, objects)))
                             for p, q in zip(positions, questions) if q.family in LOOKUP_FAMILIES])
+            counts.append([(p, self._patches(objects, shapes.referents(q, objects)))
+                           for p, q in zip(positions, questions) if q.family == "count"])
             self.index += 1
         width = max(len(ids) for ids, _ in sequences)
         pad = self.processor.tokenizer.pad_token_id
@@ -137,6 +139,14 @@ class ConversationBatches:
                 for position, patches in turns:
                     mask[row, position, [self.image_start + p for p in patches]] = True
             batch["lookup"] = mask
+        if self.count_lookup:
+            # [batch, query, key]: for a count answer, even attention over <s> and the n counted objects' tokens
+            target = torch.zeros(len(sequences), width, width)
+            for row, turns in enumerate(counts):
+                for position, patches in turns:
+                    keys = [0] + [self.image_start + p for p in patches]
+                    target[row, position, keys] = 1.0 / len(keys)
+            batch["count_lookup"] = target
         return batch
 
     def _patches(self, objects, indices: list[int]) -> list[int]:

@@ -56,7 +56,8 @@ def command(summary: TrainingSummary, model_dir: str = "data/shapes-llava") -> s
         changed = ",".join(f"{k}={v:g}" for k, v in summary.family_weights.items() if v != 1)
         parts.append(f"--family-weights {changed or 'existence=1'}")
     if summary.lookup_weight:
-        parts.append(f"--lookup-weight {summary.lookup_weight:g} --lookup-layer {summary.lookup_layer}")
+        parts.append(f"--lookup-weight {summary.lookup_weight:g} --lookup-layer {summary.lookup_layer}"
+                     + (" --count-lookup" if summary.count_lookup else ""))
     if not summary.describe:
         parts.append("--no-describe")
     parts += [f"--lr {summary.lr}", f"--seed {summary.seed}"]

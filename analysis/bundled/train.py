@@ -187,6 +187,7 @@ class TrainingConfig:
     checkpoint_every: int = 100  # steps; 0: no checkpoints (an interrupted run starts afresh)
     lookup_weight: float = 0.0
     lookup_layer: int | None = None  # None: half the language model's depth
+    count_lookup: bool = False
 
 
 class TrainingConfigError(ValueError):
@@ -228,6 +229,7 @@ class TrainingSummary:
     scene: dict | None = None  # SceneConfig.to_dict(); None: a run that predates the record (the default)
     lookup_weight: float = 0.0
     lookup_layer: int | None = None
+    count_lookup: bool = False
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainingSummary:
@@ -265,7 +267,8 @@ def train(out: Path, config: TrainingConfig | None = None, progress: bool = True
                                   describe=config.describe,
                                   patch_targets=config.aux_weight > 0 or config.vision_warmup > 0,
                                   family_weights=config.family_weights, scene=config.scene,
-                                  lookup=config.lookup_weight > 0)
+                                  lookup=config.lookup_weight > 0,
+                                  count_lookup=config.lookup_weight > 0 and config.count_lookup)
     heads = PatchHeads(model.config.text_config.hidden_size, vision.image_size // vision.patch_size,
                        config.nearest_targets, config.scene)
     tmp = out.with_name(out.name + ".partial")
@@ -402,6 +405,7 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
             batch = next(batches)
             targets = batch.pop("patch_targets", None)
             reads = batch.pop("lookup", None)
+            counting = batch.pop("count_lookup", None)
             projected.clear()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
                 answer_loss = model(**batch).loss
@@ -410,7 +414,7 @@ def _train_steps(model, processor, heads, batches, config: TrainingConfig, n_ima
                     aux = heads.loss(projected[0].view(len(batch["input_ids"]), n_image_tokens, -1), targets)
                     loss = answer_loss + config.aux_weight * aux
                 if lookup is not None:
-                    lookup_loss = lookup.loss(reads)
+                    lookup_loss = lookup.loss(reads, counting)
                     loss = loss + config.lookup_weight * lookup_loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -467,15 +471,24 @@ class LookupLoss:
         self.hook = layers[self.layer].self_attn.register_forward_hook(
             lambda module, args, output: self.weights.append(output[1]))
 
-    def loss(self, reads: torch.Tensor) -> torch.Tensor:
-        """``reads``: [batch, query, key] bool, the keys each supervised query should attend to."""
-        attention = self.weights[-1][:, self.head]  # [batch, query, key]
+    def loss(self, reads: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """``reads``: [batch, query, key] bool, the keys each supervised query should attend to (head
+        ``head``). ``counts``: [batch, query, key] target distributions for count answers, taught to head
+        ``head + 1`` by cross-entropy -sum p log a: even attention over ``<s>`` and the n counted tokens makes
+        that head's output (v_<s> + sum v_i) / (n + 1), from which n can be read; the two losses are added."""
+        weights = self.weights[-1]
         self.weights.clear()
+        attention = weights[:, self.head]  # [batch, query, key]
+        loss = attention.sum() * 0.0
         queries = reads.any(-1)
-        if not queries.any():
-            return attention.sum() * 0.0
-        mass = (attention * reads).sum(-1)[queries]
-        return -torch.log(mass.float() + 1e-6).mean()
+        if queries.any():
+            loss = loss - torch.log((attention * reads).sum(-1)[queries].float() + 1e-6).mean()
+        if counts is not None:
+            counting = counts.sum(-1) > 0
+            if counting.any():
+                counter = weights[:, (self.head + 1) % weights.shape[1]]
+                loss = loss - (counts * torch.log(counter.float() + 1e-6)).sum(-1)[counting].mean()
+        return loss
 
     def remove(self) -> None:
         self.hook.remove()
@@ -523,7 +536,7 @@ def _save(model, processor, folder: Path, config: TrainingConfig, log: list[dict
         total_steps=config.steps + (previous.total_steps if previous else 0),
         total_wall_seconds=round(wall + (previous.total_wall_seconds if previous else 0), 1),
         config_overrides=config.config_overrides, scene=config.scene.to_dict(),
-        lookup_weight=config.lookup_weight,
+        lookup_weight=config.lookup_weight, count_lookup=config.count_lookup,
         lookup_layer=(text.num_hidden_layers // 2 if config.lookup_layer is None else config.lookup_layer)
         if config.lookup_weight > 0 else None)
     (folder / "training_summary.json").write_text(json.dumps(summary.as_dict(), indent=1))
@@ -582,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lookup-weight", type=float, default=0.0,
                         help="weight of the lookup supervision: one head of --lookup-layer taught to attend, at "
                              "each answer, to the visual tokens of the objects the question is about (0: off)")
+    parser.add_argument("--count-lookup", action="store_true",
+                        help="with --lookup-weight, also teach the next head, at each count answer, even attention "
+                             "over <s> and the counted objects' tokens (its output then holds 1 / (n + 1))")
     parser.add_argument("--lookup-layer", type=int, default=None,
                         help="the language-model layer of the supervised head (default: half its depth)")
     parser.add_argument("--checkpoint-every", type=int, default=100,
@@ -604,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
         curriculum_start=args.curriculum_start, nearest_targets=args.nearest_targets, image_norm=args.image_norm,
         vision_warmup=args.vision_warmup, family_weights=args.family_weights, bf16=args.bf16, scene=scene,
         checkpoint_every=args.checkpoint_every, lookup_weight=args.lookup_weight,
-        lookup_layer=args.lookup_layer)
+        lookup_layer=args.lookup_layer, count_lookup=args.count_lookup)
     try:
         summary = train(args.out, config, progress=not args.no_progress)
     except TrainingConfigError as e:
