@@ -13,13 +13,13 @@ defaults (``default``: ``r = cos``, kernel ``diag(r) S diag(r)``) and the unprun
 * ``theta=0.5``: ``g(r) = exp(0.5 r)`` instead of ``r`` (a milder weighting);
 * ``negated theta=0.5``: both (OpenVINO GenAI's defaults).
 
-Columns, per (variant, keep): ``tokens`` kept of the 144; ``jaccard``: mean over questions of
+Columns, per (variant, keep): ``tokens`` kept of the visual tokens; ``jaccard``: mean over questions of
 ``|A & B| / |A | B|`` between the variant's kept set A and the default's B; ``chance_jaccard``: its expectation
 for two independent uniform sets of that size (the floor of "unrelated"); ``identical``: % of questions whose
 kept sets are equal; ``changed_vs_default``: % of greedy answers that differ from the default's;
 ``flips``: % that differ from the unpruned model's; ``accuracy``: % correct. Answers are normalised
 (``analysis.measure.consistency.normalize_answer``). All variants keep the tokens' original positions unless
-``--positions`` says otherwise: the bundled model was trained on one layout of its 144 visual tokens, so the
+``--positions`` says otherwise: the bundled model was trained on one layout of its visual tokens, so the
 reference's compact renumbering moves their positions and dominates its answer changes (see "Every method on
 the bundled model" in benchmarks/README.md); the kept sets do not depend on it.
 """

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     print(f"bundled model, batch {args.batch}, {model.config.text_config.num_hidden_layers} layers; calls from "
           "lofi/ and analysis/ during one prefill and one decoding step")
     with torch.no_grad():
-        # LoFi's GPU default from 256 visual tokens is its randomized route: counted here on 144
+        # LoFi's GPU default from 256 visual tokens is its randomized route: counted here on the bundled model's fewer
         randomized = ("lofi keep=0.5, solver=randomized", lofi.build("lofi", keep=0.5, solver="randomized"), False)
         for label, method, capture in [("unpruned + Capture (IPR/PR, every layer)", None, True),
                                        *[(f"{m} keep=0.5", m, False) for m in args.methods],

@@ -15,7 +15,7 @@ the batch. On a GPU it also compares the two routes to a
 Gram matrix of bfloat16 rows (``lofi.linalg.gram``: one tensor-core GEMM with float32 output, against
 the float32 cast's product) at the 7B shape: their largest difference relative to the largest entry,
 and their times. Three sources of hidden states:
-- the bundled model on the first ``--batch`` test questions (real states, 144 visual tokens);
+- the bundled model on the first ``--batch`` test questions (real states, its visual tokens);
 - a random-weight LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic
   inputs, whose energy is spread;
 - synthetic states of that size with their energy in 12 directions, the regime real states are in.

@@ -160,7 +160,7 @@ def test_family_weights_shift_the_training_mix_and_reject_typos():
 
     from analysis.bundled.batches import parse_family_weights, weighted_questions
     weights = parse_family_weights("existence=3, colour=0")
-    assert weights == {"existence": 3.0, "colour": 0.0, "shape": 1.0, "count": 1.0, "spatial": 1.0}
+    assert weights == {"existence": 3.0, "colour": 0.0, "shape": 1.0, "count": 1.0, "position": 1.0}
     counts: collections.Counter = collections.Counter()
     for index in range(200):
         objects, rng = shapes.scene("train", index)
@@ -171,7 +171,7 @@ def test_family_weights_shift_the_training_mix_and_reject_typos():
     assert counts["existence"] > 1.5 * max(counts["shape"], counts["count"])
     again = weighted_questions(*shapes.scene("train", 7), 4, weights)
     assert again == weighted_questions(*shapes.scene("train", 7), 4, weights)  # seeded by the scene
-    for bad in ("existance=3", "existence", "shape=-1", "existence=0,colour=0,shape=0,count=0,spatial=0"):
+    for bad in ("existance=3", "existence", "shape=-1", "existence=0,colour=0,shape=0,count=0,position=0"):
         with pytest.raises(ValueError, match="existence"):
             parse_family_weights(bad)
     assert np.isclose(sum(parse_family_weights("").values()), 5)
@@ -190,7 +190,7 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     monkeypatch.setattr(paths, "REPO_ROOT", tmp_path)  # a checkpoint inside the project is recorded relative to it
     second = train(tmp_path / "b", steps=2, batch_size=2, turns=2, lr=5e-4, seed=1, eval_every=0,
                    init_from=tmp_path / "a", start=1000, progress=False, curriculum=2,
-                   family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "spatial": 0.0},
+                   family_weights={"existence": 3.0, "colour": 1.0, "shape": 1.0, "count": 1.0, "position": 0.0},
                    bf16=True)
     log = [json.loads(line) for line in (tmp_path / "b" / "training_log.jsonl").open()]
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
@@ -203,13 +203,13 @@ def test_a_continued_run_extends_the_log_and_the_card_lists_every_stage(tmp_path
     assert [s.steps for s in chain] == [3, 2]
     commands = [model_card.command(s) for s in chain]
     assert "--init-from" not in commands[0] and "--init-from data/shapes-llava --start 1000" in commands[1]
-    assert "--family-weights existence=3,spatial=0" in commands[1]
+    assert "--family-weights existence=3,position=0" in commands[1]
     assert commands[1].endswith("--bf16") and "--bf16" not in commands[0]
     captured = {}  # the card's command, fed to the script's own parser, asks for the same run
     monkeypatch.setattr(train_bundled, "train", lambda out, config, **kwargs: captured.update(vars(config)) or second)
     train_bundled.main(shlex.split(commands[1])[3:])
     assert (captured["steps"], captured["lr"], captured["seed"], captured["start"]) == (2, 5e-4, 1, 1000)
-    assert captured["family_weights"]["existence"] == 3 and captured["family_weights"]["spatial"] == 0
+    assert captured["family_weights"]["existence"] == 3 and captured["family_weights"]["position"] == 0
     assert captured["curriculum"] == 2 and captured["vision_warmup"] == 0
     assert captured["bf16"] is True
 

@@ -203,7 +203,9 @@ def test_spectra_on_the_host_match_the_inline_run_and_keep_its_identity(tiny_mod
     pd.testing.assert_frame_equal(hosted.drop(columns=numeric + spectrum), inline.drop(columns=numeric + spectrum))
     exact = ["ipr", "pr", "delta_ipr"]  # need no decomposition; the entropy of a float32 spectrum moves more
     pd.testing.assert_frame_equal(hosted[exact], inline[exact], rtol=1e-4, atol=1e-6)
-    pd.testing.assert_frame_equal(hosted[["effective_rank"]], inline[["effective_rank"]], rtol=1e-3)
+    # exp(entropy) of the normalised spectrum: float32 singular values near its noise floor move it by up to
+    # ~0.2% against float64 (1.8798 vs 1.8774 measured on the tiny model's 16-token groups)
+    pd.testing.assert_frame_equal(hosted[["effective_rank"]], inline[["effective_rank"]], rtol=3e-3)
     for a, b in zip(hosted.singular_values, inline.singular_values):
         assert len(a) == len(b) and np.allclose(a, b, rtol=1e-4, atol=1e-3 * max(b[0], 1))
     assert compare.main(_args(tiny_model, run_folder, "--spectra-on", "host")) == 0  # the finished run, as it is

@@ -3,6 +3,7 @@ folder records it, evaluation uses its blank image and refuses a split of anothe
 another config, and the card states it."""
 
 import json
+from dataclasses import replace
 import re
 import shlex
 
@@ -129,11 +130,12 @@ def test_the_scene_options_are_the_benchmark_commands_and_the_card_command_reads
     captured = {}
     done = train_bundled.TrainingSummary(steps=1, batch_size=1, turns=1, lr=1e-3, seed=0)
     monkeypatch.setattr(train_bundled, "train", lambda out, config, **kwargs: captured.update(vars(config)) or done)
-    options = ["--image-size", "48", "--sizes", "small=7,large=11", "--max-objects", "8"]
+    options = ["--image-size", "48", "--sizes", "small=7,large=11", "--max-objects", "6", "--grid", "0"]
     train_bundled.main(options)
-    expected = SceneConfig(image_size=48, sizes={"small": 7, "large": 11}, max_objects=8)
+    expected = replace(DEFAULT, image_size=48, sizes={"small": 7, "large": 11}, max_objects=6, grid=0)
     assert captured["scene"] == expected and captured["curriculum_start"] is None
-    assert shapes.scene_arguments(expected) == ["--image-size 48", "--sizes small=7,large=11", "--max-objects 8"]
+    assert shapes.scene_arguments(expected) == ["--image-size 48", "--sizes small=7,large=11", "--max-objects 6",
+                                                "--grid 0"]
     summary = train_bundled.TrainingSummary(steps=2, batch_size=2, turns=2, lr=1e-3, seed=0, scene=expected.to_dict())
     captured.clear()
     train_bundled.main(shlex.split(card.command(summary))[3:])

@@ -66,7 +66,7 @@ def parse_family_weights(text: str, config: SceneConfig = DEFAULT) -> dict[str, 
         family, _, value = item.partition("=")
         if family not in weights or not value:
             raise ValueError(f"bad family weight {item!r}: write family=weight with a family of "
-                             f"{list(config.families)}, e.g. existence=3,spatial=3")
+                             f"{list(config.families)}, e.g. {config.families[0]}=3,{config.families[-1]}=3")
         weights[family] = float(value)
     if sum(weights.values()) <= 0 or min(weights.values()) < 0:
         raise ValueError(f"family weights must be >= 0 and not all zero, got {weights}")

@@ -86,7 +86,8 @@ def scene_description(scene: SceneConfig) -> str:
     where = (" This is the default config, that of the bundled splits (`data/shapes/`)." if scene == DEFAULT else
              f" This is not the default config: it is recorded in `{SCENE_RECORD}` beside the weights, and "
              "evaluation refuses a split that records another.")
-    placement = (f"each object centred in its own cell of a {scene.grid} x {scene.grid} grid of {scene.cell} px cells"
+    placement = (f"each object centred in its own cell of the image's {scene.grid} x {scene.grid} grid of {scene.cell} px "
+                 "cells"
                  if scene.grid else f"boxes at least {scene.object_gap} px apart")
     asked = []
     if "spatial" in scene.families:
@@ -98,7 +99,7 @@ def scene_description(scene: SceneConfig) -> str:
             f"{scene.min_objects} to {scene.max_objects} objects per scene (bounding boxes {sizes}; {placement}), "
             f"{len(scene.colours)} colours ({', '.join(scene.colours)}) x {len(scene.shapes)} shapes "
             f"({', '.join(scene.shapes)}); question families {', '.join(scene.families)}"
-            + "".join(f", {text}" for text in asked) + f".{where}")
+            + "".join(f"; {text}" for text in asked) + f".{where}")
 
 
 def evaluation_table(model, processor, samples, scene: SceneConfig = DEFAULT) -> pd.DataFrame:
@@ -169,7 +170,9 @@ def write_card(model_dir: Path, split: str | Path = "test") -> Path:
         else "left to right",
         lookup=(f" Lookup supervision (weight {first.lookup_weight:g}): at each answer position, head 0 of "
                 f"language-model layer {first.lookup_layer} is taught to put its attention on the visual tokens of "
-                "the objects the question is about (`shapes.referents`; loss -log of that attention's sum). The "
+                "the objects the question is about (`shapes.referents`; loss -log of that attention's sum; count "
+                "questions excepted" + (", whose answers teach the next head even attention over `<s>` and the "
+                                        "counted objects" if first.count_lookup else "") + "). The "
                 "language model then finds an object from its own token instead of a summary spread over all of "
                 "them." if first.lookup_weight else ""),
         later=[_continuation(k + 2, stage) for k, stage in enumerate(chain[1:])], summary=summary,

@@ -4,7 +4,7 @@ This module owns the seeded training run that produces ``data/shapes-llava``. Ea
 is one image of the training stream (``analysis.shapes.stream``, disjoint from the test and val
 splits) with several questions about it as a LLaVA-1.5 multi-turn conversation::
 
-    <s>USER: <image>*144 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ... USER: Describe the image.
+    <s>USER: <image>*64 Q1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s> ... USER: Describe the image.
     ASSISTANT: red circle blue square ...</s>
 
 The first turn is token for token the evaluation prompt; the loss is on the answers and their
