@@ -3,9 +3,9 @@ folder records it, evaluation uses its blank image and refuses a split of anothe
 another config, and the card states it."""
 
 import json
-from dataclasses import replace
 import re
 import shlex
+from dataclasses import replace
 
 import pytest
 

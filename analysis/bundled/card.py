@@ -86,8 +86,8 @@ def scene_description(scene: SceneConfig) -> str:
     where = (" This is the default config, that of the bundled splits (`data/shapes/`)." if scene == DEFAULT else
              f" This is not the default config: it is recorded in `{SCENE_RECORD}` beside the weights, and "
              "evaluation refuses a split that records another.")
-    placement = (f"each object centred in its own cell of the image's {scene.grid} x {scene.grid} grid of {scene.cell} px "
-                 "cells"
+    placement = (f"each object centred in its own cell of the image's {scene.grid} x {scene.grid} grid of "
+                 f"{scene.cell} px cells"
                  if scene.grid else f"boxes at least {scene.object_gap} px apart")
     asked = []
     if "spatial" in scene.families:
