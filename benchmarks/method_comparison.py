@@ -79,6 +79,7 @@ def markdown(frame: pd.DataFrame) -> str:
                                                  "flip_high", "minus_random", "minus_random_low",
                                                  "minus_random_high", "random_min", "random_max"}]
     shown[percent] = shown[percent] * 100
+    shown["keep"] = [f"{k:g}" for k in shown["keep"]]
     shown["flips % [95% CI]"] = [f"{r.flip_rate:.1f} [{r.flip_low:.1f}, {r.flip_high:.1f}]" for r in shown.itertuples()]
     if "minus_random" in shown:
         shown["minus random, points [95% CI]"] = [
