@@ -47,7 +47,7 @@ def matched_keep(config, method: str, target: float, n_text: int, n_visual: int)
     return round((low + high) / 2, 4)
 
 
-def lvpruning(rho: float, modules: Path | None = None):
+def lvpruning_method(rho: float, modules: Path | None = None):
     """LVPruning at ``rho``, with the decision modules in ``modules`` when given (their block count sets their
     FLOPs; without them the paper's 2 blocks are counted)."""
     method = lofi.build("lvpruning", keep=rho)
@@ -62,7 +62,7 @@ def flops_share(config, name: str, rhos: list[float], n_text: int, n_visual: int
     """Per rho: the decision modules' share of the unpruned FLOPs and what keep it buys ``random``."""
     rows = []
     for rho in rhos:
-        pruned, base = pruned_flops(config, lvpruning(rho, modules), n_text, n_visual)
+        pruned, base = pruned_flops(config, lvpruning_method(rho, modules), n_text, n_visual)
         rel, share = pruned.total / base.total, pruned.decision / base.total
         keep, keep_free = (matched_keep(config, "random", target, n_text, n_visual)
                            for target in (rel, rel - share))
@@ -110,7 +110,7 @@ def main(argv=None):
     lvpruning = pd.read_csv(args.out / "lvpruning" / "summary.csv").assign(rho=lambda f: f["keep"])
     matched = {}  # (method, keep) -> rho
     for rho in args.rho:
-        target = relative_flops(config, lvpruning(rho, modules), args.n_text, n_visual)[0]
+        target = relative_flops(config, lvpruning_method(rho, modules), args.n_text, n_visual)[0]
         for method in ("random", "fastv"):
             keep = matched_keep(config, method, target, args.n_text, n_visual)
             if math.isnan(keep):

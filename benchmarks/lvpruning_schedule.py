@@ -77,6 +77,10 @@ class ScheduleChoice(PruningMethod):
 
     name = "schedule"
 
+    @property
+    def draws(self) -> bool:  # type: ignore[override]
+        return self.leverage is None  # the tie-breaking draw (StageInput.uniform)
+
     def __init__(self, schedule: LVPruning, layers: list[int], rule: str = "random", seed: int = 0):
         super().__init__(schedule.keep)
         self.schedule, self.layers, self.rule, self.seed = schedule, layers, rule, seed

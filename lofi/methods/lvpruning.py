@@ -1,7 +1,8 @@
 """LVPruning (Sun et al., NAACL 2025 Findings): trained, language-guided decision modules.
 
 Paper section 3, scaled to any LLaVA. Per stage, a decision module reads the hidden states entering
-its layer: two sequential cross-attention blocks (visual tokens are the queries, text tokens the keys
+its layer: two sequential cross-attention blocks (``blocks``; the bundled model's modules use one to stay
+under 8% of its prefill FLOPs; visual tokens are the queries, text tokens the keys
 and values; ``O = softmax(Q K^T / sqrt(d)) V + Q``, eq. 3), each followed by the FFN
 [LayerNorm, Linear(C, 2C), SiLU, Linear(2C, C), LayerNorm], then ``W_O`` gives two logits
 (keep, drop) per visual token (eq. 4). Three stages sit at the paper's relative depths (after layers
@@ -61,7 +62,7 @@ class CrossAttentionBlock(nn.Module):
 
 
 class DecisionModule(nn.Module):
-    """Two cross-attention blocks and W_O: [batch, n_visual, 2] (keep, drop) logits."""
+    """``blocks`` cross-attention blocks (the paper's 2) and W_O: [batch, n_visual, 2] (keep, drop) logits."""
 
     def __init__(self, width: int, heads: int, blocks: int = 2):
         super().__init__()
