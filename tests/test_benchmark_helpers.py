@@ -7,6 +7,7 @@ from math import comb, isnan
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy.spatial.distance import jaccard as jaccard_distance
 
 import lofi
@@ -186,3 +187,21 @@ def test_the_cdpruner_relevance_benchmark_compares_each_variant_with_the_default
     assert 0 <= table.iloc[1]["jaccard"] < 1  # no relevance: another choice on these questions
     pd.testing.assert_frame_equal(pd.read_csv(out), table)
     assert "| none" in capsys.readouterr().out
+
+
+def test_the_schedule_choices_run_through_the_runtime_on_a_tiny_model(tiny_model):
+    """Every choice of benchmarks/lvpruning_schedule.py prunes a real batch (its tie-breaking draws need the
+    runtime's per-sample fingerprints, which the runtime computes only for methods that declare ``draws``)."""
+    from analysis.benchmark.datasets import load_split
+    from analysis.study.evaluate import load_model
+    from analysis.study.models import batch_inputs
+    from benchmarks.lvpruning_schedule import ScheduleChoice, answer_batch
+    from lofi.methods.lvpruning import LVPruning
+    model, processor = load_model(tiny_model)
+    inputs = batch_inputs(processor, load_split("val", limit=3))
+    schedule = LVPruning(keep=0.6)
+    for rule in ("random", "lofi"):
+        choice = ScheduleChoice(schedule, [1, 2, 3], rule=rule)
+        choice.priority = torch.zeros(3, 16)
+        answers, handle = answer_batch(model, processor, inputs, choice)
+        assert len(answers) == 3 and [k.shape[1] for k in handle.kept] == [10, 7, 4]  # ceil([.6, .4, .2] x 16)
