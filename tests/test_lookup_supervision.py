@@ -9,7 +9,7 @@ from analysis.benchmark import shapes
 from analysis.benchmark.scene_config import SceneConfig
 from analysis.bundled import recipe as bundled
 from analysis.bundled.batches import IGNORE, LOOKUP_FAMILIES, ConversationBatches
-from analysis.bundled.train import LookupLoss, TrainingConfigError
+from analysis.bundled.lookup import LookupLoss
 
 GRID = SceneConfig(image_size=64, grid=8, sizes={"small": 7}, min_objects=1, max_objects=8, min_separation=16,
                    families=("existence", "colour", "shape", "count", "position", "spatial"))
@@ -63,7 +63,7 @@ def test_the_lookup_loss_is_minus_log_the_heads_attention_on_its_tokens_and_deta
     model = LlavaForConditionalGeneration(config).eval()
     batch = next(ConversationBatches(processor, 64, batch_size=2, turns=3, lookup=True, scene=GRID))
     reads = batch.pop("lookup")
-    with pytest.raises(TrainingConfigError, match="--lookup-layer 5 is outside the language model's 2 layers"):
+    with pytest.raises(ValueError, match="--lookup-layer 5 is outside the language model's 2 layers"):
         LookupLoss(model, layer=5)
     assert model.config.text_config._attn_implementation == "sdpa"
     lookup = LookupLoss(model, layer=1, head=1)
