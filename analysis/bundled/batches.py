@@ -74,7 +74,12 @@ def parse_family_weights(text: str, config: SceneConfig = DEFAULT) -> dict[str, 
 
 
 class ConversationBatches:
-    """Endless batches of the training stream of ``scene``, as model inputs with labels (right padded)."""
+    """Endless batches of the training stream of ``scene``, as model inputs with labels (right padded).
+
+    With ``lookup``, ``batch["lookup"]`` [batch, query, key] (bool) marks, at each answer position of a
+    ``LOOKUP_FAMILIES`` question, the visual tokens of the objects it is about; with ``count_lookup``,
+    ``batch["count_lookup"]`` holds, at each count answer, even weights over ``<s>`` and the counted objects'
+    tokens (``analysis.bundled.lookup.LookupLoss`` reads both)."""
 
     def __init__(self, processor, n_image_tokens: int, batch_size: int, turns: int, start: int = 0,
                  describe: bool = False, patch_targets: bool = False,
