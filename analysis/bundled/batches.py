@@ -117,10 +117,11 @@ class ConversationBatches:
             positions: list[int] = []
             sequences.append(encode_conversation(self.processor.tokenizer, self.n_image_tokens,
                                                  self.image_token_id, questions, positions))
-            lookups.append([(p, self._patches(objects, shapes.referents(q, objects)))
-                            for p, q in zip(positions, questions) if q.family in LOOKUP_FAMILIES])
-            counts.append([(p, self._patches(objects, shapes.referents(q, objects)))
-                           for p, q in zip(positions, questions) if q.family == "count"])
+            if self.lookup or self.count_lookup:
+                lookups.append([(p, self._patches(objects, shapes.referents(q, objects)))
+                                for p, q in zip(positions, questions) if q.family in LOOKUP_FAMILIES])
+                counts.append([(p, self._patches(objects, shapes.referents(q, objects)))
+                               for p, q in zip(positions, questions) if q.family == "count"])
             self.index += 1
         width = max(len(ids) for ids, _ in sequences)
         pad = self.processor.tokenizer.pad_token_id

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 import lofi
-from analysis.measure.consistency import flips, normalize_answer
+from analysis.measure.consistency import flips
 from analysis.measure.correlation import condition_correlation, sample_correlation
 from analysis.measure.paired import mean_interval
 from analysis.study import runfolder
@@ -117,9 +117,7 @@ def summary_frame(pruned: pd.DataFrame, spectra: pd.DataFrame, layer: int, group
         has_gold = frame["gold"].notna().all()
         f = flips(frame["baseline_answer"].tolist(), frame["answer"].tolist(),
                   frame["gold"].tolist() if has_gold else None)
-        changed = [normalize_answer(b) != normalize_answer(a)
-                   for b, a in zip(frame["baseline_answer"], frame["answer"])]
-        interval = mean_interval(changed, seed=seed)
+        interval = mean_interval(frame["flip"].astype(float), seed=seed)  # the runner's per-sample flip
         out.append({"method": method, "keep": keep, "n": f.n,
                     "accuracy": frame["correct"].mean() if has_gold else np.nan,
                     "baseline_accuracy": frame["baseline_correct"].mean() if has_gold else np.nan,
