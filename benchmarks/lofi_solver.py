@@ -1,24 +1,30 @@
 """LoFi's routes to leverage scores: the kept sets they agree on, and what each costs.
 
     python -m benchmarks.lofi_solver                         # bundled model (real hidden states) + 7B shape
-    python -m benchmarks.lofi_solver --device cuda --batch 16
+    python -m benchmarks.lofi_solver --device cuda --batch 16 --large-tokens 3699
 
 For the visual hidden states entering layer K = 2, several routes give leverage scores: the exact one
-(an eigendecomposition of H_v H_v^T through ``torch.linalg.eigh``); the randomized one (subspace
-iteration, ``lofi.linalg.leverage_at_energy_randomized``), once with torch's QR and once with
-CholeskyQR3 (its GPU default); and, on a GPU only, the exact one and the randomized one with CholeskyQR3
-with their eigendecompositions in one batched cuSOLVER call (``lofi.linalg.eigh_route("cusolver-batched")``;
-a route that cannot run there is reported and skipped). For each route the script reports the energy
-rank k it reads at tau = 0.9, the share of kept tokens it chooses alike with the exact route at keep
-0.5 / 0.25 / 0.1 (|kept_exact & kept_route| / n_keep, mean and worst sample), and its median time on
-the batch. On a GPU it also compares the two routes to a
-Gram matrix of bfloat16 rows (``lofi.linalg.gram``: one tensor-core GEMM with float32 output, against
-the float32 cast's product) at the 7B shape: their largest difference relative to the largest entry,
-and their times. Three sources of hidden states:
+(an eigendecomposition of H_v H_v^T through ``torch.linalg.eigh``); the products one (trace-correcting
+purification, ``lofi.linalg.leverage_at_energy_products``: batched matrix products only); the randomized
+one (subspace iteration on a thin block, then products on the block,
+``lofi.linalg.leverage_at_energy_randomized``; where the energy is spread it hands over to the products
+route on a GPU and to the exact one on the CPU), once with torch's QR and once with CholeskyQR3 (its GPU
+default); and, on a GPU only, the exact one with its eigendecompositions in one batched cuSOLVER call
+(``lofi.linalg.eigh_route("cusolver-batched")``; a route that cannot run there is reported and skipped).
+For each route the script reports the energy rank k it reads at tau = 0.9, the share of kept tokens it
+chooses alike with the exact route at keep 0.5 / 0.25 / 0.1 (|kept_exact & kept_route| / n_keep, mean and
+worst sample), its median time on the batch, and what it dispatches once (``OpCount``): aten ops (each a
+kernel launch or a library call on a GPU), matrix products among them, decompositions (one call for a
+whole batch, although torch's CUDA eigh then decomposes its matrices one at a time) and host reads. On a
+GPU it also compares the two routes to a Gram matrix of bfloat16 rows (``lofi.linalg.gram``: one
+tensor-core GEMM with float32 output, against the float32 cast's product) at the 7B shape: their largest
+difference relative to the largest entry, and their times. Sources of hidden states:
 - the bundled model on the first ``--batch`` test questions (real states, its visual tokens);
 - a random-weight LLaVA-1.5-7B shape (576 visual tokens, ``--text-layers`` decoder layers) on synthetic
   inputs, whose energy is spread;
-- synthetic states of that size with their energy in 12 directions, the regime real states are in.
+- synthetic states of that size with their energy in 12 directions, the regime real states are in;
+- with ``--large-tokens N``: Gaussian (spread) and concentrated states of N x 3,584, LLaVA-OneVision-7B's
+  width (N = 3,699: its visual tokens at the largest tiling), at half the batch.
 """
 
 from __future__ import annotations
@@ -26,17 +32,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 from functools import partial
 
 import pandas as pd
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.benchmark.datasets import load_split
 from analysis.study.models import batch_inputs, load_model
 from benchmarks.shapes import shape_model
 from lofi.cusolver import CusolverError
 from lofi.families import family_for
-from lofi.linalg import eigh_route, gram, leverage_at_energy, leverage_at_energy_randomized
+from lofi.linalg import eigh_route, gram, leverage_at_energy, leverage_at_energy_products, leverage_at_energy_randomized
 
 LAYER, TAU = 2, 0.9
 
@@ -74,12 +82,11 @@ def routes(device: str) -> dict:
             with eigh_route("cusolver-batched"):
                 return route(H, tau)
         return run
-    found = {"exact": leverage_at_energy}
+    found = {"exact": leverage_at_energy, "products": leverage_at_energy_products}
     for method in ("householder", "cholesky"):  # the randomized route's default: cholesky on a GPU only
         found[f"randomized, {method}"] = partial(leverage_at_energy_randomized, orthonormalize=method)
-    if device.startswith("cuda"):  # and the eigendecompositions (the Ritz step's too) in one call
+    if device.startswith("cuda"):  # and the eigendecompositions in one call
         found["exact, cusolver-batched"] = batched(leverage_at_energy)
-        found["randomized, cholesky, cusolver-batched"] = batched(found["randomized, cholesky"])
     return found
 
 
@@ -94,8 +101,31 @@ def concentrated_states(batch: int, rows: int, cols: int, device: str = "cpu", r
     return H.to(device)
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops a route dispatches (on a GPU each is a kernel launch or a library call):
+    matrix products, decompositions (eigh, QR, Cholesky, triangular solves) and host reads."""
+
+    PRODUCTS = ("mm", "bmm", "addmm", "baddbmm")
+    DECOMPOSITIONS = ("linalg_eigh", "_linalg_eigh", "linalg_eigvalsh", "linalg_qr", "linalg_cholesky_ex",
+                      "linalg_solve_triangular", "linalg_svd", "_linalg_svd")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def summary(self) -> dict:
+        products = sum(self.ops[name] for name in self.PRODUCTS)
+        decompositions = sum(self.ops[name] for name in self.DECOMPOSITIONS)
+        return {"ops": sum(self.ops.values()), "products": products, "decompositions": decompositions,
+                "host_reads": self.ops["_local_scalar_dense"]}
+
+
 def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
-    results, times = {}, {}
+    results, times, counts = {}, {}, {}
     for route, fn in routes(str(H.device)).items():
         try:
             results[route] = fn(H, TAU)
@@ -103,6 +133,9 @@ def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
             print(f"{name}: route {route!r} skipped: {e}", flush=True)
             continue
         times[route] = median_ms(lambda: fn(H, TAU), sync, repeats)
+        with OpCount() as counter:
+            fn(H, TAU)
+        counts[route] = counter.summary()
     exact = results["exact"][0].cpu()
     rows = []
     for route, (leverage, k) in results.items():
@@ -113,7 +146,7 @@ def compare(name: str, H: torch.Tensor, sync, repeats: int) -> list[dict]:
             rows.append({"states": name, "tokens": H.shape[1], "width": H.shape[2], "batch": len(H),
                          "route": route, "k": f"{int(k.min())}-{int(k.max())}", "keep": keep,
                          "kept_alike_mean": sum(alike) / len(alike), "kept_alike_min": min(alike),
-                         "ms": times[route]})
+                         "ms": times[route], **counts[route]})
     return rows
 
 
@@ -134,6 +167,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--text-layers", type=int, default=3, help="decoder layers of the 7B shape")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--large-tokens", type=int, default=0,
+                        help="also states of this many tokens x 3,584 (LLaVA-OneVision-7B: 3699), batch // 2")
     args = parser.parse_args(argv)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model, processor = load_model(device=args.device)
@@ -144,6 +179,13 @@ def main(argv=None) -> None:
     rows += compare("llava-1.5-7b shape (random weights), layer 2", states, sync, args.repeats)
     rows += compare("llava-1.5-7b size, concentrated spectrum (synthetic)",
                     concentrated_states(args.batch, *states.shape[1:], args.device), sync, args.repeats)
+    if args.large_tokens:
+        batch = max(1, args.batch // 2)
+        generator = torch.Generator().manual_seed(0)
+        spread = torch.randn(batch, args.large_tokens, 3584, generator=generator).to(args.device)
+        rows += compare(f"{args.large_tokens} x 3584, spread spectrum (Gaussian)", spread, sync, args.repeats)
+        rows += compare(f"{args.large_tokens} x 3584, concentrated spectrum (synthetic)",
+                        concentrated_states(batch, args.large_tokens, 3584, args.device), sync, args.repeats)
     print(f"device={args.device} threads={torch.get_num_threads()} tau={TAU}")
     if states.is_cuda:
         print(gram_routes(states, sync, args.repeats))

@@ -10,7 +10,9 @@ Every symmetric eigendecomposition goes through ``symmetric_eigh``, which takes 
 GPU (``EIGH_ROUTES``; CPU tensors always take torch's): ``"torch"`` (default), ``torch.linalg.eigh``,
 which decomposes a batch of matrices larger than 32 x 32 one at a time; ``"cusolver-batched"``, one
 cuSOLVER call for the whole batch (``lofi.cusolver``). Choose with ``LOFI_EIGH=cusolver-batched`` in the
-environment or ``with lofi.linalg.eigh_route("cusolver-batched"):``.
+environment or ``with lofi.linalg.eigh_route("cusolver-batched"):``. On the CPU each decomposition runs
+on the threads ``lofi.threads.decomposition_threads`` gives it (one, up to 2,048 rows), so that a busy
+machine cannot make it many times slower.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from contextvars import ContextVar
 from typing import Iterator
 
 import torch
+
+from lofi.projector import energy_projector
+from lofi.threads import decomposition_threads
 
 EIGH_ROUTES = ("torch", "cusolver-batched")
 _ROUTE: ContextVar[str | None] = ContextVar("lofi_eigh_route", default=None)
@@ -71,7 +76,8 @@ def symmetric_eigh(G: torch.Tensor, vectors: bool = True) -> tuple[torch.Tensor,
     solver = _batched_solver(G)
     if solver is not None:
         return solver(G, vectors)
-    return tuple(torch.linalg.eigh(G)) if vectors else (torch.linalg.eigvalsh(G), None)
+    with decomposition_threads(G.shape[-1], G.device):
+        return tuple(torch.linalg.eigh(G)) if vectors else (torch.linalg.eigvalsh(G), None)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -134,7 +140,8 @@ def singular_values(H: torch.Tensor) -> torch.Tensor:
     rows, cols = H.shape[-2:]
     if rows < cols:
         return singular_values_from_gram(gram(H))
-    return torch.linalg.svdvals(_floating(H))
+    with decomposition_threads(cols, H.device):
+        return torch.linalg.svdvals(_floating(H))
 
 
 def singular_values_from_gram(G: torch.Tensor) -> torch.Tensor:
@@ -201,7 +208,9 @@ def orthonormal_columns(Y: torch.Tensor, method: str = "householder") -> tuple[t
     than 1e-6 from the identity (Y numerically rank-deficient), so a caller can fall back.
     """
     if method == "householder":
-        return torch.linalg.qr(Y).Q, torch.ones(Y.shape[:-2], dtype=torch.bool, device=Y.device)
+        with decomposition_threads(Y.shape[-1], Y.device):
+            Q = torch.linalg.qr(Y).Q
+        return Q, torch.ones(Y.shape[:-2], dtype=torch.bool, device=Y.device)
     if method != "cholesky":
         raise ValueError(f"unknown orthonormalization {method!r}; valid: {list(ORTHONORMALIZATIONS[1:])}")
     Q = Y.double()
@@ -222,37 +231,54 @@ def orthonormal_columns(Y: torch.Tensor, method: str = "householder") -> tuple[t
     return Q.to(Y.dtype), ok
 
 
+def leverage_at_energy_products(H: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``leverage_at_energy`` from batched matrix products: the diagonal of the projector on G = H H^T's
+    top-k eigenvectors, reached by trace-correcting purification (``lofi.projector``, about 52 batched
+    products of n x n matrices and no eigendecomposition). Matrices the purification flags (it did not
+    converge in float32: two eigenvalues too close at the threshold) take the exact route; that check is
+    the one host read. Rows > cols: G is still H H^T (rows x rows), whose extra eigenvalues are 0."""
+    G = gram(H)
+    found = energy_projector(G, tau)
+    leverage, k = found.diagonal(), found.k
+    if not bool(found.ok.all()):
+        redo = ~found.ok
+        leverage[redo], k[redo] = leverage_at_energy(H[redo], tau)
+    return leverage, k
+
+
 def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, oversample: int = 16,
                                   iterations: int = 2, seed: int = 0, orthonormalize: str = "auto",
-                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``leverage_at_energy`` from a few matrix products instead of a full eigendecomposition, where the
-    energy sits in few directions; the exact decomposition where it does not.
+                                  fallback=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``leverage_at_energy`` from a few matrix products on a thin block, where the energy sits in few
+    directions; ``fallback`` where it does not.
 
     Randomized subspace iteration (Halko, Martinsson & Tropp 2011, alg. 4.4) on the Gram matrix
-    G = H H^T (the smaller side): Q spans G^q Omega for a seeded Gaussian Omega of ``width + oversample``
-    columns, re-orthonormalised after every product; the Ritz pairs of Q^T G Q approximate G's top
-    eigenpairs. Ritz values never exceed the eigenvalues they approximate, so the energy rank read from
-    them is >= the true k. ``width`` is twice the participation ratio tr(G)^2 / ||G||_F^2 (the effective
-    number of directions, read without a decomposition), at least ``block``. One attempt: if its Ritz
-    energy reaches ``tau`` of tr(G) in every sample, its leverage scores are returned; otherwise, or when
-    the block would cover half the rows, the exact route (the width and this check: two host syncs).
-    On the bundled model's layer-2 states (k = 1-5) the two agree on every kept token; on spread spectra
-    the attempt costs a few products before the exact route (``benchmarks/lofi_solver.py``).
+    G = H H^T: Q spans G^q Omega for a seeded Gaussian Omega of ``width + oversample`` columns,
+    re-orthonormalised after every product. On the Rayleigh matrix B = Q^T G Q, trace-correcting
+    purification (``lofi.projector``) finds the projector P_B on B's top eigenvectors that hold ``tau`` of
+    tr(G); the leverage scores are the diagonal of Q P_B Q^T. Ritz values never exceed the eigenvalues
+    they approximate, so the rank read from them is >= the true k. ``width`` is twice the participation
+    ratio tr(G)^2 / ||G||_F^2 (the effective number of directions, read without a decomposition), at
+    least ``block``. One attempt: if its projector holds ``tau`` of tr(G) in every sample, its leverage
+    scores are returned; otherwise, or when the block would cover half the rows, ``fallback`` (default:
+    ``leverage_at_energy_products`` on a GPU, ``leverage_at_energy`` elsewhere; the width and this check
+    are two host syncs). On the bundled model's layer-2 states (k = 1-5) it agrees with the exact route
+    on every kept token (``benchmarks/lofi_solver.py``).
     ``orthonormalize``: how (``orthonormal_columns``); ``"auto"``: ``"cholesky"`` on a GPU, where torch's
     QR of the 576-row blocks runs per matrix, ``"householder"`` elsewhere. A sample whose block is
-    degenerate takes the exact route too.
+    degenerate takes the fallback too.
     """
     if orthonormalize not in ORTHONORMALIZATIONS:
         raise ValueError(f"unknown orthonormalization {orthonormalize!r}; valid: {list(ORTHONORMALIZATIONS)}")
-    rows, cols = H.shape[-2:]
-    H = H if rows <= cols else _floating(H)
-    G = gram(H) if rows <= cols else H.transpose(-1, -2) @ H
+    if fallback is None:
+        fallback = leverage_at_energy_products if H.is_cuda else leverage_at_energy
+    G = gram(H)
     n = G.shape[-1]
     total = G.diagonal(dim1=-2, dim2=-1).sum(-1)
     ratio = (total.pow(2) / G.pow(2).sum((-2, -1)).clamp_min(torch.finfo(G.dtype).tiny)).max()
     width = max(block, int(2 * float(ratio))) + oversample
     if width >= n // 2:
-        return leverage_at_energy(H, tau)
+        return fallback(H, tau)
     method = orthonormalize if orthonormalize != "auto" else ("cholesky" if G.is_cuda else "householder")
     omega = torch.randn(n, width, generator=torch.Generator(device=H.device).manual_seed(seed), device=H.device,
                         dtype=G.dtype)
@@ -260,15 +286,7 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     for _ in range(iterations):
         Q, ok_here = orthonormal_columns(G @ Q, method)
         ok = ok & ok_here
-    values, vectors = symmetric_eigh(Q.transpose(-1, -2) @ G @ Q)
-    values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
-    covered = values.cumsum(-1) >= (tau - 1e-6 * max(tau, 1e-3)) * total[..., None]
-    if not bool((covered[..., -1] & ok).all()):
-        return leverage_at_energy(H, tau)  # the energy is spread (or the block degenerate): the exact route
-    k = torch.where(total > 0, (~covered).sum(-1) + 1, 0)
-    take = (torch.arange(width, device=H.device) < k[..., None]).to(G.dtype)
-    U = Q @ vectors
-    if rows > cols:  # U spans H^T H's eigenvectors (V): H's leverage is ||H v_j / s_j||^2
-        scale = torch.where(take > 0, values.sqrt(), torch.ones_like(values))  # directions beyond k: unused
-        U = (H @ U) / scale.clamp_min(torch.finfo(H.dtype).tiny)[..., None, :]
-    return (U.pow(2) * take[..., None, :]).sum(-1), k
+    found = energy_projector(Q.transpose(-1, -2) @ G @ Q, tau, total=total)
+    if not bool((found.ok & ok).all()):
+        return fallback(H, tau)  # the energy is spread (or the block degenerate)
+    return ((Q @ found.P) * Q).sum(-1).clamp(0, 1), found.k

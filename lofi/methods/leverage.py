@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import torch
 
-from lofi.linalg import leverage_at_energy, leverage_at_energy_randomized, leverage_scores
+from lofi.linalg import (
+    gram,
+    leverage_at_energy,
+    leverage_at_energy_products,
+    leverage_at_energy_randomized,
+    leverage_scores,
+)
+from lofi.projector import rank_projector
 from lofi.registry import PruningMethod, StageInput, register
 
 
@@ -27,18 +34,23 @@ class LoFi(PruningMethod):
         keep: fraction of visual tokens kept.  layer: K (default 2; 0 = projector outputs).
         tau: energy threshold for k (default 0.9).  k: a fixed rank instead of tau.
         center: subtract the mean visual row before the SVD (default False).
-        solver: ``"exact"`` (an eigendecomposition of H_v H_v^T), ``"randomized"`` (subspace iteration:
-            a few matrix products where the energy sits in few directions,
-            ``lofi.linalg.leverage_at_energy_randomized``), or ``"auto"`` (default): randomized on a GPU
-            from ``RANDOMIZED_FROM`` visual tokens on (there a batch of eigendecompositions runs one matrix
-            at a time: 94 ms for 16 of 576 x 576 on an H200), exact elsewhere, so that CPU runs keep the
-            exact route's values (on 2 CPU cores the randomized route is faster only at 7B size with the
-            energy in few directions: benchmarks/README.md). They keep the same tokens on the bundled
-            model's states, at LLaVA-1.5-7B's shape, and on 7B-size states with concentrated energy.
+        solver: ``"exact"`` (an eigendecomposition of H_v H_v^T), ``"products"`` (the diagonal of the
+            projector on its top-k eigenvectors, reached by batched matrix products alone,
+            ``lofi.linalg.leverage_at_energy_products``), ``"randomized"`` (subspace iteration on a thin
+            block, then products on the block: few products where the energy sits in few directions,
+            ``lofi.linalg.leverage_at_energy_randomized``; the products route where it does not), or
+            ``"auto"`` (default): randomized on a GPU from ``RANDOMIZED_FROM`` visual tokens on (there
+            torch decomposes a batch of matrices one at a time: 94 ms for 16 of 576 x 576 on an H200, while
+            a batched product of them takes about 0.1 ms), exact elsewhere, so that CPU runs keep the exact
+            route's values (on 2 CPU cores a product of 576 x 576 matrices costs about what their
+            eigendecomposition does). All three keep the same tokens on the bundled model's states, on
+            7B-size states with a flat spectrum and on 7B-size states with concentrated energy
+            (``benchmarks/lofi_solver.py``). With a fixed ``k``, ``"products"`` and ``"randomized"`` use
+            ``lofi.projector.rank_projector``.
     """
 
     RANDOMIZED_FROM = 256
-    SOLVERS = ("auto", "exact", "randomized")
+    SOLVERS = ("auto", "exact", "products", "randomized")
 
     name = "lofi"
     default_layer = 2
@@ -64,11 +76,22 @@ class LoFi(PruningMethod):
             real = torch.ones(H.shape[:2], dtype=torch.bool, device=H.device) if rows is None else rows
             weight = real[..., None].to(H.dtype)
             H = (H - (H * weight).sum(-2, keepdim=True) / weight.sum(-2, keepdim=True).clamp_min(1)) * weight
+        solver = self.solver
+        if solver == "auto":
+            solver = "randomized" if H.is_cuda and H.shape[-2] >= self.RANDOMIZED_FROM else "exact"
         if self.k is not None:
-            return leverage_scores(H, torch.full(H.shape[:-2], min(self.k, *H.shape[-2:]), device=H.device))
-        randomized = self.solver == "randomized" or (self.solver == "auto" and H.is_cuda
-                                                     and H.shape[-2] >= self.RANDOMIZED_FROM)
-        return (leverage_at_energy_randomized if randomized else leverage_at_energy)(H, self.tau)[0]
+            k = min(self.k, *H.shape[-2:])
+            if solver == "exact":
+                return leverage_scores(H, torch.full(H.shape[:-2], k, device=H.device))
+            found = rank_projector(gram(H), k)
+            scores = found.diagonal()
+            if not bool(found.ok.all()):  # not converged in float32: those samples take the exact route
+                redo = ~found.ok
+                scores[redo] = leverage_scores(H[redo], k)
+            return scores
+        route = {"exact": leverage_at_energy, "products": leverage_at_energy_products,
+                 "randomized": leverage_at_energy_randomized}[solver]
+        return route(H, self.tau)[0]
 
     def scores(self, state: StageInput) -> torch.Tensor:
         return self.leverage(state.visual_hidden(), state.visual_valid)

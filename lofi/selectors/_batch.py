@@ -7,31 +7,10 @@ Padding rows may hold anything (NaN included): they are replaced by zeros before
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-
-
-@contextmanager
-def loop_threads(device: torch.device) -> Iterator[None]:
-    """One intra-op thread while a greedy loop runs on the CPU (restored after, whatever happens).
-
-    Each step of the loops is a few elementwise ops on at most P x P values: two OpenMP threads make them
-    barely faster on an idle machine, but when another process holds a core every parallel region waits for
-    the descheduled thread (SCOPE's 144 steps at P = 576 took 7.0 s with 2 threads against 0.19 s with 1 on
-    this 2-core machine under load). GPU loops are untouched.
-    """
-    before = torch.get_num_threads()
-    if device.type != "cpu" or before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def batch_sizes(valid: torch.Tensor, n_keep: int | Sequence[int] | torch.Tensor,

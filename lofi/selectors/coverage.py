@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, masked_rows, row_of, step_active
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, masked_rows, row_of, step_active
+from lofi.threads import single_threaded
 
 
 def scope_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | Sequence[int] | torch.Tensor,
@@ -34,7 +35,7 @@ def scope_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | Sequ
     coverage = similarity.new_zeros(batch, p)
     closed = ~valid
     picks = torch.zeros(batch, steps, dtype=torch.long, device=similarity.device)
-    with loop_threads(similarity.device):
+    with single_threaded(similarity.device):
         for t in range(steps):
             gains = (similarity - coverage[:, :, None]).clamp_min(0).sum(1) * weight
             j = gains.masked_fill(closed, float("-inf")).argmax(1)

@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, row_of, step_active
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active
+from lofi.threads import single_threaded
 
 
 def divprune_select(features: torch.Tensor, valid: torch.Tensor,
@@ -35,7 +36,7 @@ def divprune_select(features: torch.Tensor, valid: torch.Tensor,
     picks[:, 0] = nearest.masked_fill(closed, float("-inf")).argmax(1)
     closed = closed.scatter(1, picks[:, :1], True)
     spread = row_of(distance, picks[:, 0])
-    with loop_threads(distance.device):
+    with single_threaded(distance.device):
         for t in range(1, steps):
             j = spread.masked_fill(closed, float("-inf")).argmax(1)
             picks[:, t] = j

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, loop_threads, row_of, step_active, unit_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_picks, row_of, step_active, unit_rows
+from lofi.threads import single_threaded
 
 RELEVANCE_EPS = 1e-6  # the reference's additive constant in the min-max normalisation of the relevance
 
@@ -73,7 +74,7 @@ def dpp_map(kernel: torch.Tensor, valid: torch.Tensor, n_keep: torch.Tensor) -> 
     residual = torch.diagonal(kernel, dim1=1, dim2=2).masked_fill(~valid, float("-inf"))
     chol = kernel.new_zeros(batch, steps, p)
     picks = torch.zeros(batch, steps, dtype=torch.long, device=device)
-    with loop_threads(device):
+    with single_threaded(device):
         for t in range(steps):
             j = residual.argmax(1)
             picks[:, t] = j

@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from lofi.selectors._batch import batch_sizes, cosine, kept_from_mask, loop_threads, masked_rows
+from lofi.selectors._batch import batch_sizes, cosine, kept_from_mask, masked_rows
+from lofi.threads import single_threaded
 
 MAX_REMOVED_PER_ROUND = 8  # the reference's ``r = min(8, R - T_div)``
 
@@ -77,7 +78,7 @@ def vispruner_select(features: torch.Tensor, valid: torch.Tensor, n_keep: int | 
     row_offset = (torch.arange(batch, device=device) * p)[:, None]
     residual = (order.gather(1, (first + slots[:plan.widths[0]]).clamp_max(p - 1)) + row_offset).T
     rows = similarity.view(batch * p, p)
-    with loop_threads(device):
+    with single_threaded(device):
         for removed, next_list, b_past_end, a_past_end in plan.rounds(device):
             a, b = residual[0::2], residual[1::2]
             half_a = a.shape[0]
