@@ -93,7 +93,7 @@ def routes(device: str) -> dict:
 def concentrated_states(batch: int, rows: int, cols: int, device: str = "cpu", rank: int = 12,
                         noise: float = 0.01, seed: int = 0) -> torch.Tensor:
     """[batch, rows, cols] synthetic states whose energy sits in ``rank`` directions (singular values
-    decaying 10 -> 1 over them, plus ``noise``), as real hidden states' does (k = 1-5 on the bundled
+    decaying 10 -> 1 over them, plus ``noise``), as real hidden states' does (k = 7-8 on the bundled
     model): at a checkpoint's size, where the randomized route is meant to run (and in its tests)."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(batch, rows, rank, generator=g) * torch.logspace(1, 0, rank)

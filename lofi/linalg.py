@@ -231,12 +231,20 @@ def orthonormal_columns(Y: torch.Tensor, method: str = "householder") -> tuple[t
     return Q.to(Y.dtype), ok
 
 
+# Rows up to which the products route is preferred on a GPU. Its products (63 calls, the work of 89 n x n
+# products: 178 n^3 flops a matrix) take at an H200's FP32 peak (67 TFLOPS) at least 0.5 ms at n = 576,
+# where torch's eigh took about 6 ms a matrix (94 ms for 16), but at least 134 ms at n = 3,699
+# (LLaVA-OneVision's visual tokens), where eigh took about 92 ms (734 ms for 8).
+PRODUCTS_UP_TO = 2048
+
+
 def leverage_at_energy_products(H: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``leverage_at_energy`` from batched matrix products: the diagonal of the projector on G = H H^T's
-    top-k eigenvectors, reached by trace-correcting purification (``lofi.projector``, about 52 batched
-    products of n x n matrices and no eigendecomposition). Matrices the purification flags (it did not
-    converge in float32: two eigenvalues too close at the threshold) take the exact route; that check is
-    the one host read. Rows > cols: G is still H H^T (rows x rows), whose extra eigenvalues are 0."""
+    top-k eigenvectors, reached by trace-correcting purification (``lofi.projector``: 63 batched products,
+    the work of 89 products of n x n matrices, and no eigendecomposition). Matrices the purification flags
+    take the exact route (it did not converge in float32: two eigenvalues too close at the threshold, or the
+    k-th eigenvalue is needed almost whole, so that rank k - 1 converges too slowly to be checked); that
+    check is the one host read. Rows > cols: G is still H H^T (rows x rows), whose extra eigenvalues are 0."""
     G = gram(H)
     found = energy_projector(G, tau)
     leverage, k = found.diagonal(), found.k
@@ -261,9 +269,9 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     ratio tr(G)^2 / ||G||_F^2 (the effective number of directions, read without a decomposition), at
     least ``block``. One attempt: if its projector holds ``tau`` of tr(G) in every sample, its leverage
     scores are returned; otherwise, or when the block would cover half the rows, ``fallback`` (default:
-    ``leverage_at_energy_products`` on a GPU, ``leverage_at_energy`` elsewhere; the width and this check
-    are two host syncs). On the bundled model's layer-2 states (k = 1-5) it agrees with the exact route
-    on every kept token (``benchmarks/lofi_solver.py``).
+    ``leverage_at_energy_products`` on a GPU up to ``PRODUCTS_UP_TO`` rows, ``leverage_at_energy``
+    elsewhere; the width and this check are two host syncs). On the bundled model's layer-2 states
+    (k = 7-8) it agrees with the exact route on every kept token (``benchmarks/lofi_solver.py``).
     ``orthonormalize``: how (``orthonormal_columns``); ``"auto"``: ``"cholesky"`` on a GPU, where torch's
     QR of the 576-row blocks runs per matrix, ``"householder"`` elsewhere. A sample whose block is
     degenerate takes the fallback too.
@@ -271,7 +279,8 @@ def leverage_at_energy_randomized(H: torch.Tensor, tau: float, block: int = 32, 
     if orthonormalize not in ORTHONORMALIZATIONS:
         raise ValueError(f"unknown orthonormalization {orthonormalize!r}; valid: {list(ORTHONORMALIZATIONS)}")
     if fallback is None:
-        fallback = leverage_at_energy_products if H.is_cuda else leverage_at_energy
+        products = H.is_cuda and H.shape[-2] <= PRODUCTS_UP_TO
+        fallback = leverage_at_energy_products if products else leverage_at_energy
     G = gram(H)
     n = G.shape[-1]
     total = G.diagonal(dim1=-2, dim2=-1).sum(-1)

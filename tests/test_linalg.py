@@ -52,6 +52,10 @@ def test_lofi_takes_a_solver_and_auto_is_exact_on_the_cpu():
     exact = LoFi(solver="exact").leverage(H)
     torch.testing.assert_close(LoFi(solver="auto").leverage(H), exact, atol=0, rtol=0)
     torch.testing.assert_close(LoFi(solver="randomized").leverage(H), exact, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(LoFi(solver="products").leverage(H), exact, atol=1e-4, rtol=1e-3)
+    for solver in ("products", "randomized"):  # a fixed rank: the rank projector
+        torch.testing.assert_close(LoFi(solver=solver, k=4).leverage(H), LoFi(solver="exact", k=4).leverage(H),
+                                   atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="valid: \\['auto', 'exact', 'products', 'randomized'\\]"):
         LoFi(solver="svd")
 

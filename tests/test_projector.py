@@ -124,7 +124,7 @@ def test_the_products_route_is_batched_products_and_one_host_read():
     """Whatever the batch: one Gram product, one for the scale, one per step, one for the final check;
     no decomposition; one host read (whether every matrix converged)."""
     for batch in (1, 5):
-        H = states("decaying", batch=batch)
+        H = states("spread", batch=batch)
         with _Ops() as ops:
             leverage_at_energy_products(H, 0.9)
         products = sum(name in ("mm", "bmm") for name in ops.names)

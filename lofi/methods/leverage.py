@@ -38,7 +38,8 @@ class LoFi(PruningMethod):
             projector on its top-k eigenvectors, reached by batched matrix products alone,
             ``lofi.linalg.leverage_at_energy_products``), ``"randomized"`` (subspace iteration on a thin
             block, then products on the block: few products where the energy sits in few directions,
-            ``lofi.linalg.leverage_at_energy_randomized``; the products route where it does not), or
+            ``lofi.linalg.leverage_at_energy_randomized``; where it does not, the products route on a GPU
+            up to ``lofi.linalg.PRODUCTS_UP_TO`` tokens and the exact one otherwise), or
             ``"auto"`` (default): randomized on a GPU from ``RANDOMIZED_FROM`` visual tokens on (there
             torch decomposes a batch of matrices one at a time: 94 ms for 16 of 576 x 576 on an H200, while
             a batched product of them takes about 0.1 ms), exact elsewhere, so that CPU runs keep the exact
