@@ -34,7 +34,7 @@ shrink() {  # DRY: a command's words, one per line, on the CPU and small
   local previous="" script="" word
   for word in "$@"; do
     case "$previous" in
-      --device) word=cpu ;; --batch) word=2 ;; --repeats) word=1 ;; --new-tokens) word=4 ;;
+      --device) word=cpu ;; --batch) word=2 ;; --repeats) word=1 ;; --new-tokens) word=4 ;; --large-tokens) word=300 ;;
     esac
     [[ "$word" == benchmarks.* ]] && script=$word
     printf '%s\n' "$word"
@@ -56,19 +56,17 @@ step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
 }
 
 [ -n "${DRY:-}" ] || nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-# 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against subspace
-#    iteration (torch's QR, CholeskyQR3), kept-set agreement and time, on real states, random 7B ones and
-#    7B-size ones with concentrated energy; the two Gram routes. The batched route is checked against
-#    torch.linalg.eigh first.
-step 1 && run python3 -m benchmarks.lofi_solver --device cuda --batch 16 --text-layers 3
+# 1. LoFi's selection: exact eigendecomposition (torch's, and one batched cuSOLVER call) against the
+#    products route (purification) and subspace iteration (torch's QR, CholeskyQR3): kept-set agreement, op
+#    counts and time on real states, random 7B ones and 7B-size ones with concentrated energy, and at
+#    LLaVA-OneVision's 3,699 x 3,584 (batch 8, spread and concentrated); the two Gram routes. The batched
+#    route is checked against torch.linalg.eigh first.
+step 1 && run python3 -m benchmarks.lofi_solver --device cuda --batch 16 --text-layers 3 --large-tokens 3699
 # 2. prefill at LLaVA-1.5-7B shape, batch 16 and batch 1, bf16 (measured / FLOPs-predicted, select share)
 step 2 && run python3 -m benchmarks.prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 --repeats 3
 #    batch 1, keep = 1 included: the runtime's own cost where nothing is dropped
 step 2 && run python3 -m benchmarks.prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 --repeats 5 \
   --keep 1 0.5 0.25 0.1
-#    LoFi again with every eigendecomposition batched into one cuSOLVER call
-step 2 && LOFI_EIGH=cusolver-batched run python3 -m benchmarks.prefill --shape llava-1.5-7b --device cuda \
-  --dtype bfloat16 --batch 16 --repeats 3 --methods lofi
 # 3. every other family at its 7B shape, batch 16, keep 0.25
 for shape in llava-next-7b llava-onevision-7b qwen2-vl-7b qwen2.5-vl-7b; do
   step 3 && run python3 -m benchmarks.prefill --shape $shape --device cuda --dtype bfloat16 --batch 16 \
