@@ -17,10 +17,12 @@ device, or on the host), and at none (IPR and PR stay exact everywhere: they nee
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from analysis.measure.capture import Capture
 from benchmarks.shapes import SHAPES, shape_model
@@ -30,6 +32,36 @@ MODES = {"every-layer": ("full spectrum, every layer", "all", "device"),
          "last-layer": ("full spectrum, last layer only", "last", "device"),
          "last-layer-host": ("full spectrum, last layer, on the host", "last", "host"),
          "ipr-pr": ("IPR/PR only (no decomposition)", (), "device")}
+
+
+class DispatchCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched on this thread inside the block: ``ops`` all of them, ``kernels`` those
+    that are not views (a view only relabels memory; every other op launches at least one kernel on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.kernels = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.kernels += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def capture_ops(model, inputs, options: dict) -> tuple[int, int]:
+    """(ops, kernels) one captured forward pass dispatches beyond the plain one: the capture's hooks and
+    its end-of-pass work (spectra decomposed on the host thread are not counted: they never reach the
+    device)."""
+    counts = []
+    for capturing in (False, True):
+        with torch.inference_mode(), (Capture(model, **options) if capturing else contextlib.nullcontext()) as capture:
+            model(**inputs, logits_to_keep=1)  # warm: lazily built state is not counted
+            with DispatchCounter() as counter:
+                model(**inputs, logits_to_keep=1)
+                if capture is not None:
+                    capture.take()
+        counts.append((counter.ops, counter.kernels))
+    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
 def bundled_inputs(batch: int, path=None):
@@ -88,8 +120,10 @@ def main(argv=None):
                 with Capture(model, spectrum_layers=spectrum_layers, spectra_on=spectra_on) as capture:
                     captured.append(timed(capture, args.block))
         p, c = statistics.median(plain), statistics.median(captured)
+        ops, kernels = capture_ops(model, inputs, dict(spectrum_layers=spectrum_layers, spectra_on=spectra_on))
         print(f"{mode:<34} forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: "
-              f"overhead {100 * (c / p - 1):.1f}%")
+              f"overhead {100 * (c / p - 1):.1f}%; capture ops per pass {ops} ({kernels} not views), "
+              f"{ops / layers:.1f} ({kernels / layers:.1f}) per layer point")
 
 
 if __name__ == "__main__":
