@@ -53,14 +53,17 @@ def capture_ops(model, inputs, options: dict) -> tuple[int, int]:
     its end-of-pass work (spectra decomposed on the host thread are not counted: they never reach the
     device)."""
     counts = []
-    for capturing in (False, True):
-        with torch.inference_mode(), (Capture(model, **options) if capturing else contextlib.nullcontext()) as capture:
-            model(**inputs, logits_to_keep=1)  # warm: lazily built state is not counted
-            with DispatchCounter() as counter:
-                model(**inputs, logits_to_keep=1)
-                if capture is not None:
-                    capture.take()
-        counts.append((counter.ops, counter.kernels))
+    with torch.inference_mode():
+        model(**inputs, logits_to_keep=1)  # warm: the model's lazily built state is not counted
+        for capturing in (False, True):
+            with Capture(model, **options) if capturing else contextlib.nullcontext() as capture:
+                if capture is not None and capture.options.spectra_share < 1:
+                    capture.identify(range(len(inputs["input_ids"])))
+                with DispatchCounter() as counter:
+                    model(**inputs, logits_to_keep=1)
+                    if capture is not None:
+                        capture.take()
+            counts.append((counter.ops, counter.kernels))
     return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
 
 
