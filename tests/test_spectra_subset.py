@@ -8,8 +8,7 @@ import torch
 from _tiny import make_inputs, prompt_ids, tiny_llava
 
 import lofi
-from analysis.measure.capture import Capture
-from analysis.measure.subset import check_share, in_subset, subset_rows
+from analysis.measure.capture import Capture, check_share, in_subset, subset_rows
 
 IDS = [f"q{i}" for i in range(6)]
 

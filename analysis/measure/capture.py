@@ -19,7 +19,7 @@ IPR and PR and one transfer brings everything to the host. No layer reads the de
 
 Spectra (singular values, effective rank) and leverage scores need decompositions: only at
 ``spectrum_layers`` and ``leverage_layers``, and with ``spectra_share`` < 1 only for a seeded subset of the
-samples (``analysis.measure.subset``: chosen by their ids, given with ``identify``), so that they cost a
+samples (``in_subset``: chosen by their ids, given with ``identify``), so that they cost a
 bounded share of a run. Where they are decomposed (``spectra_on``): inline on the model's device, or -- the
 default on a GPU -- on the host in float64, by a background thread fed at the end of each forward pass
 (``analysis.measure.host_spectra``), so that decompositions do not hold up the model.
@@ -32,15 +32,15 @@ contains image tokens are captured (not decoding steps).
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from analysis.measure import spectral
 from analysis.measure.host_spectra import HostSpectra, spectrum_statistics
-from analysis.measure.subset import check_share, subset_rows
 from lofi.calls import CallTracker
 from lofi.families import family_for
 from lofi.linalg import current_eigh_route
@@ -77,6 +77,32 @@ class LayerStatistics:
     leverage: list[float] | None = None
     visual_index: list[int] | None = None
     sample_id: str | None = None
+
+
+def check_share(share: float) -> float:
+    """``share`` itself, or a ValueError naming the valid range."""
+    if not 0 < share <= 1:
+        raise ValueError(f"the share of samples with spectra must be in (0, 1] (1: every sample), got {share}")
+    return share
+
+
+def in_subset(sample_id, share: float, seed: int) -> bool:
+    """Whether sample ``sample_id`` is in the seeded spectra subset of ``share`` (docs/definitions.md#spectral).
+
+    It is when u < share, u in [0, 1) read from the first 8 bytes of sha256("<seed>:<sample id>"): the seed
+    and the id alone decide -- not the batch, the position in it, or the other samples of a run -- so every
+    condition of a run, a resumed run and a run on other hardware decompose the same samples. Each sample
+    is in with probability ``share``: N samples give share * N of them, within a few sqrt(share (1 - share) N).
+    """
+    if share >= 1:
+        return True
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2 ** 64
+
+
+def subset_rows(sample_ids: Iterable, share: float, seed: int) -> list[int]:
+    """The positions in ``sample_ids`` of the samples in the subset (``in_subset``), in order."""
+    return [row for row, sample_id in enumerate(sample_ids) if in_subset(sample_id, share, seed)]
 
 
 def _to_host(records: list[dict]) -> list[dict]:
@@ -156,7 +182,7 @@ class CaptureOptions:
             (default: host when the model is on a GPU, device otherwise). Leverage layers always decompose inline.
         spectra_share: the share of samples whose matrices are decomposed (spectra and leverage), in
             (0, 1]; 1 (default): every sample. Below 1, a sample is in when a hash of ``spectra_seed`` and
-            its id falls below the share (``analysis.measure.subset``): the ids come from
+            its id falls below the share (``in_subset``): the ids come from
             ``Capture.identify`` before each captured pass. IPR and PR stay exact on every sample.
         spectra_seed: the seed of that choice.
     """
