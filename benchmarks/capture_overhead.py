@@ -88,24 +88,32 @@ def one_in_subset(batch: int, share: float, seed: int = 0) -> list[int]:
     return [inside, *itertools.islice((i for i in itertools.count() if not in_subset(i, share, seed)), batch - 1)]
 
 
-def capture_ops(model, inputs, options: dict) -> tuple[int, int]:
-    """(ops, kernels) one captured forward pass dispatches beyond the plain one: the capture's hooks and
-    its end-of-pass work (spectra decomposed on the host thread are not counted: they never reach the
-    device). With a spectra share below 1, for a batch that holds exactly one sample of the subset."""
-    counts = []
-    with torch.inference_mode():
-        model(**inputs, logits_to_keep=1)  # warm: the model's lazily built state is not counted
-        for capturing in (False, True):
-            with Capture(model, **options) if capturing else contextlib.nullcontext() as capture:
-                share = options.get("spectra_share", 1.0)
-                if capture is not None and share < 1:
-                    capture.identify(one_in_subset(len(inputs["input_ids"]), share))
-                with DispatchCounter() as counter:
-                    model(**inputs, logits_to_keep=1)
-                    if capture is not None:
-                        capture.take()
-            counts.append((counter.ops, counter.kernels))
-    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+def dispatched(model, inputs, options: dict | None) -> tuple[int, int]:
+    """(ops, kernels) one forward pass dispatches, with ``Capture(model, **options)`` active unless None
+    (spectra decomposed on the host thread are not counted: they never reach the device). With a spectra
+    share below 1, for a batch that holds exactly one sample of the subset."""
+    with torch.inference_mode(), Capture(model, **options) if options is not None else contextlib.nullcontext() \
+            as capture:
+        share = (options or {}).get("spectra_share", 1.0)
+        if capture is not None and share < 1:
+            capture.identify(one_in_subset(len(inputs["input_ids"]), share))
+        with DispatchCounter() as counter:
+            model(**inputs, logits_to_keep=1)
+            if capture is not None:
+                capture.take()
+    return counter.ops, counter.kernels
+
+
+def capture_ops(model, inputs, options: dict, plain: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(ops, kernels) one captured forward pass dispatches beyond the plain one: the capture's hooks and its
+    end-of-pass work. ``plain``: the plain pass's ``dispatched`` counts, when already taken after a warm
+    pass (else a warm pass and that count first)."""
+    if plain is None:
+        with torch.inference_mode():
+            model(**inputs, logits_to_keep=1)  # warm: the model's lazily built state is not counted
+        plain = dispatched(model, inputs, None)
+    ops, kernels = dispatched(model, inputs, options)
+    return ops - plain[0], kernels - plain[1]
 
 
 def bundled_inputs(batch: int, path=None):
@@ -164,6 +172,7 @@ def main(argv=None):
 
     print(f"shape={args.shape} device={args.device} batch={args.batch} layers measured={layers} x 2 groups, "
           f"threads={torch.get_num_threads()}, blocks of {args.block} passes, eigh={current_eigh_route()}")
+    plain_ops = None
     for name in args.modes:
         mode = MODES[name]
         options = mode.options(layers, args.spectra_share)
@@ -177,7 +186,8 @@ def main(argv=None):
                 with Capture(model, **options) as capture:
                     captured.append(timed(capture, args.block, decomposed))
         p, c = statistics.median(plain), statistics.median(captured)
-        ops, kernels = capture_ops(model, inputs, options)
+        plain_ops = plain_ops or dispatched(model, inputs, None)  # after the first mode's passes: warm
+        ops, kernels = capture_ops(model, inputs, options, plain_ops)
         with_spectra, samples = map(sum, zip(*decomposed))
         share = f", spectra on {with_spectra} of {samples} samples" if mode.subset else ""
         print(f"{name:<19} {mode.label:<55} forward {1000 * p:.1f} ms, with capture {1000 * c:.1f} ms: "
