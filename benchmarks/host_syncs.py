@@ -28,7 +28,7 @@ WATCHED = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
 OURS = ("/lofi/", "/analysis/")
 # read tensors already moved to the host in one transfer (Capture's flush, the runtime's sizes and what a method's
 # n_keep makes of them): no device waits
-HOST_SIDE = ("_flush", "_Deferred", "from_counts", "plan_stages", "n_keep", "keeps_everything")
+HOST_SIDE = ("_flush", "_Deferred", "_Base", "from_counts", "plan_stages", "n_keep", "keeps_everything")
 
 
 def _ours(frame) -> bool:

@@ -205,3 +205,23 @@ def test_the_schedule_choices_run_through_the_runtime_on_a_tiny_model(tiny_model
         choice.priority = torch.zeros(3, 16)
         answers, handle = answer_batch(model, processor, inputs, choice)
         assert len(answers) == 3 and [k.shape[1] for k in handle.kept] == [10, 7, 4]  # ceil([.6, .4, .2] x 16)
+
+
+def test_the_capture_benchmark_measures_ipr_pr_and_spectra_on_a_share_of_samples(capsys):
+    """benchmarks/capture_overhead.py on a small model: one line per mode with its overhead and op counts;
+    the subset mode says how many samples it decomposed (each pass's rows get new ids: here the one timed
+    pass after the warm-up, ids 4-7) and dispatches more ops than IPR/PR alone (one sample decomposed)."""
+    import re
+
+    from analysis.measure.capture import in_subset
+    from benchmarks.capture_overhead import main
+
+    main(["--shape", "overhead", "--text-layers", "2", "--vision-layers", "1", "--batch", "4", "--repeats", "1",
+          "--block", "1",
+          "--modes", "ipr-pr", "last-layer-subset", "--spectra-share", "0.5"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert set(lines) == {"ipr-pr", "last-layer-subset"} and all("overhead" in line for line in lines.values())
+    expected = sum(in_subset(i, 0.5, 0) for i in range(4, 8))
+    assert f"spectra on {expected} of 4 samples" in lines["last-layer-subset"]
+    ops = {name: int(re.search(r"ops per pass (\d+)", line).group(1)) for name, line in lines.items()}
+    assert ops["last-layer-subset"] > ops["ipr-pr"] > 0

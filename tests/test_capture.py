@@ -259,3 +259,66 @@ def test_take_without_waiting_returns_only_finished_records_in_order(model):
         gated.release.set()
         rest = capture.take()
     assert [(r.layer, r.group) for r in rest] == [(4, "visual"), (4, "all")] and rest[0].singular_values
+
+
+@torch.no_grad()
+def test_ipr_and_pr_without_a_decomposition_equal_float64_svds_of_the_hidden_states(model):
+    """IPR/PR only (no spectrum layer), a padded batch: every layer's IPR and PR from the Gram matrix's trace
+    and Frobenius norm are within 1e-5 relative of numpy float64 SVDs of the model's own hidden states."""
+    import numpy as np
+    inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+    inputs["position_ids"] = positions(inputs["attention_mask"])
+    with Capture(model, spectrum_layers=()) as capture:
+        out = model(**inputs, output_hidden_states=True)
+    rows = capture.take()
+    layers = len(model.model.language_model.layers)
+    visual, valid = inputs["input_ids"] == 3, inputs["attention_mask"].bool()
+    checked = 0
+    for r in rows:
+        assert not r.has_spectrum and math.isnan(r.effective_rank) and r.singular_values == []
+        if r.layer == layers:
+            continue  # HF applies the final norm to its last hidden state
+        H = out.hidden_states[r.layer][r.row]
+        H = (H[visual[r.row]] if r.group == "visual" else H[valid[r.row]]).double().numpy()
+        energy = np.linalg.svd(H, compute_uv=False) ** 2
+        ipr = (energy ** 2).sum() / energy.sum() ** 2
+        assert r.n_tokens == len(H)
+        assert r.ipr == pytest.approx(ipr, rel=1e-5) and r.pr == pytest.approx(1 / ipr, rel=1e-5)
+        checked += 1
+    assert checked == 2 * 2 * layers
+
+
+def _capture_ops(model, batch: int) -> int:
+    """The non-view aten ops (kernel launches on a GPU) one captured prefill dispatches beyond the plain one,
+    IPR/PR only."""
+    from benchmarks.capture_overhead import capture_ops
+    prompts = [prompt_ids(3), prompt_ids(3, (5,), (7, 8)), prompt_ids(3, (5, 6, 12), (7,))][:batch]
+    return capture_ops(model, make_inputs(prompts=prompts), dict(spectrum_layers=()))[1]
+
+
+def test_ipr_and_pr_take_a_few_batched_ops_per_layer_whatever_the_batch():
+    """Both groups of every sample in one Gram matrix and three products per layer: the ops a captured pass
+    adds do not grow with the batch, and each layer adds at most 8 (41 when each group took its own
+    reductions and sub-blocks)."""
+    shallow, deep = tiny_llava(layers=2), tiny_llava(layers=6)
+    three = _capture_ops(shallow, 3)
+    assert _capture_ops(shallow, 1) == three
+    per_layer = (_capture_ops(deep, 3) - three) / 4
+    assert 0 < per_layer <= 8
+
+
+@torch.no_grad()
+def test_no_layer_reads_the_device():
+    """IPR/PR only: the reads of device values a captured prefill makes (whether the call has images, then
+    one transfer at its end) do not grow with the number of layers."""
+    from benchmarks.host_syncs import counting
+    reads = []
+    for layers in (2, 6):
+        tiny = tiny_llava(layers=layers)
+        inputs = make_inputs(prompts=[prompt_ids(3), prompt_ids(3, (5,), (7, 8))])
+        with Capture(tiny, spectrum_layers=()) as capture:
+            with counting() as counts:
+                tiny(**inputs)
+            assert len(capture.take()) == 2 * 2 * (layers + 1)
+        reads.append(sum(counts.values()))
+    assert reads[0] == reads[1] <= 2

@@ -339,3 +339,53 @@ def test_the_plan_resolves_auto_and_the_config_holds_no_machine_path(tmp_path):
     assert (config.model, config.dataset) == ("data/shapes-llava", "data/shapes/test.jsonl")
     assert str(paths.REPO_ROOT) not in json.dumps(config.as_dict())
     assert not (tmp_path / "run").exists()
+
+
+def test_spectra_subset_auto_is_every_sample_on_the_cpu_and_a_tenth_on_a_gpu():
+    assert request.spectra_share("auto", "cpu") == 1.0 and request.spectra_share("auto", "cuda") == 0.1
+    assert request.spectra_share("all", "cuda") == 1.0 and request.spectra_share("0.25", "cpu") == 0.25
+    assert request.parse(["--methods", "fastv"]).spectra_subset == "auto"
+
+
+def test_a_spectra_subset_run_decomposes_the_same_samples_in_every_condition(tiny_model, run_folder, tmp_path):
+    """--spectra-subset 0.25: the samples chosen by seed and id have the full run's spectra and leverage in every
+    condition, the others none (has_spectrum False, effective rank NaN); IPR, PR and Delta IPR are every
+    sample's, as in the full run; the report draws from the samples with spectra, and says so."""
+    from analysis.measure.capture import in_subset
+    out = tmp_path / "subset"
+    args = ["--methods", "fastv", "--keep", "0.5", "--model", str(tiny_model), "--limit", "3", "--batch-size", "3",
+            "--out", str(out), "--no-progress", "--spectra-subset", "0.25"]  # the full run's first batch
+    assert compare.main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["spectra_share"] == 0.25 and json.loads((run_folder / "config.json").read_text())[
+        "spectra_share"] == 1.0
+    spectra = pd.read_parquet(out / "spectra.parquet")
+    chosen = {i for i in spectra.sample_id.unique() if in_subset(i, 0.25, config["seed"])}
+    assert 0 < len(chosen) < 3  # the ids split: both kinds of sample are checked
+    assert (spectra.has_spectrum == spectra.sample_id.isin(chosen)).all()  # every layer (CPU), every condition
+    assert spectra[~spectra.has_spectrum].effective_rank.isna().all()
+    assert spectra[spectra.has_spectrum].effective_rank.notna().all()
+    assert set(pd.read_parquet(out / "leverage.parquet").sample_id) == chosen
+    keys = ["sample_id", "method", "keep", "layer", "group"]
+    full = pd.read_parquet(run_folder / "spectra.parquet")
+    assert full.has_spectrum.all()
+    both = spectra.merge(full, on=keys, suffixes=("", "_full"))
+    assert len(both) == len(spectra) and (both.n_tokens == both.n_tokens_full).all()
+    for column in ("ipr", "pr"):  # from the spectrum in the full run, from the Gram matrix's norms here
+        np.testing.assert_allclose(both[column], both[f"{column}_full"], rtol=1e-5)
+    # a difference of two IPRs (<= 1) each within 1e-5 relative
+    np.testing.assert_allclose(both.delta_ipr, both.delta_ipr_full, rtol=0, atol=2e-5)
+    decomposed = both[both.has_spectrum]
+    np.testing.assert_allclose(decomposed.effective_rank, decomposed.effective_rank_full, rtol=1e-3)
+    page = (out / "report.html").read_text()
+    assert "seeded 25% of the samples" in page and page.count("data:image/png;base64") == len(report.FIGURES)
+    shown = json.loads((out / "thumbnails" / "index.json").read_text())
+    assert shown and all(s["sample_id"] in chosen for s in shown[:len(chosen)])
+    assert "differs in: spectra_share" in _refused(args[:-1] + ["all"])
+
+
+def _refused(args) -> str:
+    """The error line a run of ``args`` stops with."""
+    with pytest.raises(request.UsageError) as refused:
+        compare.run(request.parse(args))
+    return str(refused.value)

@@ -208,6 +208,9 @@ CASES = [
     Case("repeated-method", lambda t: ["--methods", "fastv", "lofi", "fastv"], "--methods repeats fastv"),
     Case("repeated-keep", lambda t: ["--keep", "0.5", "0.25", "0.50"], "--keep repeats 0.5"),
     Case("keep-nan", lambda t: ["--keep", "nan"], "keep must be a fraction in (0, 1]"),
+    Case("spectra-subset-zero", lambda t: ["--spectra-subset", "0"], "--spectra-subset must be auto, all or a share"),
+    Case("spectra-subset-above-one", lambda t: ["--spectra-subset", "1.5"], "a share in (0, 1], got '1.5'"),
+    Case("spectra-subset-word", lambda t: ["--spectra-subset", "half"], "a share in (0, 1], got 'half'"),
     Case("unknown-method", lambda t: ["--methods", "lofii"], "valid methods: cdpruner, divprune, fastv, lofi"),
 ]
 

@@ -64,7 +64,8 @@ def run_config(checked: Plan) -> RunConfig:
         dataset=paths.portable(request.dataset), limit=request.limit, n_samples=len(checked.samples),
         seed=request.seed, device=checked.device, batch_size=request.batch_size,
         max_new_tokens=request.max_new_tokens, center=request.center, spectrum_layers=checked.spectrum_layers,
-        method_defaults=first, weights=runfolder.weights_fingerprint(checked.model_folder, weight_files),
+        spectra_share=checked.spectra_share, method_defaults=first,
+        weights=runfolder.weights_fingerprint(checked.model_folder, weight_files),
         model_files=runfolder.model_files_fingerprint(checked.model_folder),
         chat_template_sha256=hashlib.sha256(str(template).encode()).hexdigest() if template else None,
         dataset_sha256=checked.dataset_sha256, headline=HEADLINE, packages=packages,
@@ -144,7 +145,8 @@ def _measure(checked: Plan, model, processor, work: Path) -> None:
         spectrum = (tables.headline_layer(HEADLINE["layer"], model.config.text_config.num_hidden_layers),)
     common = dict(batch_size=request.batch_size, max_new_tokens=request.max_new_tokens, progress=request.progress,
                   capture=CaptureOptions(center=request.center, leverage_layers=LEVERAGE_LAYERS,
-                                         spectrum_layers=spectrum, spectra_on=request.spectra_on))
+                                         spectrum_layers=spectrum, spectra_on=request.spectra_on,
+                                         spectra_share=checked.spectra_share, spectra_seed=request.seed))
     started = time.time()
     samples = list(checked.samples)
     baseline = runfolder.load_baseline(work)

@@ -172,21 +172,31 @@ def ipr_panels(spectra: pd.DataFrame):
 
 
 def singular_spectra(spectra: pd.DataFrame, layer: int, group: str, keep: float, ax=None):
-    """Mean normalised singular values s_i / s_1 at one layer: baseline against each method at ``keep``."""
+    """Mean normalised singular values s_i / s_1 at one layer: baseline against each method at ``keep``, over
+    the samples whose spectra were decomposed (all, or a run's ``--spectra-subset``; the title gives their
+    number when some have none)."""
     fig, ax = _axes(ax, (5, 4))
     part = spectra[(spectra.layer == layer) & (spectra.group == group) &
                    ((spectra.method == "baseline") | (spectra.keep == keep))]
+    decomposed = part[[len(v) > 0 for v in part["singular_values"]]]
     palette = _palette([m for m in part["method"].unique() if m != "baseline"])
-    for method, frame in part.groupby("method"):
+    for method, frame in decomposed.groupby("method"):
         values = [np.asarray(v, float) for v in frame["singular_values"]]
         width = min(len(v) for v in values)
         curve = np.mean([v[:width] / max(v[0], 1e-12) for v in values], axis=0)
         ax.plot(np.arange(1, width + 1), curve, color="black" if method == "baseline" else palette[method],
                 lw=2 if method == "baseline" else 1.2, label=method)
-    ax.set_yscale("log")
+    title = f"layer {layer}, {group} tokens, keep={keep:g}"
+    if len(decomposed) < len(part):
+        title += f"\nspectra of {decomposed['sample_id'].nunique()} of {part['sample_id'].nunique()} samples"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel("index i")
+    if not len(decomposed):
+        ax.text(0.5, 0.5, "no sample has its spectrum decomposed here", ha="center", va="center",
+                transform=ax.transAxes, fontsize=8)
+        return fig
+    ax.set_yscale("log")
     ax.set_ylabel("s_i / s_1 (mean over samples)")
-    ax.set_title(f"layer {layer}, {group} tokens, keep={keep:g}", fontsize=9)
     ax.legend(fontsize=7)
     return fig
 

@@ -132,6 +132,8 @@ class RunConfig:
         weights: sha256 per weights file read (the model's safetensors, a method's trained modules).
         model_files: sha256 per configuration, tokenizer and processor file of the model folder.
         method_defaults: each method's settings (its ``repr`` at the first keep).
+        spectra_share: ``--spectra-subset`` resolved: the share of samples whose spectra are decomposed
+            (chosen by ``seed`` and their ids; docs/definitions.md#spectral).
         packages, python, git_commit: provenance.
     """
 
@@ -147,6 +149,7 @@ class RunConfig:
     max_new_tokens: int
     center: bool
     spectrum_layers: str
+    spectra_share: float
     method_defaults: dict
     weights: dict
     model_files: dict
@@ -161,7 +164,7 @@ class RunConfig:
     # number. The model and dataset enter by content (fingerprints), not by how their paths are written.
     IDENTITY = ("methods", "keep", "method_defaults", "weights", "model_files", "chat_template_sha256",
                 "dataset_sha256", "n_samples", "seed", "center", "max_new_tokens", "batch_size", "spectrum_layers",
-                "device", "packages")
+                "spectra_share", "device", "packages")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -148,16 +148,21 @@ def _last_stage(kept: pd.DataFrame, keep: float) -> pd.DataFrame:
 
 def save_thumbnails(folder: str | Path, samples) -> None:
     """The images of the first ``MAP_SAMPLES`` samples the kept-token figure shows (of ``samples``, the run's
-    ``Sample`` records), at most ``THUMBNAIL_SIDE`` pixels a side, into ``folder/thumbnails/`` as
-    ``0.png, 1.png, ...`` with ``index.json`` (their sample ids and questions, in that order): the report
-    is then rendered from the run folder alone."""
+    ``Sample`` records; those with leverage scores first), at most ``THUMBNAIL_SIDE`` pixels a side, into
+    ``folder/thumbnails/`` as ``0.png, 1.png, ...`` with ``index.json`` (their sample ids and questions, in
+    that order): the report is then rendered from the run folder alone."""
     folder = Path(folder)
     kept = pd.read_parquet(folder / "kept.parquet")
     if not len(kept):
         return
     last = _last_stage(kept, _map_keep(pd.read_csv(folder / "summary.csv")))
     by_id = {s.question_id: s for s in samples}
-    chosen = [by_id[i] for i in dict.fromkeys(last["sample_id"]) if i in by_id][:MAP_SAMPLES]
+    shown = [by_id[i] for i in dict.fromkeys(last["sample_id"]) if i in by_id]
+    leverage = folder / "leverage.parquet"
+    if leverage.is_file():  # samples with leverage maps first (a run's --spectra-subset decomposes only some)
+        mapped = set(pd.read_parquet(leverage, columns=["sample_id"])["sample_id"])
+        shown.sort(key=lambda s: s.question_id not in mapped)
+    chosen = shown[:MAP_SAMPLES]
     (folder / THUMBNAILS).mkdir(exist_ok=True)
     for n, sample in enumerate(chosen):
         image = sample.load_image()
@@ -332,6 +337,10 @@ def page_html(folder, config, summary, correlation, layer, group) -> str:
                for f in FIGURES if (folder / "figures" / f"{f.name}.png").is_file()]
     settings = ", ".join(f"{k}={config[k]}" for k in ("model", "dataset", "n_samples", "methods", "keep", "seed",
                                                       "device", "center"))
+    share = config.get("spectra_share", 1.0)
+    if share < 1:
+        settings += (f"; spectra and leverage scores of a seeded {share:.0%} of the samples (spectra.parquet: "
+                     "has_spectrum), IPR and PR of every sample")
     return environment.get_template("report.html.j2").render(
         run_name=Path(folder).name.removesuffix(".partial"), settings=settings,
         commit=str(config.get("git_commit")), layer=layer, group=group,

@@ -34,6 +34,7 @@ from analysis.study.records import BASELINE, Condition
 
 DEFAULT_LIMIT = 150
 DEFAULT_KEEP = (0.5, 0.25, 0.1)
+GPU_SPECTRA_SHARE = 0.1  # --spectra-subset auto on a GPU: spectra of one sample in ten
 MAX_SEED = 2**32 - 1  # torch.manual_seed and numpy's generators take any seed in this range
 
 
@@ -60,6 +61,7 @@ class Request:
     center: bool
     spectrum_layers: str
     spectra_on: str
+    spectra_subset: str
     progress: bool
 
     @property
@@ -71,7 +73,8 @@ class Request:
 class Plan:
     """A checked request: its questions (``dataset_sha256``: their content fingerprint), the model's folder,
     configuration and processor, each condition's method built once (``methods``, in the request's order),
-    the run folder ``out``, and the ``device`` and ``spectrum_layers`` that ``auto`` resolved to."""
+    the run folder ``out``, and the ``device``, ``spectrum_layers`` and ``spectra_share`` (of
+    ``--spectra-subset``) that ``auto`` resolved to."""
 
     request: Request
     samples: tuple[Sample, ...]
@@ -83,6 +86,7 @@ class Plan:
     out: Path
     device: str
     spectrum_layers: str
+    spectra_share: float
 
     @property
     def conditions(self) -> tuple[Condition, ...]:
@@ -125,12 +129,19 @@ def parse(argv: list[str] | None) -> Request:
                         help="where those spectra are decomposed: 'device' (inline, float32; on a GPU through "
                              "LOFI_EIGH's route), 'host' (float64, on a background thread while the GPU decodes); "
                              "'auto' (default): the host when the model is on a GPU. Not part of the run's identity")
+    parser.add_argument("--spectra-subset", default="auto", metavar="auto|all|SHARE",
+                        help="the samples whose spectra (and leverage scores) are decomposed: 'all', or a share in "
+                             "(0, 1]: each sample is in when a hash of --seed and its question id falls below it, "
+                             "so the same samples in every condition, batch and order (docs/definitions.md#spectral)"
+                             "; spectra.parquet's has_spectrum says which. IPR and PR are exact on every sample "
+                             f"either way. 'auto' (default): all on the CPU, {GPU_SPECTRA_SHARE:g} on a GPU")
     parser.add_argument("--no-progress", action="store_true")
     a = parser.parse_args(argv)
     return Request(methods=tuple(a.methods), keeps=tuple(a.keep), model=a.model, dataset=a.dataset,
                    allow_outside_images=a.allow_outside_images, limit=a.limit, out=a.out, device=a.device,
                    seed=a.seed, batch_size=a.batch_size, max_new_tokens=a.max_new_tokens, center=a.center,
-                   spectrum_layers=a.spectrum_layers, spectra_on=a.spectra_on, progress=not a.no_progress)
+                   spectrum_layers=a.spectrum_layers, spectra_on=a.spectra_on, spectra_subset=a.spectra_subset,
+                   progress=not a.no_progress)
 
 
 def plan(request: Request) -> Plan:
@@ -144,11 +155,29 @@ def plan(request: Request) -> Plan:
     spectrum_layers = request.spectrum_layers
     if spectrum_layers == "auto":
         spectrum_layers = "headline" if device.startswith("cuda") else "all"
+    share = spectra_share(request.spectra_subset, device)
     out = request.out or default_out(request, len(samples))
     if out.name in ("", ".."):  # "." or "..": the folder they name
         out = Path(os.path.abspath(out))
     _check_out(out)
-    return Plan(request, samples, config, processor, folder, methods, fingerprint, out, device, spectrum_layers)
+    return Plan(request, samples, config, processor, folder, methods, fingerprint, out, device, spectrum_layers,
+                share)
+
+
+def spectra_share(value: str, device: str) -> float:
+    """The share of samples whose spectra a run decomposes: ``--spectra-subset`` (``auto``, ``all`` or a number
+    in (0, 1]) on ``device``; anything else is a ``UsageError``."""
+    if value == "auto":
+        return GPU_SPECTRA_SHARE if device.startswith("cuda") else 1.0
+    if value == "all":
+        return 1.0
+    try:
+        share = float(value)
+    except ValueError:
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise UsageError(f"--spectra-subset must be auto, all or a share in (0, 1], got {value!r}")
+    return share
 
 
 def _check_options(request: Request) -> None:
@@ -165,6 +194,7 @@ def _check_options(request: Request) -> None:
                                           ("--max-new-tokens", request.max_new_tokens, 1, "the answer's length")):
         if value < minimum:
             raise UsageError(f"{flag} must be >= {minimum} ({meaning}), got {value}")
+    spectra_share(request.spectra_subset, request.device)
     if not 0 <= request.seed <= MAX_SEED:
         raise UsageError(f"--seed must be in [0, {MAX_SEED}], got {request.seed}")
     if request.device == "cuda" and not torch.cuda.is_available():

@@ -112,7 +112,7 @@ def refuse_another_run(folder: Path, config: RunConfig, state: str, fix: str) ->
     if not (folder / "config.json").is_file():
         return
     done = read_config(folder)
-    defaults = {"spectrum_layers": "all"}  # configs written before the option existed
+    defaults = {"spectrum_layers": "all", "spectra_share": 1.0}  # configs written before these options existed
     mine = config.as_dict()
     differ = [k for k in RunConfig.IDENTITY if done.get(k, defaults.get(k)) != mine.get(k, defaults.get(k))]
     if differ:

@@ -67,6 +67,7 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
         for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress, leave=False):
             batch = samples[start:start + batch_size]
             inputs = _prompt_inputs(processor, batch, device)
+            capturing.identify([s.question_id for s in batch])  # the spectra subset is chosen by id
             with lofi.pruned(model, method) if method else nullcontext() as handle:
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      output_logits=True, return_dict_in_generate=True)
@@ -90,10 +91,9 @@ def run_condition(model, processor, samples, *, method: lofi.PruningMethod | Non
                 with capturing.paused():
                     forced += _forced_logits(model, processor, batch, baseline, range(start, start + len(batch)),
                                              new, step_logits, handle.replay())
-            # taken last: spectra decomposed on the host (on a GPU) ran while this batch decoded and was scored
-            for statistics in capturing.take():
-                statistics.sample_id = batch[statistics.row].question_id
-                result.spectra.append(statistics)
+            # taken last: spectra decomposed on the host (on a GPU) ran while this batch decoded and was scored;
+            # each record carries the sample id given to identify
+            result.spectra += capturing.take()
     first = torch.stack(first_logits)
     condition = Condition.of(method)
     if baseline is None:

@@ -3,9 +3,10 @@ lists every file and column).
 
 ``samples.parquet`` holds the ``SampleResult`` records of every pruned condition plus the columns derived
 here (``DERIVED``: relative FLOPs per sample and family, visual tokens left after the last stage);
-``spectra.parquet`` the per-layer statistics with Delta IPR; ``summary.csv`` one row per condition;
-``correlation.csv`` Delta IPR against every consistency measure, per layer and group; ``kept.parquet``
-the ``KeptTokens`` records; ``leverage.parquet`` the unpruned leverage scores at the leverage layers.
+``spectra.parquet`` the per-layer statistics with Delta IPR (``has_spectrum``: which rows were
+decomposed); ``summary.csv`` one row per condition; ``correlation.csv`` Delta IPR against every
+consistency measure, per layer and group; ``kept.parquet`` the ``KeptTokens`` records;
+``leverage.parquet`` the unpruned leverage scores at the leverage layers (of the decomposed samples).
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ def assemble(work: Path, model_config, methods: Mapping[Condition, lofi.PruningM
                              for s, m, k, fixed, n in zip(rows["sample_id"], rows["method"], rows["keep"],
                                                           always_kept, rows["n_visual"])]
 
+    if "has_spectrum" not in spectra:  # shards written before the column: decomposed rows have an effective rank
+        spectra["has_spectrum"] = spectra["effective_rank"].notna()
     base_ipr = spectra[spectra.method == "baseline"].set_index(["sample_id", "layer", "group"])["ipr"]
     spectra["delta_ipr"] = spectra["ipr"].to_numpy() - base_ipr.reindex(
         pd.MultiIndex.from_frame(spectra[["sample_id", "layer", "group"]])).to_numpy()
     leverage = spectra[spectra.leverage.notna() & (spectra.method == "baseline")][
         ["sample_id", "layer", "leverage", "visual_index"]]
     spectra = spectra[["sample_id", "method", "keep", "layer", "group", "n_tokens", "ipr", "pr",
-                       "effective_rank", "delta_ipr", "singular_values"]]
+                       "effective_rank", "delta_ipr", "singular_values", "has_spectrum"]]
 
     pruned = rows[rows.method != "baseline"].copy()
     pruned["changed_correctness"] = (pruned["correct"] != pruned["baseline_correct"]).astype(float)
