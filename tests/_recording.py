@@ -95,15 +95,19 @@ def _from_lofi() -> bool:
 
 class ModelOps(TorchDispatchMode):
     """Every aten op dispatched while active, as (op, "op", its arguments' and output's layouts flattened: not
-    their values), except the ops ``lofi``'s own code runs (``_from_lofi``): the model's kernels."""
+    their values), except the ops ``lofi``'s own code runs (``_from_lofi``): the model's kernels in ``ops``, the
+    names of lofi's in ``runtime``."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[tuple] = []
+        self.runtime: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not _from_lofi():
+        if _from_lofi():
+            self.runtime.append(str(func))
+        else:
             self.ops.append((str(func), "op", flatten((args, kwargs or {}), "in", values=False)
                              + flatten(out, "out", values=False)))
         return out
