@@ -84,7 +84,16 @@ def test_a_timed_module_is_timed_inside_the_block_only():
     assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
+@pytest.fixture
+def one_thread():
+    """Small models' ops take microseconds: on a loaded machine two threads' barriers cost 10-100 times more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys, one_thread):
     """benchmarks/generate.py on a small model on the CPU: one stamp per generated token, keep = 1 generates the
     baseline's tokens with its cache, and a pruned cache is smaller."""
     from benchmarks.generate import StepClock, main
@@ -133,7 +142,7 @@ def test_generate_agreement_counts_equal_tokens_and_the_first_steps_largest_logi
     assert agreement(reference, SimpleNamespace(sequences=reference.sequences, logits=moved), 2)[1] is False
 
 
-def test_generate_deterministic_sets_deterministic_kernels_and_restores_the_settings(monkeypatch):
+def test_generate_deterministic_sets_deterministic_kernels_and_restores_the_settings(monkeypatch, one_thread):
     """``--deterministic``: deterministic algorithms (warn only), cuDNN without benchmarking and, for CUDA, the
     cuBLAS workspace setting while active; everything as it was after, also after an exception. With CUDA
     already started under another cuBLAS setting it refuses, naming the fix."""
@@ -157,6 +166,19 @@ def test_generate_deterministic_sets_deterministic_kernels_and_restores_the_sett
                  "--repeats", "1", "--methods", "lofi", "--keep", "1", "--device", "cpu", "--deterministic"])
     assert rows[0]["identical_logits"] and rows[0]["identical_logits_control"]
     assert torch.are_deterministic_algorithms_enabled() == before[0]
+
+
+def test_the_step_ops_benchmark_counts_a_decoding_steps_ops_and_the_runtimes_share(one_thread):
+    """benchmarks/step_ops.py on a small model on the CPU: a decoding step after a pruned prompt dispatches the
+    unpruned step's ops and the runtime's few, listed by the line that ran them."""
+    from benchmarks.step_ops import main
+
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--batch", "2", "--new-tokens",
+                 "3", "--repeats", "1", "--methods", "fastv", "--device", "cpu"])
+    unpruned, fastv = rows
+    assert unpruned["runtime_ops_per_step"] == 0 and 0 < fastv["runtime_ops_per_step"] <= 2
+    assert fastv["model_ops_per_step"] == unpruned["model_ops_per_step"] > 100
+    assert fastv["step_ms"] > 0 and "device_ms_per_step" not in fastv
 
 
 def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():
