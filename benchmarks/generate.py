@@ -20,8 +20,9 @@ step's logits are bit-identical, and the largest difference of the first step's 
 random weights only keep = 1 says anything about answers: there the pruned run takes the unpruned model's
 code path (``tests/test_keep_one_paths.py``), so it must agree with its baseline as well as the control does.
 A control below 100% or with differing logits is run-to-run numerics (kernels that sum in another order from
-run to run, which near-tied logits of a random-weight model turn into other tokens); ``--deterministic``
-asks for deterministic kernels (``deterministic``) to take them out.
+run to run, which near-tied logits of a random-weight model turn into other tokens; ``top2_gap_min_base`` is
+the baseline's smallest gap between its two largest logits); ``--deterministic`` asks for deterministic
+kernels (``deterministic``) to take them out.
 
 A pruned decoding step attends over fewer cached keys, and otherwise costs what an unpruned one costs plus
 the runtime's work: its hooks and a handful of ops (``benchmarks/README.md``). Where the cache is a small
@@ -114,6 +115,12 @@ def agreement(reference, other, prompt_length: int) -> tuple[float, bool, float]
     return same, identical, first
 
 
+def smallest_top2_gap(out) -> float:
+    """The smallest gap, over every step and sample of a greedy ``generate()`` output, between the two largest
+    logits: how small a change of the logits can change a greedy token."""
+    return min((top[..., 0] - top[..., 1]).min().item() for top in (step.topk(2).values for step in out.logits))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_shape_arguments(parser, "overhead")
@@ -182,7 +189,7 @@ def _measure(args, cuda: bool) -> list[dict]:
                     "step_ms_pruned": 1000 * step_p, "step_speedup": step_b / step_p,
                     "total_ms_base": 1000 * total_b, "total_ms_pruned": 1000 * total_p,
                     "total_speedup": total_b / total_p, "kv_mb_base": base[1] / 2**20,
-                    "kv_mb_pruned": pruned[1] / 2**20}
+                    "kv_mb_pruned": pruned[1] / 2**20, "top2_gap_min_base": smallest_top2_gap(base[2])}
                 for suffix, pairs in (("", pruned_vs_base), ("_control", control)):
                     row[f"same_tokens{suffix}"] = statistics.fmean(p[0] for p in pairs)
                     row[f"identical_logits{suffix}"] = all(p[1] for p in pairs)

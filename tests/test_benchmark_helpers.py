@@ -128,10 +128,11 @@ def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys, o
 
 def test_generate_agreement_counts_equal_tokens_and_the_first_steps_largest_logit_difference():
     """``agreement`` by hand: 2 prompt tokens, 3 generated, one of the 6 generated tokens differs; the first
-    step's logits differ by 0.25 at one place, later steps not at all."""
+    step's logits differ by 0.25 at one place, later steps not at all. ``smallest_top2_gap`` by hand: gaps 0.5
+    and 8 in one step, 3 in the next."""
     from types import SimpleNamespace
 
-    from benchmarks.generate import agreement
+    from benchmarks.generate import agreement, smallest_top2_gap
 
     logits = (torch.zeros(2, 5), torch.ones(2, 5), torch.ones(2, 5))
     reference = SimpleNamespace(sequences=torch.tensor([[9, 9, 1, 2, 3], [9, 9, 4, 5, 6]]), logits=logits)
@@ -140,6 +141,9 @@ def test_generate_agreement_counts_equal_tokens_and_the_first_steps_largest_logi
     assert agreement(reference, other, 2) == (pytest.approx(5 / 6), False, 0.25)
     assert agreement(reference, reference, 2) == (1.0, True, 0.0)
     assert agreement(reference, SimpleNamespace(sequences=reference.sequences, logits=moved), 2)[1] is False
+    two_steps = SimpleNamespace(logits=(torch.tensor([[3.0, 1.0, 2.5], [0.0, 9.0, 1.0]]),
+                                        torch.tensor([[0.0, 4.0, 1.0]])))
+    assert smallest_top2_gap(two_steps) == 0.5
 
 
 def test_generate_deterministic_sets_deterministic_kernels_and_restores_the_settings(monkeypatch, one_thread):
