@@ -47,12 +47,13 @@ class Sequence:
     whole: bool = False           # every stage keeps every token: the prompt runs as the unpruned model
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
-    tail_valid: torch.Tensor | None = None  # [B, decoded + new] validity of appended tokens
+    tail_mask: torch.Tensor | None = None  # the current decoding call's 2-D mask of the whole sequence, or None
     first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
     shift: list[torch.Tensor] = field(default_factory=list)  # compact positions, per pruning stage: [B] original
     #                                                        minus compact position of the prompt's last token
     tower: TowerReading | None = None  # the prompt's image encoding, for methods that read the tower
     _fingerprint: torch.Tensor | None = None
+    _tail_valid: torch.Tensor | None = None
 
     @classmethod
     def start(cls, family: Family, is_visual: torch.Tensor, prunable: torch.Tensor, valid: torch.Tensor,
@@ -114,13 +115,23 @@ class Sequence:
         if mask2d is not None and mask2d.shape[1] != total:
             raise ValueError(f"attention_mask covers {mask2d.shape[1]} tokens, the pruned sequence so far has "
                              f"{total}; pass the mask of the whole sequence as generate() does")
-        batch = self.valid.shape[0]
-        self.tail_valid = (mask2d[:, self.length:].bool() if mask2d is not None else
-                           torch.ones(batch, total - self.length, dtype=torch.bool, device=self.valid.device))
-        # the model's own count would read a pruned cache's length
-        positions = self.last_position[:, None] + 1 + torch.arange(new_tokens, device=self.last_position.device)
-        self.last_position = positions[:, -1]
+        self.tail_mask, self._tail_valid = mask2d, None
+        # the model's own count would read a pruned cache's length; a greedy step's one token costs one kernel
+        last = self.last_position + new_tokens
+        positions = last[:, None] if new_tokens == 1 else last[:, None] - torch.arange(
+            new_tokens - 1, -1, -1, device=last.device)
+        self.last_position = last
         return positions
+
+    @property
+    def tail_valid(self) -> torch.Tensor:
+        """[B, decoded + new] validity of the tokens appended after the prompt, made when a mask is first built
+        in the current call (a step that sees every key builds none)."""
+        if self._tail_valid is None:
+            batch, appended = self.valid.shape[0], self.decoded + self.new_tokens
+            self._tail_valid = (self.tail_mask[:, self.length:].bool() if self.tail_mask is not None else
+                                torch.ones(batch, appended, dtype=torch.bool, device=self.valid.device))
+        return self._tail_valid
 
     def sees_every_key(self) -> bool:
         """Whether the current decoding call is one token of an unpadded SDPA batch without padding slots: in

@@ -1,6 +1,7 @@
 """The arithmetic behind benchmarks/lvpruning_matched.py (matched keeps, the decision modules' FLOPs share, the
 paired McNemar test) and benchmarks/cdpruner_relevance.py (kept-set overlaps), and the benchmarks' command lines."""
 
+import os
 from itertools import combinations
 from math import comb, isnan
 
@@ -83,7 +84,16 @@ def test_a_timed_module_is_timed_inside_the_block_only():
     assert not module._forward_hooks and not module._forward_pre_hooks
 
 
-def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
+@pytest.fixture
+def one_thread():
+    """Small models' ops take microseconds: on a loaded machine two threads' barriers cost 10-100 times more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys, one_thread):
     """benchmarks/generate.py on a small model on the CPU: one stamp per generated token, keep = 1 generates the
     baseline's tokens with its cache, and a pruned cache is smaller."""
     from benchmarks.generate import StepClock, main
@@ -92,7 +102,12 @@ def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
                  "--repeats", "1", "--methods", "fastv", "--keep", "1", "0.25", "--device", "cpu"])
     keep_all, pruned = rows
     assert keep_all["same_tokens"] == 1.0 and keep_all["kv_mb_pruned"] == keep_all["kv_mb_base"]
+    assert keep_all["identical_logits"] and keep_all["first_logits_max_diff"] == 0
     assert pruned["kv_mb_pruned"] < pruned["kv_mb_base"]
+    assert not pruned["identical_logits"] and pruned["first_logits_max_diff"] > 0
+    # two unpruned runs on the CPU: the same kernels, the same sums
+    assert all(row["same_tokens_control"] == 1.0 and row["identical_logits_control"]
+               and row["first_logits_max_diff_control"] == 0 for row in rows)
     assert all(row[f"{kind}_ms_{run}"] > 0 for row in rows for kind in ("first_token", "step", "total")
                for run in ("base", "pruned"))
     assert "| fastv" in capsys.readouterr().out
@@ -109,6 +124,65 @@ def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys):
     clock.stamps = [0.0, 0.5]
     with pytest.raises(ValueError, match="at least two new tokens"):
         clock.split()
+
+
+def test_generate_agreement_counts_equal_tokens_and_the_first_steps_largest_logit_difference():
+    """``agreement`` by hand: 2 prompt tokens, 3 generated, one of the 6 generated tokens differs; the first
+    step's logits differ by 0.25 at one place, later steps not at all. ``smallest_top2_gap`` by hand: gaps 0.5
+    and 8 in one step, 3 in the next."""
+    from types import SimpleNamespace
+
+    from benchmarks.generate import agreement, smallest_top2_gap
+
+    logits = (torch.zeros(2, 5), torch.ones(2, 5), torch.ones(2, 5))
+    reference = SimpleNamespace(sequences=torch.tensor([[9, 9, 1, 2, 3], [9, 9, 4, 5, 6]]), logits=logits)
+    moved = (logits[0].clone().index_put_((torch.tensor([1]), torch.tensor([3])), torch.tensor(-0.25)), *logits[1:])
+    other = SimpleNamespace(sequences=torch.tensor([[9, 9, 1, 2, 3], [9, 9, 4, 7, 6]]), logits=moved)
+    assert agreement(reference, other, 2) == (pytest.approx(5 / 6), False, 0.25)
+    assert agreement(reference, reference, 2) == (1.0, True, 0.0)
+    assert agreement(reference, SimpleNamespace(sequences=reference.sequences, logits=moved), 2)[1] is False
+    two_steps = SimpleNamespace(logits=(torch.tensor([[3.0, 1.0, 2.5], [0.0, 9.0, 1.0]]),
+                                        torch.tensor([[0.0, 4.0, 1.0]])))
+    assert smallest_top2_gap(two_steps) == 0.5
+
+
+def test_generate_deterministic_sets_deterministic_kernels_and_restores_the_settings(monkeypatch, one_thread):
+    """``--deterministic``: deterministic algorithms (warn only), cuDNN without benchmarking and, for CUDA, the
+    cuBLAS workspace setting while active; everything as it was after, also after an exception. With CUDA
+    already started under another cuBLAS setting it refuses, naming the fix."""
+    from benchmarks.generate import deterministic, main
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    with pytest.raises(ZeroDivisionError), deterministic(cuda=True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        1 / 0
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="CUBLAS_WORKSPACE_CONFIG=:4096:8 before CUDA starts"):
+        with deterministic(cuda=True):
+            pass
+    monkeypatch.undo()
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--new-tokens", "2",
+                 "--repeats", "1", "--methods", "lofi", "--keep", "1", "--device", "cpu", "--deterministic"])
+    assert rows[0]["identical_logits"] and rows[0]["identical_logits_control"]
+    assert torch.are_deterministic_algorithms_enabled() == before[0]
+
+
+def test_the_step_ops_benchmark_counts_a_decoding_steps_ops_and_the_runtimes_share(one_thread):
+    """benchmarks/step_ops.py on a small model on the CPU: a decoding step after a pruned prompt dispatches the
+    unpruned step's ops and the runtime's few, listed by the line that ran them."""
+    from benchmarks.step_ops import main
+
+    rows = main(["--shape", "overhead", "--text-layers", "3", "--vision-layers", "1", "--batch", "2", "--new-tokens",
+                 "3", "--repeats", "1", "--methods", "fastv", "--device", "cpu"])
+    unpruned, fastv = rows
+    assert unpruned["runtime_ops_per_step"] == 0 and 0 < fastv["runtime_ops_per_step"] <= 2
+    assert fastv["model_ops_per_step"] == unpruned["model_ops_per_step"] > 100
+    assert fastv["step_ms"] > 0 and "device_ms_per_step" not in fastv
 
 
 def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():

@@ -1,7 +1,7 @@
 """Exactness of the pruning runtime: keep=1 is the identity, dropping equals masking, the KV cache,
 batching, GQA and other image-token ids, and a model left exactly as it was."""
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -320,6 +320,40 @@ def test_the_layer_hooks_leave_plain_decoding_steps_and_come_back_for_the_next_p
         finally:
             failing.remove()
         assert hooked() == before
+
+
+@torch.no_grad()
+def test_a_greedy_step_after_a_pruned_prompt_runs_the_unpruned_steps_kernels_and_two_runtime_ops(model):
+    """A decoding step of an unpadded batch after a pruned prompt dispatches the unpruned step's aten ops in the
+    same order (only the attention's key count differs) and, of its own, the positions that continue the
+    prompt's numbering: one add and one view."""
+    from _recording import ModelOps
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Cut(StoppingCriteria):  # ends each step's share of the record
+        def __init__(self, ops):
+            self.ops, self.steps = ops, []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.steps.append(([op[0] for op in self.ops.ops], list(self.ops.runtime)))
+            self.ops.ops, self.ops.runtime = [], []
+            return torch.zeros(len(input_ids), dtype=torch.bool)
+
+    inputs = make_inputs(prompts=[prompt_ids(3)] * 2)
+    runs = []
+    for method in (None, "fastv", "lofi"):
+        ops = ModelOps()
+        cut = Cut(ops)
+        with lofi.pruned(model, method, keep=0.25) if method else nullcontext(), ops:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, stopping_criteria=StoppingCriteriaList([cut]))
+        runs.append(cut.steps)
+    unpruned = runs[0]
+    assert len(unpruned) == 3 and all(not runtime for _, runtime in unpruned) and len(unpruned[1][0]) > 100
+    for steps in runs[1:]:
+        assert steps[0][1]  # the prefill pruned
+        for (model_ops, runtime), (expected, _) in zip(steps[1:], unpruned[1:]):
+            assert model_ops == expected
+            assert runtime == ["aten.add.Tensor", "aten.unsqueeze.default"]
 
 
 @torch.no_grad()
