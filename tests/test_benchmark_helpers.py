@@ -58,6 +58,27 @@ def test_the_prefill_profile_counts_what_pruning_adds(capsys):
     assert counts[1] > counts[0] > 0
 
 
+def test_the_op_counts_split_the_prefill_between_model_and_runtime_and_place_the_syncs(capsys):
+    """benchmarks/op_counts.py on a small model on the CPU: the model dispatches the same ops pruned or not, the
+    runtime's ops and its one host read are its own, and every sync is placed in the prefill."""
+    from benchmarks.op_counts import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # counting needs no parallelism; on a busy 2-core machine spinning threads cost seconds
+    try:
+        results = main(["--shape", "overhead", "--text-layers", "4", "--vision-layers", "1", "--methods", "fastv",
+                        "--keep", "1", "0.25"])
+    finally:
+        torch.set_num_threads(threads)
+    base, whole, pruned = results["unpruned"], results["fastv keep=1.0"], results["fastv keep=0.25"]
+    assert base.runtime == 0 and not base.runtime_syncs()
+    assert base.model == whole.model == pruned.model > 0
+    assert 0 < whole.runtime < pruned.runtime and pruned.by_file["attention.py"] > 0
+    assert [call for _, call, _, _ in pruned.runtime_syncs()] == ["cpu"]
+    assert all(where for *_, where in base.syncs + pruned.syncs)
+    assert "runtime ops by file" in capsys.readouterr().out
+
+
 def test_a_timed_module_is_timed_inside_the_block_only():
     """prefill.py's vision-tower timer: every call inside the block counts, nothing stays hooked."""
     import time
