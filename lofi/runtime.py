@@ -241,8 +241,6 @@ class _Runtime:
                                          self.attention_kind == "sdpa")
         self.handle.kept = [seq.keep_whole(steps_for(self.model))] * len(plans) if seq.whole else []
         self.handle.merged = [None] * len(self.handle.kept)
-        if seq.whole:
-            seq.shift = [torch.zeros_like(seq.last_position)] * len(plans)
         if self._tower is not None:
             taken = self._tower.take()  # taken either way: a later prompt must not read this one's tower
             seq.tower = None if seq.whole else taken

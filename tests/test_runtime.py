@@ -121,6 +121,36 @@ def test_a_stage_that_keeps_everything_runs_nothing_and_equals_the_full_step(mod
     assert (calls, hashes, full_calls, full_hashes) == ((0, 0, 2, 1) if keep == 1 else (1, 1, 2, 1))
 
 
+@pytest.mark.parametrize("identity", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_uniform_form_of_the_step_gives_the_general_forms_results(identity, seed):
+    """Rows that hold and keep as many prunable tokens (batch 1, a batch of one prompt) take the step's shorter
+    form (lofi.stage, uniform=True): the same candidates, index, kept tokens and rows, bit for bit."""
+    from lofi import stage
+
+    g = torch.Generator().manual_seed(seed)
+    batch, width, most, keep, d = 3, 12, 6, 4, 5
+    prunable = torch.zeros(batch, width, dtype=torch.bool)
+    for row in prunable:  # each row's 6 prunable tokens anywhere, some visual tokens not prunable
+        row[torch.randperm(width, generator=g)[:most]] = True
+    is_visual = prunable | (torch.rand(batch, width, generator=g) < 0.3)
+    rank = torch.where(is_visual, is_visual.cumsum(1) - 1, -1)
+    current = torch.arange(width).expand(batch, width) if identity else \
+        torch.sort(torch.randperm(40, generator=g)[:width]).values.expand(batch, width)
+    hidden = torch.randn(batch, width, d, generator=g)
+    chosen = torch.stack([torch.randperm(most, generator=g)[:keep] for _ in range(batch)])
+    new_width = width - most + keep
+    results = []
+    for uniform in (False, True):
+        order, valid, index = stage.candidates(prunable, rank, most, uniform)
+        results.append([order, valid, index, *stage.apply_choice(current, prunable, order, chosen, index, hidden,
+                                                                 new_width, uniform, identity and uniform)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    everything = prunable & is_visual  # every visual token prunable: the ranks need not be read
+    assert torch.equal(stage.candidates(everything, None, most, True)[2],
+                       stage.candidates(everything, torch.where(everything, everything.cumsum(1) - 1, -1), most)[2])
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method,layer", [(m, k) for m in METHODS for k in (0, 1, 2, 3) if (m, k) != ("fastv", 0)])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
