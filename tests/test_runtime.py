@@ -299,6 +299,28 @@ def test_replay_keeps_the_recorded_tokens_when_the_prompt_grows(model, method):
             empty.replay()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fastvs_shorter_form_for_unpadded_rows_gives_the_masked_forms_attention(kv_heads):
+    """attention_received's dense form (no padding: the last column is every row's last token and sees every key;
+    one rotation; query heads grouped by key-value head) gives the general form's attention, GQA included."""
+    from lofi.attention import attention_received
+
+    model = tiny_llava(kv_heads=kv_heads)
+    family, layer = family_for(model), model.model.language_model.layers[1]
+    g = torch.Generator().manual_seed(kv_heads)
+    batch, n = 2, 11
+    hidden = torch.randn(batch, n, 64, generator=g)
+    positions = torch.arange(3, 3 + n).expand(batch, n)
+    rotary = model.model.language_model.rotary_emb(hidden, positions)
+    index, valid = positions, torch.ones(batch, n, dtype=torch.bool)
+    text = torch.rand(batch, n, generator=g) < 0.5
+    general = attention_received(family, layer, hidden, rotary, "last", index, valid, text)
+    dense = attention_received(family, layer, hidden, rotary, "last", index, valid, text, dense=True)
+    torch.testing.assert_close(dense, general, atol=1e-6, rtol=1e-5)
+    assert dense.shape == (batch, n) and torch.allclose(dense.sum(1), torch.ones(batch))
+
+
 def test_pruned_refuses_a_missing_model_and_a_static_cache(model):
     with pytest.raises(TypeError, match="needs the model"):
         with lofi.pruned(None, "lofi", keep=0.5):
