@@ -79,6 +79,26 @@ def test_the_op_counts_split_the_prefill_between_model_and_runtime_and_place_the
     assert "runtime ops by file" in capsys.readouterr().out
 
 
+def test_the_cudagraph_evidence_collects_the_skips_inside_its_block_only():
+    """benchmarks/cudagraphs.py: inductor's skip counter and its 'skipping cudagraphs' warnings, as inductor emits
+    them, are collected inside the block (and not after it); a profile's graph and kernel launches are told apart."""
+    from types import SimpleNamespace
+
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from benchmarks.cudagraphs import evidence, launch_counts
+
+    with evidence() as found:
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (after the block)")
+    assert found.skips == 1 and found.messages == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    assert "1 skipped" in found.summary() and "mutated inputs" in found.summary()
+    assert found.tree == torch.cuda.is_available()
+    events = [SimpleNamespace(key=k, count=n) for k, n in
+              [("cudaGraphLaunch", 3), ("cudaLaunchKernel", 5), ("cuLaunchKernel", 2), ("aten::mm", 9)]]
+    assert launch_counts(events) == {"graph launches": 3, "kernel launches": 7}
+
+
 def test_a_timed_module_is_timed_inside_the_block_only():
     """prefill.py's vision-tower timer: every call inside the block counts, nothing stays hooked."""
     import time
