@@ -8,12 +8,21 @@ a block: that counter, those messages, and the graphs the tree recorded and re-r
 splits a profile's launches into graph replays (``cudaGraphLaunch``) and kernels launched one by one. A prefill
 whose compiled graphs are all captured shows no skip, one graph launch per compiled graph it runs, and kernel
 launches only from the eager code between them.
+
+Where no GPU is at hand, ``static_checks`` (``python -m benchmarks.cudagraphs``, CPU) compiles a model under
+``mode="reduce-overhead"`` and evaluates, for every graph inductor compiles, the checks it would make before
+handing it to a cudagraph tree on a GPU (everything but the device: the run's own device stands for the GPU):
+mutated or storage-mutated inputs, inputs that are not tensors or sizes, incompatible ops, graphs skipped for
+dynamic shapes. What it cannot see are the tree's run-time decisions (re-recordings, inputs that moved).
+
+    python -m benchmarks.cudagraphs --shape overhead --text-layers 4 --vision-layers 1 --method fastv --keep 0.25
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -100,3 +109,85 @@ def launch_counts(events) -> dict:
     """Graph launches and kernel launches (outside graphs) of a profile's ``key_averages()``."""
     return {"graph launches": sum(e.count for e in events if e.key in GRAPH_LAUNCHES),
             "kernel launches": sum(e.count for e in events if e.key in KERNEL_LAUNCHES)}
+
+
+@contextmanager
+def static_checks() -> Iterator[list]:
+    """Within the block, every graph inductor compiles (with cudagraphs on: ``mode="reduce-overhead"``) is checked
+    as for a cudagraph tree, the run's device standing for the GPU, and not captured; yields a list of
+    ``(graph, reasons)``, reasons empty where the graph passes. Patches inductor's device check and its handing
+    over to cudagraph trees (restored on exit) and turns its FX graph cache off (a cached graph is not checked)."""
+    from torch._inductor import config, cudagraph_utils, output_code
+
+    found: list = []
+    device_check = cudagraph_utils.check_lowering_disable_cudagraph
+    posts = {name: getattr(output_code, name)
+             for name in ("cudagraph_post_compile", "cudagraph_partition_post_compile")}
+    post_compile = output_code.CompiledFxGraph.post_compile
+
+    def other_devices(mapping):
+        mapping = {d: n for d, n in mapping.items() if d.type != "cpu"}
+        return device_check(mapping) if mapping else None
+
+    def record(example_inputs, compiled, cudagraphs, *rest):
+        reasons = list(compiled.cudagraph_info.cudagraph_fail_reasons)
+        static = set(compiled.fx_kwargs["static_input_idxs"] or ())
+        moved = [i for i in compiled.mutated_input_idxs if i not in static]
+        if moved:  # a cudagraph tree runs such a graph without CUDA graphs unless those inputs are its own outputs
+            reasons.append(f"mutates {len(moved)} non-static inputs")
+        found.append((f"graph {len(found)} ({len(example_inputs)} inputs)", reasons))
+        cudagraphs.value = False
+
+    def checked_post_compile(self, example_inputs, constants, graph_kwargs):
+        if self.disabled_cudagraphs_reason and graph_kwargs.get("cudagraphs"):
+            found.append((f"graph {len(found)} ({len(example_inputs)} inputs)",
+                          [self.disabled_cudagraphs_reason.split("\n")[0]]))
+        return post_compile(self, example_inputs, constants, graph_kwargs)
+
+    try:
+        cudagraph_utils.check_lowering_disable_cudagraph = other_devices
+        for name in posts:
+            setattr(output_code, name, record)
+        output_code.CompiledFxGraph.post_compile = checked_post_compile
+        with config.patch(fx_graph_cache=False):
+            yield found
+    finally:
+        cudagraph_utils.check_lowering_disable_cudagraph = device_check
+        for name, function in posts.items():
+            setattr(output_code, name, function)
+        output_code.CompiledFxGraph.post_compile = post_compile
+
+
+def main(argv: list[str] | None = None) -> list:
+    import lofi
+    from benchmarks.shapes import add_shape_arguments, shape_model, shared_settings
+
+    parser = argparse.ArgumentParser(description="inductor's cudagraph checks on the graphs of a compiled prefill")
+    add_shape_arguments(parser, "overhead")
+    parser.add_argument("--method", default="fastv", choices=lofi.available())
+    parser.add_argument("--keep", type=float, default=0.25)
+    args = parser.parse_args(argv)
+    _, model, inputs = shape_model(args.shape, args.batch, args.device, getattr(torch, args.dtype),
+                                   args.text_layers, args.vision_layers)
+    method = lofi.build(args.method, shared=shared_settings(model, [args.method], None), keep=args.keep)
+    print(f"shape={args.shape} device={args.device}: the graphs lofi.compiled(mode='reduce-overhead') compiles, "
+          "checked as inductor checks them before CUDA graphs")
+    results = []
+    with lofi.compiled(model, mode="reduce-overhead"), torch.inference_mode():
+        for label, pruning in (("unpruned", None), (f"{args.method} keep={args.keep}", method)):
+            with static_checks() as found, lofi.pruned(model, pruning) if pruning else nullcontext():
+                for _ in range(2):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    model(**inputs, logits_to_keep=1)
+            passed = sum(not reasons for _, reasons in found)
+            print(f"{label}: {len(found)} graphs compiled, {passed} pass every check"
+                  + ("" if found else " (none new: the graphs compiled before serve it)"))
+            for graph, reasons in found:
+                for reason in reasons:
+                    print(f"    {graph}: {reason}")
+            results.append((label, found))
+    return results
+
+
+if __name__ == "__main__":
+    main()

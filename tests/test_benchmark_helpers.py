@@ -99,6 +99,30 @@ def test_the_cudagraph_evidence_collects_the_skips_inside_its_block_only():
     assert launch_counts(events) == {"graph launches": 3, "kernel launches": 7}
 
 
+def test_the_static_cudagraph_checks_tell_a_graph_that_mutates_its_input_from_one_that_does_not():
+    """benchmarks/cudagraphs.py's static_checks, on the CPU: inductor's checks before CUDA graphs, evaluated on each
+    compiled graph with the CPU standing for the GPU; and inductor is left as it was."""
+    from torch._inductor import cudagraph_utils, output_code
+
+    from benchmarks.cudagraphs import static_checks
+
+    def mutates(x, y):
+        x.add_(1)
+        return x * y
+
+    def pure(x, y):
+        return x * y + 1
+
+    before = (cudagraph_utils.check_lowering_disable_cudagraph, output_code.cudagraph_post_compile,
+              output_code.CompiledFxGraph.post_compile)
+    with static_checks() as found:
+        for function in (mutates, pure):
+            torch.compile(function, mode="reduce-overhead", dynamic=False)(torch.ones(3), torch.ones(3))
+    assert [reasons for _, reasons in found] == [["mutates 1 non-static inputs"], []]
+    assert before == (cudagraph_utils.check_lowering_disable_cudagraph, output_code.cudagraph_post_compile,
+                      output_code.CompiledFxGraph.post_compile)
+
+
 def test_a_timed_module_is_timed_inside_the_block_only():
     """prefill.py's vision-tower timer: every call inside the block counts, nothing stays hooked."""
     import time
