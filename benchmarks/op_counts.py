@@ -92,7 +92,15 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         caller, host = _caller(sys._getframe(1))
-        kernel = not (func.is_view or func in NO_KERNEL)
+        call = SYNC_OPS.get(func)
+        if call is None and func is _aten.index.Tensor and any(
+                i is not None and i.dtype == torch.bool for i in args[1]):
+            call = "boolean-mask index"
+        if call is not None and not host:
+            self.sync(caller, call)
+        out = func(*args, **kwargs)
+        # aten.to aliases its input where nothing changes and copies (a kernel) where the dtype or device does
+        kernel = out is not args[0] if func.overloadpacket is _aten.to else not (func.is_view or func in NO_KERNEL)
         counts = self.counts
         if caller is None:
             counts.model += 1
@@ -102,13 +110,7 @@ class OpCounter(TorchDispatchMode):
             counts.runtime_kernels += kernel and not host
             counts.runtime_host += host
             counts.by_file[caller.split(":")[0]] += 1
-        call = SYNC_OPS.get(func)
-        if call is None and func is _aten.index.Tensor and any(
-                i is not None and i.dtype == torch.bool for i in args[1]):
-            call = "boolean-mask index"
-        if call is not None and not host:
-            self.sync(caller, call)
-        return func(*args, **kwargs)
+        return out
 
     def sync(self, caller: str | None, call: str) -> None:
         function = caller or _model_function(sys._getframe(2))
