@@ -74,6 +74,7 @@ class Counts:
     runtime_kernels: int = 0
     runtime_host: int = 0           # of those, ops on host tensors (its sizes): no launch on a GPU
     by_file: collections.Counter = field(default_factory=collections.Counter)
+    model_by_part: collections.Counter = field(default_factory=collections.Counter)  # vision tower, layers, other
     syncs: list = field(default_factory=list)  # (who, call, function, where)
 
     def runtime_syncs(self) -> list:
@@ -105,6 +106,9 @@ class OpCounter(TorchDispatchMode):
         if caller is None:
             counts.model += 1
             counts.model_kernels += kernel
+            part = self.where
+            counts.model_by_part["decoder layers" if part.startswith("in decoder layer") else
+                                 "vision tower" if part == "in the vision tower" else "other"] += kernel
         else:
             counts.runtime += 1
             counts.runtime_kernels += kernel and not host
@@ -174,7 +178,8 @@ def counting(model: torch.nn.Module) -> Iterator[Counts]:
 
 def describe(label: str, counts: Counts, base: Counts | None) -> str:
     """One block of the report: ops (and kernels) of the model and the runtime, the runtime's by file, the syncs."""
-    lines = [f"{label:<22} model {counts.model} ops ({counts.model_kernels} kernels)"]
+    lines = [f"{label:<22} model {counts.model} ops ({counts.model_kernels} kernels: "
+             + ", ".join(f"{part} {n}" for part, n in counts.model_by_part.most_common()) + ")"]
     if counts.runtime:
         share = f" = {100 * counts.runtime_kernels / counts.model_kernels:.1f}% of the model's kernels"
         lines[0] += (f", runtime {counts.runtime} ops ({counts.runtime_kernels} kernels, {counts.runtime_host} on "
