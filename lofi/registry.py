@@ -121,7 +121,7 @@ class StageInput:
     def visual_hidden(self) -> torch.Tensor:
         """[batch, P, d] hidden states of the visual tokens present (zero rows at padding)."""
         rows = self.hidden.gather(1, self.visual[..., None].expand(-1, -1, self.hidden.shape[-1]))
-        return rows * self.visual_valid[..., None].to(rows.dtype)
+        return rows if self.full else rows * self.visual_valid[..., None].to(rows.dtype)  # full: no padding to zero
 
 
 class PruningMethod(ABC):
