@@ -20,7 +20,9 @@ ratio without it (``rest_measured/predicted``: what pruning gains where it acts,
 unpruned vision tower runs), and reports the KV cache held after prefill (exact bytes of the cache tensors)
 and the peak memory of the forward pass: on CUDA the allocator's peak, on Linux CPUs the growth of the
 process's peak RSS (VmHWM, reset before each run).
-``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path).
+``--compile [MODE]`` runs baseline and pruned prefills through ``lofi.compiled`` (the compiled path), and
+says at the end what happened to CUDA graphs over the run (``benchmarks.cudagraphs``: skips and their reasons,
+graphs recorded; ``benchmarks.profile_prefill`` tells them apart per kind).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import pandas as pd
 import torch
 
 import lofi
+from benchmarks.cudagraphs import evidence
 from benchmarks.shapes import add_shape_arguments, benchmark_image, shape_model, shared_settings
 from lofi.families import family_class
 from lofi.linalg import current_eigh_route
@@ -246,7 +249,7 @@ def time_conditions(args: argparse.Namespace) -> list[dict]:
     shared = shared_settings(model, args.methods, args.layer)
     rows = []
     compiling = lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()
-    with compiling, torch.inference_mode():
+    with compiling, torch.inference_mode(), evidence() as graphs:
         timer.prefill()  # warm-up
         for method in args.methods:
             for keep in args.keep:
@@ -260,6 +263,8 @@ def time_conditions(args: argparse.Namespace) -> list[dict]:
                       f"speedup {r['measured_speedup']:5.2f} (FLOPs {r['flops_speedup']:5.2f}, "
                       f"ratio {r['measured/predicted']:4.2f})  select {r['select_ms']:6.2f} ms = "
                       f"{100 * r['select_share']:4.1f}% (its FLOPs {100 * r['select_flops_share']:4.1f}%)", flush=True)
+    if args.compile:
+        print(graphs.summary())
     return rows
 
 

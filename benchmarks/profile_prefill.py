@@ -2,13 +2,17 @@
 
     python -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1
     python -m benchmarks.profile_prefill --shape overhead --method fastv --keep 0.25 [--compile]   # CPU
+    python -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --compile reduce-overhead
 
 One profiled prefill (``model(**inputs, logits_to_keep=1)``) of each kind after warm-ups, under
 ``torch.profiler``. Per kind it prints the wall time, the operator calls dispatched (``aten::`` ops), the
-kernel launches and the device's busy time (the sum of its kernel durations; on a GPU the rest of the
-wall time is the host's: Python, dispatch, launches), then the ops that took the most self time on the
-device (or on the host, on a CPU). This is the profile behind "where the time goes" when a measured
-speedup falls short of the FLOPs-predicted one (``benchmarks/prefill.py``).
+kernel launches, the CUDA graph launches and the device's busy time (the sum of its kernel durations; on a
+GPU the rest of the wall time is the host's: Python, dispatch, launches), then the ops that took the most
+self time on the device (or on the host, on a CPU). Under ``--compile`` it also says, per kind, what happened
+to CUDA graphs over its warm-ups and profiled prefill (``benchmarks.cudagraphs``: inductor's skips and their
+reasons, the graphs recorded): a kind whose prefill is captured shows no skip and graph launches. This is the
+profile behind "where the time goes" when a measured speedup falls short of the FLOPs-predicted one
+(``benchmarks/prefill.py``).
 """
 
 from __future__ import annotations
@@ -21,19 +25,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lofi
+from benchmarks.cudagraphs import evidence, launch_counts
 from benchmarks.prefill import COMPILE_MODES
 from benchmarks.shapes import add_shape_arguments, shape_model, shared_settings
-
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")
 
 
 def summarize(events, cuda: bool) -> dict:
     """Counts and times of one profiled prefill from ``profile().key_averages()``."""
     ops = sum(e.count for e in events if e.key.startswith("aten::"))
-    launches = sum(e.count for e in events if e.key in LAUNCHES)
     device_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA) \
         if cuda else 0.0
-    return {"aten op calls (nested included)": ops, "kernel launches": launches, "device busy ms": device_us / 1000}
+    return {"aten op calls (nested included)": ops, **launch_counts(events), "device busy ms": device_us / 1000}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
           f"method={args.method} keep={args.keep} compile={args.compile or 'no'}")
     with (lofi.compiled(model, mode=args.compile) if args.compile else nullcontext()), torch.inference_mode():
         for label, pruning in (("unpruned", None), (f"{args.method} keep={args.keep}", method)):
-            with lofi.pruned(model, pruning) if pruning is not None else nullcontext():
+            with lofi.pruned(model, pruning) if pruning is not None else nullcontext(), evidence() as graphs:
                 for _ in range(3):  # warm-up (and compilation)
                     prefill()
                 sync()
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             summary = summarize(events, cuda)
             print(f"\n== {label}: wall {1000 * wall:.1f} ms (under the profiler), "
                   + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+            if args.compile:
+                print(graphs.summary())
             print(events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
                                row_limit=args.rows))
 

@@ -14,7 +14,8 @@ from lofi.families import Family
 
 
 def attention_received(family: Family, layer: torch.nn.Module, hidden: torch.Tensor, rotary: tuple,
-                       queries: str, index: torch.Tensor, valid: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+                       queries: str, index: torch.Tensor, valid: torch.Tensor, text: torch.Tensor,
+                       dense: bool = False) -> torch.Tensor:
     """[batch, n]: the attention each token receives at ``layer``, mean over heads and the query rows.
 
     Args:
@@ -24,24 +25,38 @@ def attention_received(family: Family, layer: torch.nn.Module, hidden: torch.Ten
             text token's row, averaged).
         index: [batch, n] original sequence positions of the tokens (causal order is by these).
         valid: [batch, n] real tokens; text: [batch, n] real text tokens.
+        dense: known on the host: no row holds padding or padding slots, so the last column is every row's last
+            real token and it sees every key (the same result in fewer ops, as at batch 1).
     """
     attn = layer.self_attn
     x = family.attention_input(layer, hidden)
-    k = family.attention_heads(attn, attn.k_proj(x), "k").float()
-    batch, n = k.shape[0], k.shape[2]
-    cos, sin = (t.float().expand(batch, *t.shape[1:]) for t in rotary)
+    k = family.attention_heads(attn, attn.k_proj(x), "k")
+    batch, kv_heads, n, dim = k.shape
+    cos, sin = (t.expand(batch, *t.shape[1:]) for t in rotary)
+    if queries == "last" and dense:
+        q = family.attention_heads(attn, attn.q_proj(x[:, -1:]), "q")
+        group = q.shape[1] // kv_heads
+        # the query's heads become rows of their key-value head after its keys, at the last position: one rotation
+        # rotates both, and the scores need no repeated keys
+        rows = torch.cat([k, q.reshape(batch, kv_heads, group, dim)], 2).float()
+        cos, sin = (torch.cat([t, t[:, -1:].expand(-1, group, -1)], 1).float() for t in (cos, sin))
+        rows = family.rotate(attn, rows, rows, cos, sin)[0]
+        k, q = rows[:, :, :n], rows[:, :, n:]
+        return torch.softmax((q @ k.transpose(-1, -2)) * attn.scaling, dim=-1).mean((1, 2))
+    cos, sin = cos.float(), sin.float()
     if queries == "last":
         # the last real token of each row (the last column with left padding, earlier with right)
         last = (valid.long() * torch.arange(n, device=valid.device)).argmax(1, keepdim=True)
         pick = lambda t: t.gather(1, last[..., None].expand(-1, -1, t.shape[-1]))  # noqa: E731
         q = family.attention_heads(attn, attn.q_proj(pick(x)), "q").float()
-        q = family.rotate(attn, q, pick(cos), pick(sin))
+        q = family.rotate(attn, q, q, pick(cos), pick(sin))[0]
+        k = k.float()
+        k = family.rotate(attn, k, k, cos, sin)[0]
         query_index, query_valid = index.gather(1, last), valid.gather(1, last)
     else:
-        q = family.attention_heads(attn, attn.q_proj(x), "q").float()
-        q = family.rotate(attn, q, cos, sin)
+        q = family.attention_heads(attn, attn.q_proj(x), "q")
+        q, k = family.rotate(attn, q.float(), k.float(), cos, sin)
         query_index, query_valid = index, text
-    k = family.rotate(attn, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) * attn.scaling
     allowed = (index[:, None, :] <= query_index[:, :, None]) & valid[:, None, :]

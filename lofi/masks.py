@@ -32,18 +32,19 @@ def resolve_positions(method: PruningMethod, family: Family) -> str:
     return positions
 
 
-def kept_rotary(position_embeddings: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple:
+def kept_rotary(position_embeddings: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, slots: bool = True
+                ) -> tuple:
     """The layer's (cos, sin) [1 or B, T, dim] of the prompt, read at ``index`` [B, n] (-1: a padding
-    slot, which reads position 0 and is masked)."""
-    safe = index.clamp_min(0)
+    slot, which reads position 0 and is masked; ``slots``: False where ``index`` holds none)."""
+    safe = index.clamp_min(0) if slots else index
     batch = index.shape[0]
     return tuple(t.expand(batch, *t.shape[1:]).gather(1, safe[..., None].expand(-1, -1, t.shape[-1]))
                  for t in position_embeddings)
 
 
-def kept_position_ids(position_ids: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def kept_position_ids(position_ids: torch.Tensor, index: torch.Tensor, slots: bool = True) -> torch.Tensor:
     """The prompt's ``position_ids`` [1 or B, T] read at ``index`` [B, n] (-1: a padding slot)."""
-    return position_ids.expand(index.shape[0], -1).gather(1, index.clamp_min(0))
+    return position_ids.expand(index.shape[0], -1).gather(1, index.clamp_min(0) if slots else index)
 
 
 def causal_mask(keys: torch.Tensor, key_valid: torch.Tensor, queries: torch.Tensor, attention: str,
@@ -68,9 +69,10 @@ def stage_arguments(seq: Sequence, stage: int, phase: Phase, kwargs: dict, dtype
         arguments["position_embeddings"] = rotary(positions)
         arguments["position_ids"] = positions
     elif phase is Phase.PREFILL and index is not seq.index[0]:
-        arguments["position_embeddings"] = kept_rotary(kwargs["position_embeddings"], index)
+        slots = any(seq.slotted[:stage])
+        arguments["position_embeddings"] = kept_rotary(kwargs["position_embeddings"], index, slots)
         if kwargs.get("position_ids") is not None:
-            arguments["position_ids"] = kept_position_ids(kwargs["position_ids"], index)
+            arguments["position_ids"] = kept_position_ids(kwargs["position_ids"], index, slots)
     if seq.dense and not any(seq.slotted[:stage]) and (phase is Phase.PREFILL or seq.new_tokens == 1):
         # kept tokens stay in their original order, so "causal by original index" is plain causal
         # order: SDPA's own causal path (prefill) or no mask at all (one new token sees every key)

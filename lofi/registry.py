@@ -74,6 +74,9 @@ class StageInput:
         tower: callable returning a ``lofi.vision.TowerView`` of the prunable visual tokens present: the vision
             tower's states, saliency ([CLS] attention, or mean attention received) and keys at the block the
             projector reads; only for methods whose ``reads_tower`` is true.
+        visual_width: the most visual tokens a sample's prompt holds, on the host (no ``visual_index`` reaches it).
+        full: known on the host: every row holds P real candidates (``visual_valid`` is all true) and keeps
+            ``keep_width`` of them, as at batch 1; a method may then skip its masking and padding.
     """
 
     layer: int
@@ -93,6 +96,8 @@ class StageInput:
     n_keep_host: torch.Tensor | None = None
     instruction: Callable[[], torch.Tensor] | None = None
     tower: Callable[[], "TowerView"] | None = None
+    visual_width: int | None = None
+    full: bool = False
 
     def uniform(self, salt: int) -> torch.Tensor:
         """[batch, P] draws in (0, 1), one per visual token present, a function of the sample (its tokens
@@ -101,14 +106,14 @@ class StageInput:
         if self.fingerprint is None:
             raise TypeError("StageInput.uniform needs the samples' fingerprints, which the runtime computes only "
                             "for methods that draw: set `draws = True` on the method's class")
-        return uniform(self.fingerprint, salt, self.visual_index)
+        return uniform(self.fingerprint, salt, self.visual_index, self.visual_width)
 
     def instruction_hidden(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([batch, text_width, d] hidden states of each sample's instruction tokens in order, zero after them;
         [batch, text_width] bool, true at real entries)."""
         instruction = self.instruction()
         width = self.text_width if self.text_width is not None else int(instruction.sum(1).max())
-        order = torch.sort((~instruction).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        order = torch.sort(instruction, dim=1, descending=True, stable=True).indices[:, :width]
         present = instruction.gather(1, order)
         rows = self.hidden.gather(1, order[..., None].expand(-1, -1, self.hidden.shape[-1]))
         return rows * present[..., None].to(rows.dtype), present
@@ -116,7 +121,7 @@ class StageInput:
     def visual_hidden(self) -> torch.Tensor:
         """[batch, P, d] hidden states of the visual tokens present (zero rows at padding)."""
         rows = self.hidden.gather(1, self.visual[..., None].expand(-1, -1, self.hidden.shape[-1]))
-        return rows * self.visual_valid[..., None].to(rows.dtype)
+        return rows if self.full else rows * self.visual_valid[..., None].to(rows.dtype)  # full: no padding to zero
 
 
 class PruningMethod(ABC):
@@ -196,7 +201,10 @@ class PruningMethod(ABC):
         keeps fewer than the widest row pads its row with -1. A method that merges returns a ``Choice`` (the
         indices and the kept tokens' new states). Default: each sample's top ``n_keep`` by ``scores`` among its
         real entries."""
-        scores = self.scores(state).double().masked_fill(~state.visual_valid, float("-inf"))
+        scores = self.scores(state).double()
+        if state.full:  # nothing to mask, no row keeps fewer
+            return scores.topk(state.keep_width, dim=1).indices
+        scores = scores.masked_fill(~state.visual_valid, float("-inf"))
         width = state.keep_width if state.keep_width is not None else int(state.n_keep.max())
         top = scores.topk(width, dim=1).indices
         return torch.where(torch.arange(width, device=top.device) < state.n_keep[:, None], top, -1)

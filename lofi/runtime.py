@@ -241,8 +241,6 @@ class _Runtime:
                                          self.attention_kind == "sdpa")
         self.handle.kept = [seq.keep_whole(steps_for(self.model))] * len(plans) if seq.whole else []
         self.handle.merged = [None] * len(self.handle.kept)
-        if seq.whole:
-            seq.shift = [torch.zeros_like(seq.last_position)] * len(plans)
         if self._tower is not None:
             taken = self._tower.take()  # taken either way: a later prompt must not read this one's tower
             seq.tower = None if seq.whole else taken
@@ -295,8 +293,10 @@ class _Runtime:
         layer = self.stage_layers[stage - 1]
         attention = None
         if self.method.attention_queries:
+            # no padding and no padding slots yet: the shorter form, known on the host
+            dense = self._seq.host.unpadded and not any(self._seq.slotted)
             attention = partial(attention_received, self.family, self.layers[layer - 1], *self._ranked_input,
-                                self.method.attention_queries)
+                                self.method.attention_queries, dense=dense)
         tower = partial(tower_view, self._seq) if self._tower else None
         index, kept, hidden, merged = run_stage(self._seq, stage, layer, hidden, self.method, self.model, attention,
                                                 self._check_selection, tower)

@@ -44,24 +44,49 @@ def mix_int(x: int) -> int:
     return x
 
 
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def _table(kind: str, length: int, device: torch.device) -> torch.Tensor:
+    """The first ``length`` rows of a table of mixed keys for positions 0, 1, ... (``kind``: ``"token"`` [n],
+    ``"feature"`` [n, FEATURES_HASHED], ``"index"`` [n]), kept per device and grown when a longer prompt comes.
+    Their keys depend on positions only: a prompt reads them where each mix would be some twenty elementwise
+    kernels, launches that a batch-1 prefill pays on the host."""
+    key = (kind, str(device))
+    table = _TABLES.get(key)
+    if table is None or table.shape[0] < length:
+        n = torch.arange(max(length, 2 * (0 if table is None else table.shape[0]), 64), device=device)
+        if kind == "token":
+            table = mix(n * 2 + 1)
+        elif kind == "feature":
+            table = mix((n[:, None] * FEATURES_HASHED + torch.arange(FEATURES_HASHED, device=device)) * 2 + 2)
+        else:
+            table = mix(n + 11)
+        _TABLES[key] = table
+    return table[:length]
+
+
 def fingerprints(input_ids: torch.Tensor, inputs_embeds: torch.Tensor, valid: torch.Tensor,
                  is_visual: torch.Tensor) -> torch.Tensor:
     """[batch] int64 in [0, P): a hash of each sample's token ids and visual features."""
-    order = (valid.long().cumsum(1) - 1).clamp_min(0)                    # position from the first real token
+    order = (valid.cumsum(1) - 1).clamp_min(0)                           # position from the first real token
     text = torch.where(valid & ~is_visual, input_ids.long() + 1, 0)
     signs = (inputs_embeds[..., :FEATURES_HASHED] > 0).long() + 1
     features = torch.where((valid & is_visual)[..., None], signs, 0)
-    slot = order[..., None] * FEATURES_HASHED + torch.arange(features.shape[-1], device=features.device)
-    # the token and feature positions' mixes in one call: each mix is some twenty elementwise kernels
-    keys = mix(torch.cat([(order * 2 + 1).reshape(-1), (slot * 2 + 2).reshape(-1)]))
-    token_part = (text % P * keys[:order.numel()].view(order.shape)) % P
-    feature_part = (features * keys[order.numel():].view(slot.shape)) % P
+    # each position's keys, mix(2 order + 1) and mix(2 (order x FEATURES_HASHED + feature) + 2), from the tables
+    length = order.shape[1]
+    token_keys = _table("token", length, order.device)[order]
+    feature_keys = _table("feature", length, order.device)[order][..., :features.shape[-1]]
+    token_part = (text % P * token_keys) % P
+    feature_part = (features * feature_keys) % P
     total = token_part.sum(1) % P + feature_part.sum((1, 2)) % P
     return mix(total)
 
 
-def uniform(fingerprint: torch.Tensor, salt: int, index: torch.Tensor) -> torch.Tensor:
-    """[batch, n] float64 in (0, 1): the draw of visual token ``index`` [batch, n] of each sample for ``salt``."""
+def uniform(fingerprint: torch.Tensor, salt: int, index: torch.Tensor, bound: int | None = None) -> torch.Tensor:
+    """[batch, n] float64 in (0, 1): the draw of visual token ``index`` [batch, n] of each sample for ``salt``
+    (``bound``: a number no index reaches, known on the host, which lets the index keys come from a table)."""
     seed = mix(fingerprint + mix_int(salt % P + 7))
-    value = mix(seed[:, None] + mix(index.long().clamp_min(0) + 11))
-    return (value.double() + 0.5) / P
+    index = index.long().clamp_min(0)
+    keys = mix(index + 11) if bound is None else _table("index", bound, index.device)[index]
+    return (mix(seed[:, None] + keys).double() + 0.5) / P

@@ -50,23 +50,27 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
         what a merging method did, ``Merged``).
     """
     current = seq.index[stage - 1]
+    identity = current is seq.index[0]  # the prompt as it came: nothing to read through an index
     valid, prunable = seq.at(current, seq.valid), seq.at(current, seq.prunable)
-    present, n_keep, most, widest, new_width, narrowest = seq.plans[stage - 1]
+    plan = seq.plans[stage - 1]
+    n_keep, most, widest, new_width, narrowest, uniform = plan[1:7]
     seq.slotted.append(narrowest < new_width)  # rows of different lengths: padding slots from here on
     steps = steps_for(model)
-    order, visual_valid, visual_index = steps.candidates(prunable, seq.at(current, seq.visual_rank), most)
-    if stage_steps.keeps_everything(n_keep, present, seq.slotted):
+    rank = None if identity and seq.all_prunable else seq.at(current, seq.visual_rank)
+    order, visual_valid, visual_index = steps.candidates(prunable, rank, most, uniform)
+    if stage_steps.keeps_everything(plan, seq.slotted):
         # neither the method nor the step runs: at batch 1 their kernels are most of the runtime's cost
         return current, visual_index, hidden, None
     n_keep_host, n_keep = n_keep, n_keep.to(current.device, non_blocking=True)
-    text = valid & ~seq.at(current, seq.is_visual)
+    text = seq.at(current, seq.text)
     state = StageInput(
         layer=layer, stage=stage - 1, hidden=hidden, visual=order, visual_valid=visual_valid,
         visual_index=visual_index, text=text, valid=valid, n_keep=n_keep,
         attention=(lambda: attention(current, valid, text)) if attention is not None else None,
         fingerprint=seq.fingerprint(), model=model, keep_width=widest, text_width=seq.host.text_width,
         n_keep_host=n_keep_host, instruction=lambda: text & seq.at(current, seq.instruction()),
-        tower=(lambda: tower(current, order, visual_valid)) if tower is not None else None)
+        tower=(lambda: tower(current, order, visual_valid)) if tower is not None else None,
+        visual_width=seq.host.visual_width, full=uniform)
     chosen, states, sources = method.select(state), None, None
     if isinstance(chosen, Choice):
         chosen, states, sources = chosen
@@ -75,7 +79,8 @@ def run_stage(seq: Sequence, stage: int, layer: int, hidden: torch.Tensor, metho
     chosen = chosen.to(torch.long)
     if states is not None:
         hidden = stage_steps.write_states(hidden, order, chosen, states)
-    index, kept, hidden = steps.apply_choice(current, prunable, order, chosen, visual_index, hidden, new_width)
+    index, kept, hidden = steps.apply_choice(current, prunable, order, chosen, visual_index, hidden, new_width,
+                                             uniform, identity)
     if states is None:
         return index, kept, hidden, None
     into = None

@@ -30,16 +30,16 @@ class Phase(Enum):
 
 @dataclass
 class Sequence:
-    """Bookkeeping of one prompt (and its decoding steps), in original sequence indices."""
+    """Bookkeeping of one prompt (and its decoding steps), in original sequence indices. Tensors that only some
+    prompts need (visual ranks, first and last positions) are made when first read: at batch 1 on a GPU every op
+    is a launch the pruned layers do not give back."""
 
     valid: torch.Tensor           # [B, T] bool: real tokens of the prompt
     is_visual: torch.Tensor       # [B, T] bool: visual tokens (newline rows included)
     prunable: torch.Tensor        # [B, T] bool: visual tokens a method may drop
-    visual_rank: torch.Tensor     # [B, T] long: 0..n_visual-1 at visual tokens, -1 elsewhere
     n_prunable: torch.Tensor      # [B]
     hash_inputs: tuple | None     # (input_ids, inputs_embeds) of the prompt, for methods that draw
     index: list[torch.Tensor]     # per stage 0..S: [B, n_s] original indices seen by that stage, -1: padding slot
-    last_position: torch.Tensor   # [B] 1-D position of the last token so far
     host: stage_steps.HostSizes | None = None  # the prompt's counts on the host
     dense: bool = False           # SDPA and no padding: unpadded stages need no mask (causal order is kept)
     slotted: list[bool] = field(default_factory=list)  # per pruning stage: rows padded with slots
@@ -48,11 +48,16 @@ class Sequence:
     decoded: int = 0              # tokens appended after the prompt, before this call
     new_tokens: int = 0           # tokens of the current decoding call
     tail_mask: torch.Tensor | None = None  # the current decoding call's 2-D mask of the whole sequence, or None
-    first_position: torch.Tensor | None = None  # [B] 1-D position of each row's first real token
     shift: list[torch.Tensor] = field(default_factory=list)  # compact positions, per pruning stage: [B] original
     #                                                        minus compact position of the prompt's last token
     tower: TowerReading | None = None  # the prompt's image encoding, for methods that read the tower
+    family: Family | None = field(default=None, repr=False)
+    position_ids: torch.Tensor | None = field(default=None, repr=False)  # the prompt's, None: 0..T-1
     _fingerprint: torch.Tensor | None = None
+    _visual_rank: torch.Tensor | None = None
+    _text: torch.Tensor | None = None
+    _first_position: torch.Tensor | None = None
+    _last_position: torch.Tensor | None = None
     _tail_valid: torch.Tensor | None = None
 
     @classmethod
@@ -62,26 +67,60 @@ class Sequence:
         """A prompt's prefill: its [B, T] masks (visual, prunable, real), the position ids it was given (None:
         0..T-1), its counts on the host and its stages' sizes; ``hash_inputs`` for methods that draw."""
         batch, length = is_visual.shape
-        device = is_visual.device
-        rank = torch.where(is_visual, is_visual.long().cumsum(1) - 1, -1)
-        first_real = valid.long().argmax(1, keepdim=True)
-        if position_ids is None:
-            last = torch.full((batch,), length - 1, device=device)
-            first = first_real[:, 0]
-        else:
-            text_positions = family.text_positions(position_ids).expand(batch, -1)
-            last = text_positions[..., -1].clone()
-            first = text_positions.gather(1, first_real)[:, 0]
-        index = torch.arange(length, device=device).expand(batch, length)
+        index = torch.arange(length, device=is_visual.device).expand(batch, length)
         counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
-        whole = all(stage_steps.keeps_everything(plan.n_keep, plan.n_present, []) for plan in plans)
-        return cls(valid, is_visual, prunable, rank, counts[:, 0], None if whole else hash_inputs, [index], last,
-                   host=sizes, plans=plans, whole=whole, dense=sizes.unpadded and sdpa, first_position=first)
+        whole = all(stage_steps.keeps_everything(plan, []) for plan in plans)
+        return cls(valid, is_visual, prunable, counts[:, 0], None if whole else hash_inputs, [index], host=sizes,
+                   plans=plans, whole=whole, dense=sizes.unpadded and sdpa, family=family, position_ids=position_ids)
+
+    @property
+    def all_prunable(self) -> bool:
+        """Every visual token may be dropped (no newline rows): the k-th prunable token is visual token k."""
+        return self.prunable is self.is_visual
+
+    @property
+    def visual_rank(self) -> torch.Tensor:
+        """[B, T] long: 0..n_visual-1 at visual tokens, -1 elsewhere."""
+        if self._visual_rank is None:
+            self._visual_rank = torch.where(self.is_visual, self.is_visual.cumsum(1) - 1, -1)
+        return self._visual_rank
+
+    @property
+    def text(self) -> torch.Tensor:
+        """[B, T] bool: real text tokens."""
+        if self._text is None:
+            self._text = self.valid & ~self.is_visual
+        return self._text
+
+    @property
+    def first_position(self) -> torch.Tensor:
+        """[B] 1-D position of each row's first real token."""
+        if self._first_position is None:
+            first_real = self.valid.long().argmax(1, keepdim=True)
+            if self.position_ids is None:
+                self._first_position = first_real[:, 0]
+            else:
+                positions = self.family.text_positions(self.position_ids).expand(self.valid.shape[0], -1)
+                self._first_position = positions.gather(1, first_real)[:, 0]
+        return self._first_position
+
+    @property
+    def last_position(self) -> torch.Tensor:
+        """[B] 1-D position of the last token so far."""
+        if self._last_position is None:
+            if self.position_ids is None:
+                self._last_position = torch.full((self.valid.shape[0],), self.length - 1, device=self.valid.device)
+            else:
+                self._last_position = self.family.text_positions(self.position_ids).expand(
+                    self.valid.shape[0], -1)[..., -1].clone()
+        return self._last_position
 
     def keep_whole(self, steps: stage_steps.Steps) -> torch.Tensor:
         """Every stage holds the prompt as it came (keep = 1): the index of each, and the kept visual tokens
         ([B, max n_prunable], as a stage records them)."""
-        kept = steps.candidates(self.prunable, self.visual_rank, self.plans[0].most)[2]
+        plan = self.plans[0]
+        kept = steps.candidates(self.prunable, None if self.all_prunable else self.visual_rank, plan.most,
+                                plan.uniform)[2]
         self.index.extend(self.index[0] for _ in self.plans)
         return kept
 
@@ -120,7 +159,7 @@ class Sequence:
         last = self.last_position + new_tokens
         positions = last[:, None] if new_tokens == 1 else last[:, None] - torch.arange(
             new_tokens - 1, -1, -1, device=last.device)
-        self.last_position = last
+        self._last_position = last
         return positions
 
     @property

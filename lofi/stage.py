@@ -33,6 +33,7 @@ class HostSizes:
     n_prunable: torch.Tensor     # [B] CPU long: prunable visual tokens of the prompt
     n_fixed: torch.Tensor        # [B] CPU long: tokens never dropped (text, padding, newline rows)
     text_width: int              # the most real text tokens of a row
+    visual_width: int            # the most visual tokens of a row
     on_device: torch.Tensor      # [B, 4] the counts where they were made (``from_counts``), for device work
 
     @classmethod
@@ -42,7 +43,7 @@ class HostSizes:
         rows = per_row.tolist()  # the flags and widths as Python numbers: no tensor op per field
         n_prunable = per_row[:, 0]
         return cls(any(row[2] for row in rows), all(row[3] == length for row in rows), n_prunable,
-                   length - n_prunable, max(row[1] for row in rows), on_device)
+                   length - n_prunable, max(row[1] for row in rows), max(row[2] for row in rows), on_device)
 
 
 def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, valid: torch.Tensor) -> HostSizes:
@@ -55,7 +56,11 @@ def host_sizes(is_visual: torch.Tensor, prunable: torch.Tensor, valid: torch.Ten
 
 class StagePlan(NamedTuple):
     """One stage's sizes, on the host: per row the prunable tokens it holds and the ones it keeps; the widths its
-    tensors take (prunable tokens present, widest n_keep, widest and narrowest row after it)."""
+    tensors take (prunable tokens present, widest n_keep, widest and narrowest row after it); ``uniform``: every
+    row holds as many prunable tokens as the others and keeps as many, at this stage and every one before (no
+    row is shorter than another, so no padding slots, and every candidate is real and every row keeps
+    ``widest``: the steps then take their shorter form, as at batch 1); ``keeps_all``: every row keeps all the
+    prunable tokens it holds."""
 
     n_present: torch.Tensor
     n_keep: torch.Tensor
@@ -63,6 +68,8 @@ class StagePlan(NamedTuple):
     widest: int
     new_width: int
     narrowest: int
+    uniform: bool = False
+    keeps_all: bool = False
 
 
 def plan_stages(method: "PruningMethod", n_stages: int, host: HostSizes) -> list[StagePlan]:
@@ -70,41 +77,56 @@ def plan_stages(method: "PruningMethod", n_stages: int, host: HostSizes) -> list
     (a stage keeps exactly ``n_keep`` of the prunable tokens present, and the next stage holds those)."""
     plans, present = [], host.n_prunable
     fixed = host.n_fixed.tolist()
+    present_rows = present.tolist()
+    uniform = len(set(present_rows)) == 1
     for stage in range(n_stages):
         n_keep = method.n_keep(stage, host.n_prunable, present).cpu()
         keep = n_keep.tolist()
         after = [f + k for f, k in zip(fixed, keep)]
-        plans.append(StagePlan(present, n_keep, max(present.tolist()), max(keep), max(after), min(after)))
-        present = n_keep
+        uniform = uniform and len(set(keep)) == 1
+        plans.append(StagePlan(present, n_keep, max(present_rows), max(keep), max(after), min(after), uniform,
+                               keep == present_rows))
+        present, present_rows = n_keep, keep
     return plans
 
 
-def keeps_everything(n_keep: torch.Tensor, n_present: torch.Tensor, slotted: list[bool]) -> bool:
+def keeps_everything(plan: StagePlan, slotted: list[bool]) -> bool:
     """On the host: whether a stage is the identity, whatever its method would choose. It is when every row
-    keeps all ``n_present`` prunable tokens it holds (keep = 1) and no row holds padding slots: applying the
-    choice would then rebuild the very index and hidden states it was given."""
-    return not any(slotted) and torch.equal(n_keep, n_present)
+    keeps all the prunable tokens it holds (keep = 1) and no row holds padding slots: applying the choice would
+    then rebuild the very index and hidden states it was given."""
+    return plan.keeps_all and not any(slotted)
 
 
-def candidates(prunable: torch.Tensor, visual_rank: torch.Tensor, most: int):
+def candidates(prunable: torch.Tensor, visual_rank: torch.Tensor | None, most: int, uniform: bool = False):
     """The prunable visual tokens a stage holds, as ``StageInput`` shows them to the method.
 
     Args:
         prunable: [B, n] bool, prunable visual tokens among the n the stage holds.
-        visual_rank: [B, n] each token's original visual-token index (-1 where not visual).
+        visual_rank: [B, n] each token's original visual-token index (-1 where not visual); None where the stage
+            holds the prompt as it came and every visual token is prunable (the k-th candidate is visual token k).
         most: the most prunable tokens a row holds (on the host).
+        uniform: every row holds ``most`` of them (``StagePlan.uniform``): no row is padded.
 
     Returns:
         (visual [B, most] their positions in order, visual_valid [B, most], visual_index [B, most]: their
         original indices, -1 at padding).
     """
-    order = torch.sort((~prunable).to(torch.int8), dim=1, stable=True).indices[:, :most]
+    # a stable sort puts each row's prunable tokens first, in sequence order
+    order = torch.sort(prunable, dim=1, descending=True, stable=True).indices[:, :most]
+    if uniform:
+        visual_valid = torch.ones_like(order, dtype=torch.bool)
+        if visual_rank is None:
+            return order, visual_valid, torch.arange(most, device=order.device).expand(order.shape)
+        return order, visual_valid, visual_rank.gather(1, order)
     visual_valid = torch.arange(most, device=order.device) < prunable.sum(1)[:, None]
-    return order, visual_valid, torch.where(visual_valid, visual_rank.gather(1, order), -1)
+    ranks = torch.arange(most, device=order.device).expand(order.shape) if visual_rank is None else \
+        visual_rank.gather(1, order)
+    return order, visual_valid, torch.where(visual_valid, ranks, -1)
 
 
 def apply_choice(current: torch.Tensor, prunable: torch.Tensor, order: torch.Tensor, chosen: torch.Tensor,
-                 visual_index: torch.Tensor, hidden: torch.Tensor, new_width: int):
+                 visual_index: torch.Tensor, hidden: torch.Tensor, new_width: int, uniform: bool = False,
+                 identity: bool = False):
     """Keep the chosen visual tokens and every token that is not prunable, in sequence order.
 
     Args:
@@ -113,12 +135,22 @@ def apply_choice(current: torch.Tensor, prunable: torch.Tensor, order: torch.Ten
         chosen: [B, max n_keep] indices into ``order`` (-1 padding), the method's choice.
         hidden: [B, n, d] hidden states entering the stage.
         new_width: the longest row after the stage (on the host).
+        uniform: ``StagePlan.uniform``: every row keeps as many tokens (``chosen`` holds no -1) and ``current``
+            holds no padding slot; the same result in fewer ops.
+        identity: ``current`` is 0 .. n-1 in every row (the prompt as it came).
 
     Returns:
         (index [B, new_width] original positions kept, shorter rows padded in front with -1 slots;
         kept [B, max n_keep] the kept original visual-token indices, increasing, -1 padded;
         hidden [B, new_width, d] their hidden states).
     """
+    if uniform:
+        keep = (~prunable).scatter(1, order.gather(1, chosen), True)
+        # every row keeps new_width tokens: a stable sort lists them first, in sequence order
+        source = torch.sort(keep, dim=1, descending=True, stable=True).indices[:, :new_width]
+        index = source if identity else current.gather(1, source)
+        kept = visual_index.gather(1, chosen).sort(dim=1).values
+        return index, kept, hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
     batch, width = current.shape
     picked = chosen >= 0
     marks = torch.zeros_like(current).scatter_add(1, order.gather(1, chosen.clamp_min(0)), picked.long())

@@ -59,6 +59,71 @@ def test_the_prefill_profile_counts_what_pruning_adds(capsys):
     assert counts[1] > counts[0] > 0
 
 
+def test_the_op_counts_split_the_prefill_between_model_and_runtime_and_place_the_syncs(capsys):
+    """benchmarks/op_counts.py on a small model on the CPU: the model dispatches the same ops pruned or not, the
+    runtime's ops and its one host read are its own, and every sync is placed in the prefill."""
+    from benchmarks.op_counts import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # counting needs no parallelism; on a busy 2-core machine spinning threads cost seconds
+    try:
+        results = main(["--shape", "overhead", "--text-layers", "4", "--vision-layers", "1", "--methods", "fastv",
+                        "--keep", "1", "0.25"])
+    finally:
+        torch.set_num_threads(threads)
+    base, whole, pruned = results["unpruned"], results["fastv keep=1.0"], results["fastv keep=0.25"]
+    assert base.runtime == 0 and not base.runtime_syncs()
+    assert base.model == whole.model == pruned.model > 0
+    assert 0 < whole.runtime < pruned.runtime and pruned.by_file["attention.py"] > 0
+    assert [call for _, call, _, _ in pruned.runtime_syncs()] == ["cpu"]
+    assert all(where for *_, where in base.syncs + pruned.syncs)
+    assert "runtime ops by file" in capsys.readouterr().out
+
+
+def test_the_cudagraph_evidence_collects_the_skips_inside_its_block_only():
+    """benchmarks/cudagraphs.py: inductor's skip counter and its 'skipping cudagraphs' warnings, as inductor emits
+    them, are collected inside the block (and not after it); a profile's graph and kernel launches are told apart."""
+    from types import SimpleNamespace
+
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from benchmarks.cudagraphs import evidence, launch_counts
+
+    with evidence() as found:
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to cpu device (after the block)")
+    assert found.skips == 1 and found.messages == ["skipping cudagraphs due to mutated inputs (1 instances)"]
+    assert "1 skipped" in found.summary() and "mutated inputs" in found.summary()
+    assert found.tree == torch.cuda.is_available()
+    events = [SimpleNamespace(key=k, count=n) for k, n in
+              [("cudaGraphLaunch", 3), ("cudaLaunchKernel", 5), ("cuLaunchKernel", 2), ("aten::mm", 9)]]
+    assert launch_counts(events) == {"graph launches": 3, "kernel launches": 7}
+
+
+def test_the_static_cudagraph_checks_tell_a_graph_that_mutates_its_input_from_one_that_does_not():
+    """benchmarks/cudagraphs.py's static_checks, on the CPU: inductor's checks before CUDA graphs, evaluated on each
+    compiled graph with the CPU standing for the GPU; and inductor is left as it was."""
+    from torch._inductor import cudagraph_utils, output_code
+
+    from benchmarks.cudagraphs import static_checks
+
+    def mutates(x, y):
+        x.add_(1)
+        return x * y
+
+    def pure(x, y):
+        return x * y + 1
+
+    before = (cudagraph_utils.check_lowering_disable_cudagraph, output_code.cudagraph_post_compile,
+              output_code.CompiledFxGraph.post_compile)
+    with static_checks() as found:
+        for function in (mutates, pure):
+            torch.compile(function, mode="reduce-overhead", dynamic=False)(torch.ones(3), torch.ones(3))
+    assert [reasons for _, reasons in found] == [["mutates 1 non-static inputs"], []]
+    assert before == (cudagraph_utils.check_lowering_disable_cudagraph, output_code.cudagraph_post_compile,
+                      output_code.CompiledFxGraph.post_compile)
+
+
 def test_a_timed_module_is_timed_inside_the_block_only():
     """prefill.py's vision-tower timer: every call inside the block counts, nothing stays hooked."""
     import time

@@ -178,6 +178,14 @@ def test_the_inductor_compiled_pruning_step_is_exact():
         results.append([order, valid, index, *steps.apply_choice(current, prunable, order, chosen, index, hidden, 7)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert torch.equal(results[0][4], torch.tensor([[0, 2, 4], [1, 3, -1]]))  # kept visual indices
+    # the uniform form (every row holds and keeps as many: batch 1), on the prompt as it came
+    uniform = []
+    for steps in (stage.EAGER, compiled):
+        order, valid, index = steps.candidates(prunable[:1], None, 6, True)
+        uniform.append([order, valid, index, *steps.apply_choice(current[:1], prunable[:1], order, chosen[:1], index,
+                                                                 hidden[:1], 7, True, True)])
+    assert all(torch.equal(a, b) for a, b in zip(*uniform))
+    assert torch.equal(uniform[0][3], torch.tensor([[0, 1, 2, 4, 6, 8, 9]]))  # the kept positions
 
 
 @torch.no_grad()

@@ -121,6 +121,36 @@ def test_a_stage_that_keeps_everything_runs_nothing_and_equals_the_full_step(mod
     assert (calls, hashes, full_calls, full_hashes) == ((0, 0, 2, 1) if keep == 1 else (1, 1, 2, 1))
 
 
+@pytest.mark.parametrize("identity", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_the_uniform_form_of_the_step_gives_the_general_forms_results(identity, seed):
+    """Rows that hold and keep as many prunable tokens (batch 1, a batch of one prompt) take the step's shorter
+    form (lofi.stage, uniform=True): the same candidates, index, kept tokens and rows, bit for bit."""
+    from lofi import stage
+
+    g = torch.Generator().manual_seed(seed)
+    batch, width, most, keep, d = 3, 12, 6, 4, 5
+    prunable = torch.zeros(batch, width, dtype=torch.bool)
+    for row in prunable:  # each row's 6 prunable tokens anywhere, some visual tokens not prunable
+        row[torch.randperm(width, generator=g)[:most]] = True
+    is_visual = prunable | (torch.rand(batch, width, generator=g) < 0.3)
+    rank = torch.where(is_visual, is_visual.cumsum(1) - 1, -1)
+    current = torch.arange(width).expand(batch, width) if identity else \
+        torch.sort(torch.randperm(40, generator=g)[:width]).values.expand(batch, width)
+    hidden = torch.randn(batch, width, d, generator=g)
+    chosen = torch.stack([torch.randperm(most, generator=g)[:keep] for _ in range(batch)])
+    new_width = width - most + keep
+    results = []
+    for uniform in (False, True):
+        order, valid, index = stage.candidates(prunable, rank, most, uniform)
+        results.append([order, valid, index, *stage.apply_choice(current, prunable, order, chosen, index, hidden,
+                                                                 new_width, uniform, identity and uniform)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    everything = prunable & is_visual  # every visual token prunable: the ranks need not be read
+    assert torch.equal(stage.candidates(everything, None, most, True)[2],
+                       stage.candidates(everything, torch.where(everything, everything.cumsum(1) - 1, -1), most)[2])
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("method,layer", [(m, k) for m in METHODS for k in (0, 1, 2, 3) if (m, k) != ("fastv", 0)])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -267,6 +297,28 @@ def test_replay_keeps_the_recorded_tokens_when_the_prompt_grows(model, method):
     with pytest.raises(RuntimeError, match="nothing to replay"):
         with lofi.pruned(model, "random", keep=0.5) as empty:
             empty.replay()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fastvs_shorter_form_for_unpadded_rows_gives_the_masked_forms_attention(kv_heads):
+    """attention_received's dense form (no padding: the last column is every row's last token and sees every key;
+    one rotation; query heads grouped by key-value head) gives the general form's attention, GQA included."""
+    from lofi.attention import attention_received
+
+    model = tiny_llava(kv_heads=kv_heads)
+    family, layer = family_for(model), model.model.language_model.layers[1]
+    g = torch.Generator().manual_seed(kv_heads)
+    batch, n = 2, 11
+    hidden = torch.randn(batch, n, 64, generator=g)
+    positions = torch.arange(3, 3 + n).expand(batch, n)
+    rotary = model.model.language_model.rotary_emb(hidden, positions)
+    index, valid = positions, torch.ones(batch, n, dtype=torch.bool)
+    text = torch.rand(batch, n, generator=g) < 0.5
+    general = attention_received(family, layer, hidden, rotary, "last", index, valid, text)
+    dense = attention_received(family, layer, hidden, rotary, "last", index, valid, text, dense=True)
+    torch.testing.assert_close(dense, general, atol=1e-6, rtol=1e-5)
+    assert dense.shape == (batch, n) and torch.allclose(dense.sum(1), torch.ones(batch))
 
 
 def test_pruned_refuses_a_missing_model_and_a_static_cache(model):

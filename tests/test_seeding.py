@@ -34,6 +34,25 @@ def test_fingerprints_and_draws_follow_their_definition():
         assert torch.equal(uniform(fingerprint, salt, index), expected)
 
 
+def test_the_key_tables_give_the_keys_mixed_in_place_for_any_length_and_width():
+    """fingerprints and uniform read position keys from tables kept per device and grown on demand: prompts longer
+    than any before, and features narrower than FEATURES_HASHED, hash as the definition does."""
+    import lofi.seeding
+
+    g = torch.Generator().manual_seed(1)
+    lofi.seeding._TABLES.clear()
+    for length, width in [(5, 96), (300, 32), (40, 64)]:
+        ids = torch.randint(0, 1000, (2, length), generator=g)
+        embeds = torch.randn(2, length, width, generator=g)
+        valid = torch.ones(2, length, dtype=torch.bool)
+        valid[0, : length // 3] = False
+        is_visual = torch.rand(2, length, generator=g) < 0.5
+        fingerprint = fingerprints(ids, embeds, valid, is_visual)
+        assert torch.equal(fingerprint, _reference_fingerprints(ids, embeds, valid, is_visual))
+        index = torch.where(torch.rand(2, length, generator=g) < 0.2, -1, torch.randint(0, length, (2, length)))
+        assert torch.equal(uniform(fingerprint, 3, index, bound=length), uniform(fingerprint, 3, index))
+
+
 def test_mix_int_is_mix_of_one_value():
     values = [0, 1, 12345, P - 1, P, 2**62]
     assert [mix_int(v) for v in values] == mix(torch.tensor(values)).tolist()

@@ -196,14 +196,16 @@ class Family(ABC):
             heads = norm(heads)
         return heads.transpose(1, 2)
 
-    def rotate(self, attention: nn.Module, heads: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """RoPE as the attention module's own modeling file applies it (cos/sin as the layer receives them)."""
+    def rotate(self, attention: nn.Module, queries: torch.Tensor, keys: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on queries and keys at the same positions, as the attention module's own modeling file applies it
+        (cos/sin as the layer receives them)."""
         module = sys.modules[type(attention).__module__]
         apply = getattr(module, "apply_rotary_pos_emb", None)
         if apply is None:
             raise TypeError(f"{type(attention).__name__} has no apply_rotary_pos_emb in its module; attention-"
                             "ranked methods (fastv) cannot rebuild its attention")
-        return apply(heads, heads, cos, sin)[0]
+        return apply(queries, keys, cos, sin)
 
     # ------------------------------------------------------------------------ FLOPs and layout
     @classmethod

@@ -143,7 +143,7 @@ def text_tokens(hidden: torch.Tensor, text: torch.Tensor, width: int | None = No
     n_text_max if the caller knows it on the host; otherwise one host sync reads it)."""
     counts = text.sum(1)
     width = int(counts.max()) if width is None else width
-    order = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    order = torch.sort(text, dim=1, descending=True, stable=True).indices[:, :width]  # text first, in order
     mask = torch.arange(order.shape[1], device=text.device)[None] < counts[:, None]
     return hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1])), mask
 
@@ -256,8 +256,11 @@ class LVPruning(PruningMethod):
         return list(layers)
 
     def n_keep(self, stage: int, n_visual: torch.Tensor, n_present: torch.Tensor) -> torch.Tensor:
-        wanted = torch.ceil(self.ratios()[stage] * n_visual.double() - 1e-9).long()
-        return torch.minimum(wanted.clamp_min(1), n_present)
+        ratio = self.ratios()[stage]
+        # in Python on the rows' numbers (float64, as torch's): tensor ops on a few numbers cost more, per stage
+        kept = [min(max(math.ceil(ratio * n - 1e-9), 1), present)
+                for n, present in zip(n_visual.tolist(), n_present.tolist())]
+        return torch.tensor(kept, dtype=torch.long, device=n_present.device)
 
     @torch.no_grad()
     def keep_log_odds(self, stage: int, hidden: torch.Tensor, visual: torch.Tensor, text: torch.Tensor,
