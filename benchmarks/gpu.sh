@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU measurement of benchmarks/README.md in one script, run from the repository root on a machine with
 # one CUDA GPU:
-#   bash benchmarks/gpu.sh                   # steps 1-9
+#   bash benchmarks/gpu.sh                   # steps 1-10
 #   STEPS="1 2 4" bash benchmarks/gpu.sh     # only these steps
 #   FROM=5 TO=6 bash benchmarks/gpu.sh       # a range of steps
 # Everything it prints is also appended to $OUT/all.log (OUT defaults to ./gpu-results); the default study's
 # run folders go under $OUT too. Each command stops after 300 s (1200 s with DRY=1). The steps:
 #   1 LoFi's routes to leverage scores (benchmarks.lofi_solver)  2 the prefill at LLaVA-1.5-7B shape, batch 16
 #   and 1  3 every other family's prefill at its 7B shape  4 the capture's overhead  5 the default study on the
-#   GPU  6 its tables against the committed CPU run  7 the compiled batch-1 prefill  8 a batch-1 prefill's
-#   profile  9 generate().
+#   GPU  6 its tables against the committed CPU run  7 the compiled batch-1 prefill (and its CUDA graphs)
+#   8 a batch-1 prefill's profile and op counts  9 generate(): steps, keep = 1 identity, a step's ops
+#   10 CPU decompositions idle and under load.
 # The project needs transformers 5.20-5.23. On a GPU machine without network access whose transformers is
 # older, download the wheels here first (transformers 5.23 also needs huggingface_hub >= 1.31, tokenizers
 # >= 0.23.1, safetensors >= 0.8.0 and regex >= 2025.10.22; only download those the machine lacks, since an
@@ -52,7 +53,7 @@ run() {
   timeout "$LIMIT" "${command[@]}" 2>&1 | tee -a "$OUT/all.log"
 }
 step() {  # STEPS="1 2 4": only those; else FROM / TO: only steps FROM..TO
-  if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-9}" ]; fi
+  if [ -n "${STEPS:-}" ]; then [[ " $STEPS " == *" $1 "* ]]; else [ "$1" -ge "${FROM:-1}" ] && [ "$1" -le "${TO:-10}" ]; fi
 }
 
 [ -n "${DRY:-}" ] || nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
@@ -108,9 +109,19 @@ step 8 && run python3 -m benchmarks.profile_prefill --shape llava-1.5-7b --devic
   --method fastv --keep 0.25
 step 8 && run python3 -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --method fastv --keep 0.25 --compile
+#    the aten ops of a batch-1 prefill, the model's and the runtime's, and where each host sync falls
+step 8 && run python3 -m benchmarks.op_counts --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1
 # 9. generate(): the prefill with its first token and each decoding step, baseline vs pruned, at batch 1 (what
 #    the runtime adds to a step) and batch 16 (what a smaller KV cache saves)
 step 9 && run python3 -m benchmarks.generate --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --new-tokens 32 --repeats 3
 step 9 && run python3 -m benchmarks.generate --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
   --new-tokens 32 --repeats 3 --methods fastv lofi --keep 1 0.5 0.25
+#    keep = 1 against the baseline with deterministic kernels: what numerics alone change (the control column)
+step 9 && run python3 -m benchmarks.generate --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
+  --new-tokens 32 --repeats 1 --methods fastv lofi --keep 1 --deterministic
+#    a decoding step's ops, launches and device busy time, unpruned and pruned, batch 16
+step 9 && run python3 -m benchmarks.step_ops --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 16 \
+  --keep 0.25
+# 10. CPU decompositions on this machine's cores, idle and beside another process (torch's threads vs lofi's)
+step 10 && run python3 -m benchmarks.eigh_threads --sizes 576 1536
