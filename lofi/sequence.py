@@ -70,8 +70,11 @@ class Sequence:
         index = torch.arange(length, device=is_visual.device).expand(batch, length)
         counts = sizes.on_device  # per row: prunable, text, visual, real tokens (stage.host_sizes)
         whole = all(stage_steps.keeps_everything(plan, []) for plan in plans)
-        return cls(valid, is_visual, prunable, counts[:, 0], None if whole else hash_inputs, [index], host=sizes,
-                   plans=plans, whole=whole, dense=sizes.unpadded and sdpa, family=family, position_ids=position_ids)
+        seq = cls(valid, is_visual, prunable, counts[:, 0], None if whole else hash_inputs, [index], host=sizes,
+                  plans=plans, whole=whole, dense=sizes.unpadded and sdpa, family=family, position_ids=position_ids)
+        if not whole:  # made with the prompt, so that a decoding step adds only its own positions' two ops
+            seq._last_position = seq._prompt_last_position()
+        return seq
 
     @property
     def all_prunable(self) -> bool:
@@ -108,12 +111,13 @@ class Sequence:
     def last_position(self) -> torch.Tensor:
         """[B] 1-D position of the last token so far."""
         if self._last_position is None:
-            if self.position_ids is None:
-                self._last_position = torch.full((self.valid.shape[0],), self.length - 1, device=self.valid.device)
-            else:
-                self._last_position = self.family.text_positions(self.position_ids).expand(
-                    self.valid.shape[0], -1)[..., -1].clone()
+            self._last_position = self._prompt_last_position()
         return self._last_position
+
+    def _prompt_last_position(self) -> torch.Tensor:
+        if self.position_ids is None:
+            return torch.full((self.valid.shape[0],), self.length - 1, device=self.valid.device)
+        return self.family.text_positions(self.position_ids).expand(self.valid.shape[0], -1)[..., -1].clone()
 
     def keep_whole(self, steps: stage_steps.Steps) -> torch.Tensor:
         """Every stage holds the prompt as it came (keep = 1): the index of each, and the kept visual tokens
