@@ -25,10 +25,10 @@ the baseline's smallest gap between its two largest logits); ``--deterministic``
 kernels (``deterministic``) to take them out.
 
 A pruned decoding step attends over fewer cached keys, and otherwise costs what an unpruned one costs plus
-the runtime's work: its hooks and a handful of ops (``benchmarks/README.md``). Where the cache is a small
-part of a step's memory traffic (batch 1 at 7B: 0.3 GB of keys and values against 13.5 GB of weights) a
-pruned step can only match an unpruned one; the ratio ``step_speedup`` shows what the runtime costs there,
-and what a smaller cache gains at larger batches.
+the runtime's work: two pre-hooks and, in an unpadded batch, two aten ops (``benchmarks/step_ops.py`` counts
+them). Where the cache is a small part of a step's memory traffic (batch 1 at 7B: 0.3 GB of keys and values
+against 13.5 GB of weights) a pruned step can only match an unpruned one; the ratio ``step_speedup`` shows
+what the runtime costs there, and what a smaller cache gains at larger batches.
 """
 
 from __future__ import annotations
