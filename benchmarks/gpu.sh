@@ -104,11 +104,13 @@ step 7 && run python3 -m benchmarks.prefill --shape llava-1.5-7b --device cuda -
 step 7 && run python3 -m benchmarks.prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --repeats 5 --methods fastv lofi random --keep 0.5 0.25 --compile reduce-overhead
 # 8. where a batch-1 prefill's time goes: launches, GPU busy time and top kernels, unpruned and pruned,
-#    eager and compiled
+#    eager and compiled; CUDA graphs' capture under reduce-overhead (skips, recorded graphs, graph launches)
 step 8 && run python3 -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --method fastv --keep 0.25
 step 8 && run python3 -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
   --method fastv --keep 0.25 --compile
+step 8 && run python3 -m benchmarks.profile_prefill --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1 \
+  --method fastv --keep 0.25 --compile reduce-overhead
 #    the aten ops of a batch-1 prefill, the model's and the runtime's, and where each host sync falls
 step 8 && run python3 -m benchmarks.op_counts --shape llava-1.5-7b --device cuda --dtype bfloat16 --batch 1
 # 9. generate(): the prefill with its first token and each decoding step, baseline vs pruned, at batch 1 (what
