@@ -152,10 +152,9 @@ def test_a_timed_module_is_timed_inside_the_block_only():
 @pytest.fixture
 def one_thread():
     """Small models' ops take microseconds: on a loaded machine two threads' barriers cost 10-100 times more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from lofi.threads import single_threaded
+    with single_threaded():
+        yield
 
 
 def test_the_generate_benchmark_splits_each_run_into_prefill_and_steps(capsys, one_thread):

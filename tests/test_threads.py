@@ -4,15 +4,13 @@ import pytest
 import torch
 
 from lofi import linalg
-from lofi.threads import SINGLE_THREAD_UP_TO, decomposition_threads, single_threaded
+from lofi.threads import SINGLE_THREAD_UP_TO, decomposition_threads, single_threaded, threads
 
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with threads(2):
+        yield
 
 
 def test_single_threaded_restores_the_count_after_an_exception(two_threads):
