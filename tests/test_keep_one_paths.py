@@ -2,8 +2,9 @@
 of the model (multimodal model, language model, each decoder layer and its attention, ``lm_head``, vision tower
 and projector) receives and returns what it does unpruned, down to strides, storage offsets, dtypes and the
 masks the model skips, and the model dispatches the same aten ops on the same layouts. On every family, for
-methods of each kind, unpadded (the benchmarks' batches) and left-padded. A different kernel choice on another
-device (a materialised mask instead of SDPA's causal path, a strided copy) would show here as a difference."""
+methods of each kind, unpadded (the benchmarks' batches) and left-padded. An argument that could steer another
+device to another kernel (a materialised mask instead of SDPA's causal path, a strided copy) shows here as a
+difference, even where the CPU computes the same numbers with it."""
 
 from contextlib import nullcontext
 
@@ -59,7 +60,9 @@ _MODELS: dict = {}
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_keep_one_generates_through_the_unpruned_models_calls_and_kernels(name, padded):
-    model = _MODELS[name] if name in _MODELS else _MODELS.setdefault(name, build(name))
+    if name not in _MODELS:
+        _MODELS[name] = build(name)
+    model = _MODELS[name]
     batch = _batch(model, name, padded)
     assert bool((batch["attention_mask"] == 0).any()) is padded
     base_calls, base_ops, base = _recorded_generate(model, batch)
