@@ -20,7 +20,7 @@
 #       -d .whl transformers==5.23.0 regex==2026.5.9
 # The script installs them into .whl/site and puts that first on PYTHONPATH.
 # DRY=1 runs every command on this machine's CPU, small (4 text layers, 1 vision layer, batch 2, one repeat,
-# 4 new tokens): a check of the script, and of the code under another torch, before a GPU run. Put the GPU
+# 4 new tokens, float32): a check of the script, and of the code under another torch, before a GPU run. Put the GPU
 # machine's Python and torch first on PATH to check them too.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
@@ -36,6 +36,7 @@ shrink() {  # DRY: a command's words, one per line, on the CPU and small
   for word in "$@"; do
     case "$previous" in
       --device) word=cpu ;; --batch) word=2 ;; --repeats) word=1 ;; --new-tokens) word=4 ;; --large-tokens) word=300 ;;
+      --dtype) word=float32 ;;  # a CPU without AVX512-BF16 runs bf16 products ~5x slower; tests cover bf16
     esac
     [[ "$word" == benchmarks.* ]] && script=$word
     printf '%s\n' "$word"

@@ -264,7 +264,7 @@ def test_the_gpu_scripts_dry_run_shrinks_each_command_to_the_cpu():
 
     assert shrunk("python3 -m benchmarks.prefill --shape qwen2-vl-7b --device cuda --dtype bfloat16 --batch 16 "
                   "--repeats 3") == ("python3 -m benchmarks.prefill --shape qwen2-vl-7b --text-layers 4 "
-                                     "--vision-layers 1 --device cpu --dtype bfloat16 --batch 2 --repeats 1")
+                                     "--vision-layers 1 --device cpu --dtype float32 --batch 2 --repeats 1")
     assert shrunk("python3 -m benchmarks.capture_overhead --shape llava-1.5-7b --device cuda --batch 8") == (
         "python3 -m benchmarks.capture_overhead --shape llava-1.5-7b --text-layers 4 --device cpu --batch 2")
     assert shrunk("python3 -m benchmarks.generate --device cuda --new-tokens 32") == (
