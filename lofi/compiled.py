@@ -15,6 +15,12 @@ pruning does not reduce their number; compiling the layers fuses them. What comp
   pass its recompile limit (8) and silently fall back to eager from the ninth layer on.
 * ``dynamic=True`` by default: one graph per layer serves the unpruned length and every kept count, so
   a new keep fraction compiles nothing.
+* No graph breaks. transformers keeps the outputs its hooks collect (``output_hidden_states``,
+  ``output_attentions``) in a ``ContextVar``, which dynamo cannot read; hooks on a layer's submodules
+  (LLaVA's vision tower, asked for hidden states, hooks its blocks' attention) would break every
+  compiled block's graph in two. Inside the block compiled code reads a plain mirror of that variable
+  instead (``_TraceableCollector``); like transformers' own compiled path this is not thread-safe while
+  compiled code runs.
 
 Compiled functions are kept per module and options and reused by later blocks. Leaving the block (also
 after an exception) gives every module back its own ``forward``.
@@ -33,6 +39,47 @@ from torch import nn
 from lofi.families import family_for
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+class _TraceableCollector:
+    """transformers' output collector (``output_capturing._active_collector``) with a plain mirror of the
+    innermost value set: compiled code reads the mirror (dynamo traces an attribute, not
+    ``ContextVar.get``), eager code the wrapped variable as before."""
+
+    def __init__(self, inner):
+        self.inner, self.value = inner, None
+
+    def get(self):
+        return self.value if torch.compiler.is_compiling() else self.inner.get()
+
+    def set(self, value):
+        token = (self.inner.set(value), self.value)
+        self.value = value
+        return token
+
+    def reset(self, token):
+        inner_token, self.value = token
+        self.inner.reset(inner_token)
+
+
+@contextmanager
+def _traceable_output_collector() -> Iterator[None]:
+    """Within the block transformers' output collector is a ``_TraceableCollector`` (nested blocks share the
+    outermost one's); given back on leaving."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:  # a transformers without the collector has nothing to mirror
+        yield
+        return
+    original = getattr(output_capturing, "_active_collector", None)
+    if original is None or isinstance(original, _TraceableCollector):
+        yield
+        return
+    output_capturing._active_collector = _TraceableCollector(original)
+    try:
+        yield
+    finally:
+        output_capturing._active_collector = original
 
 
 def _own_function(function):
@@ -93,7 +140,8 @@ def compiled(model: nn.Module, vision: bool = True, **options) -> Iterator[list[
         for module in modules:
             patched.append((module, vars(module).get("forward", _MISSING)))
             module.forward = _compiled_forward(module, options)
-        yield modules
+        with _traceable_output_collector():
+            yield modules
     finally:
         _ACTIVE.pop(id(model), None)
         for module, previous in reversed(patched):

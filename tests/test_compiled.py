@@ -102,7 +102,41 @@ def test_every_family_prunes_a_ragged_batch_under_compiled_layers(name):
 
 
 @torch.no_grad()
+def test_compiled_layers_trace_whole_and_compile_once(batch):
+    """No graph breaks, unpruned or pruned (the vision blocks' attention carries transformers' output-capturing
+    hook, which reads a ContextVar), and nothing compiled again for a second call."""
+    model = tiny_llava()  # compiled afresh
+    counters.clear()
+    with lofi.compiled(model, backend="eager"):
+        model(**batch)
+        graphs = counters["stats"]["unique_graphs"]
+        model(**batch)
+        assert graphs > 0 and counters["stats"]["unique_graphs"] == graphs
+        with lofi.pruned(model, "fastv", keep=0.25):
+            model(**batch)
+    assert dict(counters["graph_break"]) == {}
+
+
+@torch.no_grad()
+def test_outputs_collected_by_transformers_hooks_are_the_eager_ones_under_compiled_layers(model, batch):
+    from transformers.utils import output_capturing
+
+    collector = output_capturing._active_collector
+    eager = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True, output_attentions=True)
+    with lofi.compiled(model, backend="eager"):
+        assert output_capturing._active_collector is not collector
+        traced = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True, output_attentions=True)
+    assert output_capturing._active_collector is collector
+    assert len(traced.hidden_states) == len(eager.hidden_states) > 1
+    assert all(torch.equal(a, b) for a, b in zip(traced.hidden_states, eager.hidden_states))
+    assert len(traced.attentions) == len(eager.attentions)
+
+
+@torch.no_grad()
 def test_the_model_is_given_back_exactly_after_an_error(model, batch):
+    from transformers.utils import output_capturing
+
+    collector = output_capturing._active_collector
     before = model(**batch).logits
     modules = compiled_modules(model)
     with pytest.raises(ValueError, match="inside"):
@@ -113,6 +147,7 @@ def test_the_model_is_given_back_exactly_after_an_error(model, batch):
                     pass
             raise ValueError("inside")
     assert not any("forward" in vars(m) for m in modules)
+    assert output_capturing._active_collector is collector
     assert torch.equal(model(**batch).logits, before)
     with lofi.compiled(model, backend="eager"):  # usable again after the error
         assert torch.equal(model(**batch).logits, before)
