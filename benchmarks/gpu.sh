@@ -20,8 +20,8 @@
 #       -d .whl transformers==5.23.0 regex==2026.5.9
 # The script installs them into .whl/site and puts that first on PYTHONPATH.
 # DRY=1 runs every command on this machine's CPU, small (4 text layers, 1 vision layer, batch 2, one repeat,
-# 4 new tokens, float32): a check of the script, and of the code under another torch, before a GPU run. Put the GPU
-# machine's Python and torch first on PATH to check them too.
+# 4 new tokens, float32): a check of the script, and of the code under another torch, before a GPU run. Put
+# the GPU machine's Python and torch first on PATH to check them too.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
